@@ -1,0 +1,80 @@
+"""``distseq.attention``: exact sequence-parallel softmax attention over local shards."""
+
+from __future__ import annotations
+
+import torch
+
+from distseq.comm import ProcessGroup, resolve_group
+from distseq.kernels import select_backend
+from distseq.layout import LAYOUTS, shard_layout
+from distseq.strategies import ATTENTION_STRATEGIES, get_attention_strategy
+from distseq.strategies.base import AttentionContext, SequenceParallelAttention
+from distseq.validation import (
+    check_cu_seqlens,
+    check_qkv,
+    check_scale,
+    signature_code,
+    validate_on_all_ranks,
+)
+
+_SIGNATURE = [
+    "batch", "local sequence length", "query heads", "key/value heads", "head_dim", "dtype",
+    "strategy", "layout", "causal", "cu_seqlens", "scale",
+]  # fmt: skip
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    strategy: str = "ring",
+    group: ProcessGroup | None = None,
+    causal: bool = True,
+    layout: str = "zigzag",
+    cu_seqlens: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Softmax attention of the local query shard over the whole (sharded) sequence.
+
+    ``q`` ``[B, S_local, Hq, D]``, ``k``/``v`` ``[B, S_local, Hkv, D]`` (``Hq % Hkv == 0``) are
+    this rank's shards in ``layout`` (see :mod:`distseq.layout`); ``cu_seqlens`` is the *global*
+    int32 document boundary vector (batch 1), attention never crossing documents. Returns the
+    local output shard ``[B, S_local, Hq, D]``, exact (up to float rounding) to dense attention
+    on the gathered sequence, and differentiable. ``strategy`` is one of
+    ``available_strategies()["attention"]``; ``backend`` picks the local block kernel
+    (``"auto"``, ``"torch"``, ``"flash"``, ``"triton"``). ``group=None`` means WORLD.
+    """
+    info = resolve_group(group)
+    built: dict[str, object] = {}
+
+    def check() -> list[int]:
+        impl = get_attention_strategy(strategy)
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; choose one of {list(LAYOUTS)}")
+        check_qkv(q, k, v)
+        lengths = check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1], info.world_size, layout)
+        ctx = AttentionContext(
+            info=info,
+            shard=shard_layout(lengths, info.world_size, info.rank, layout),
+            varlen=cu_seqlens is not None,
+            causal=bool(causal),
+            scale=check_scale(scale, q.shape[-1]),
+            kernel=select_backend(backend, q.device, q.dtype),
+        )
+        impl.check(q, k, ctx)
+        built.update(impl=impl, ctx=ctx)
+        return [
+            *q.shape[:3], k.shape[2], q.shape[3], signature_code(str(q.dtype)),
+            signature_code(strategy), signature_code(layout), int(ctx.causal),
+            signature_code(str(lengths)), signature_code(repr(ctx.scale)),
+        ]  # fmt: skip
+
+    validate_on_all_ranks("distseq.attention", info, check, _SIGNATURE)
+    return SequenceParallelAttention.apply(q, k, v, built["impl"], built["ctx"])
+
+
+def available_strategies() -> dict[str, list[str]]:
+    """Registered strategy names per family: ``{"attention": [...], "linear_attention": [...]}``."""
+    return {"attention": sorted(ATTENTION_STRATEGIES), "linear_attention": []}

@@ -1,0 +1,72 @@
+"""``ring``: pass-KV ring attention with log-sum-exp merging (zigzag balances causal work).
+
+Forward: at each of the ``P`` steps the rank posts the send of the K/V it holds to the next
+rank and the receive of the previous rank's, computes its block against the K/V in hand while
+they travel, and merges the block into float32 accumulators.
+Backward: K/V rotate again (blocks are recomputed from the saved ``out``/``lse``), and float32
+dK/dV accumulators travel with the K/V they belong to, arriving home after ``P`` hops.
+
+Bytes sent per rank, with ``n = S_local·Hkv·D``: forward ``(P-1)·2n·elem``; backward
+``(P-1)·2n·elem`` (K/V again) ``+ P·2n·4`` (float32 dK/dV).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distseq.comm import RingExchange
+from distseq.strategies.base import AttentionContext, AttentionStrategy, register_attention_strategy
+from distseq.strategies.blocks import BlockPlanner, block_backward, block_forward, new_accumulators
+
+
+@register_attention_strategy
+class RingAttention(AttentionStrategy):
+    name = "ring"
+
+    def forward(self, q, k, v, ctx: AttentionContext):
+        info = ctx.info
+        planner = BlockPlanner(ctx, q.shape[1], q.device)
+        ring = RingExchange(info)
+        out, lse = new_accumulators(q)
+        kv = [k, v]
+        for step in range(info.world_size):
+            last = step == info.world_size - 1
+            if not last:
+                ring.post(kv)
+            block = planner.block((info.rank - step) % info.world_size)
+            if block is not None:
+                block_forward(ctx, block, q, *kv, out, lse)
+            if not last:
+                kv = ring.wait()
+        out = out.to(q.dtype)
+        return out, (q, k, v, out, lse)
+
+    def backward(self, dout, saved, ctx: AttentionContext):
+        q, k, v, out, lse = saved
+        info = ctx.info
+        planner = BlockPlanner(ctx, q.shape[1], q.device)
+        kv_ring, grad_ring = RingExchange(info, tag=0), RingExchange(info, tag=1)
+        dq = torch.zeros_like(q, dtype=lse.dtype)
+        kv = [k, v]
+        for step in range(info.world_size):
+            last = step == info.world_size - 1
+            if not last:
+                kv_ring.post(kv)
+            block_dkv = [torch.zeros_like(k, dtype=lse.dtype), torch.zeros_like(v, dtype=lse.dtype)]
+            block = planner.block((info.rank - step) % info.world_size)
+            if block is not None:
+                block_backward(ctx, block, dout, q, *kv, out, lse, dq, *block_dkv)
+            if step == 0:
+                dkv = block_dkv
+            else:
+                # The accumulators of the K/V in hand travelled here while the block ran.
+                dkv = grad_ring.wait()
+                dkv[0] += block_dkv[0]
+                dkv[1] += block_dkv[1]
+            if info.world_size > 1:
+                grad_ring.post(dkv)
+            if not last:
+                kv = kv_ring.wait()
+        if info.world_size > 1:
+            dkv = grad_ring.wait()
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)

@@ -1,0 +1,91 @@
+"""``ulysses``: all-to-all from sequence shards to head shards, full-sequence attention, back.
+
+Each rank trades its ``[S_local, H]`` shard for a ``[S, H/P]`` slice with one all-to-all of the
+packed Q/K/V, restores natural token order (the layout may be zigzag or varlen), runs the local
+kernel over the whole sequence for its heads, and sends the output back with a second
+all-to-all. Backward mirrors it. Needs ``Hq`` and ``Hkv`` divisible by ``P``.
+
+Bytes sent per rank: forward ``(P-1)/P·S_local·D·(Hq+2Hkv+Hq)·elem``; backward the same
+(``dout`` out, ``dq``, ``dk``, ``dv`` back).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distseq.comm import all_to_all
+from distseq.strategies.base import AttentionContext, AttentionStrategy, register_attention_strategy
+
+
+def _to_heads(parts: list[torch.Tensor], ctx: AttentionContext) -> list[torch.Tensor]:
+    """``[B, S_local, H_i, D]`` shards -> ``[B, S, H_i/P, D]`` full sequences, natural order."""
+    p = ctx.info.world_size
+    b, s_local, _, d = parts[0].shape
+    # [P (destination), B, S_local, sum_i H_i/P, D]: one message per destination rank.
+    packed = torch.cat([t.unflatten(2, (p, -1)).movedim(2, 0) for t in parts], dim=3)
+    received = all_to_all(packed, ctx.info)  # [P (source), B, S_local, sum H_i/P, D]
+    full = received.movedim(0, 1).flatten(1, 2)  # [B, P*S_local, ...] in layout order
+    if not _is_identity(ctx):
+        full = full.index_select(1, _natural_order(ctx).to(full.device))
+    return list(full.split([t.shape[2] // p for t in parts], dim=2))
+
+
+def _to_sequence(parts: list[torch.Tensor], ctx: AttentionContext) -> list[torch.Tensor]:
+    """Inverse of :func:`_to_heads`: ``[B, S, H_i/P, D]`` -> ``[B, S_local, H_i, D]``."""
+    p = ctx.info.world_size
+    full = torch.cat(parts, dim=2)
+    if not _is_identity(ctx):
+        full = full.index_select(1, ctx.shard.all_positions.to(full.device))
+    b, s, h, d = full.shape
+    packed = full.unflatten(1, (p, s // p)).movedim(1, 0)  # [P (destination), B, S_local, h, D]
+    received = all_to_all(packed, ctx.info)  # [P (source = head group), B, S_local, h, D]
+    merged = received.movedim(0, 2)  # [B, S_local, P, h, D]
+    outs, start = [], 0
+    for t in parts:
+        width = t.shape[2]
+        outs.append(merged[:, :, :, start : start + width].flatten(2, 3))
+        start += width
+    return outs
+
+
+def _is_identity(ctx: AttentionContext) -> bool:
+    return ctx.shard.layout == "contiguous" and not ctx.varlen
+
+
+def _natural_order(ctx: AttentionContext) -> torch.Tensor:
+    return torch.argsort(ctx.shard.all_positions)
+
+
+@register_attention_strategy
+class UlyssesAttention(AttentionStrategy):
+    name = "ulysses"
+
+    def check(self, q, k, ctx: AttentionContext) -> None:
+        p = ctx.info.world_size
+        for what, heads in (("query", q.shape[2]), ("key/value", k.shape[2])):
+            if heads % p:
+                raise ValueError(
+                    f"ulysses: {heads} {what} heads are not divisible by the group size {p}; "
+                    f"use a group size dividing {heads} or strategy='ring'/'allgather'"
+                )
+
+    def forward(self, q, k, v, ctx: AttentionContext):
+        qh, kh, vh = _to_heads([q, k, v], ctx)
+        cu = ctx.global_cu_seqlens
+        cu = None if cu is None else cu.to(q.device)
+        out_h, lse_h = ctx.kernel.forward(
+            qh, kh, vh, scale=ctx.scale, causal=ctx.causal, cu_seqlens_q=cu, cu_seqlens_k=cu
+        )
+        (out,) = _to_sequence([out_h], ctx)
+        return out, (qh, kh, vh, out_h, lse_h)
+
+    def backward(self, dout, saved, ctx: AttentionContext):
+        qh, kh, vh, out_h, lse_h = saved
+        (dout_h,) = _to_heads([dout], ctx)
+        cu = ctx.global_cu_seqlens
+        cu = None if cu is None else cu.to(dout.device)
+        dq, dk, dv = ctx.kernel.backward(
+            dout_h, qh, kh, vh, out_h, lse_h,
+            scale=ctx.scale, causal=ctx.causal, cu_seqlens_q=cu, cu_seqlens_k=cu,
+        )
+        return tuple(_to_sequence([dq, dk, dv], ctx))
