@@ -74,6 +74,8 @@ class RingExchange:
     def post(self, tensors: list[torch.Tensor]) -> None:
         if self._pending:
             raise RuntimeError("RingExchange.post called twice without wait()")
+        # Contiguous buffers: the backends send raw memory (empty_like would keep strides).
+        tensors = [t.contiguous() for t in tensors]
         self._received = [torch.empty_like(t) for t in tensors]
         group, tag = self.info.group, self.tag
         ops = [dist.P2POp(dist.isend, t, self._next, group, tag) for t in tensors]
@@ -111,8 +113,9 @@ def all_to_all(stacked: torch.Tensor, info: GroupInfo) -> torch.Tensor:
     """Send ``stacked[j]`` to rank ``j``; return ``[world_size, ...]`` with ``[i]`` from rank ``i``."""
     if info.world_size == 1:
         return stacked
+    stacked = stacked.contiguous()
     out = torch.empty_like(stacked)
-    dist.all_to_all_single(out, stacked.contiguous(), group=info.group)
+    dist.all_to_all_single(out, stacked, group=info.group)
     return out
 
 

@@ -9,11 +9,13 @@ from distseq.layout import ShardLayout, check_divisible, doc_lengths, shard_layo
 from distseq.validation import check_cu_seqlens
 
 
-def _layout_for(
-    x: torch.Tensor, dim: int, info: GroupInfo, layout: str, cu_seqlens, total: int
-) -> ShardLayout:
+def _normalize_dim(x: torch.Tensor, dim: int) -> int:
     if not -x.dim() <= dim < x.dim():
         raise ValueError(f"dim {dim} is out of range for a tensor of shape {tuple(x.shape)}")
+    return dim % x.dim()
+
+
+def _layout_for(info: GroupInfo, layout: str, cu_seqlens, total: int) -> ShardLayout:
     if cu_seqlens is None:
         check_divisible([total], info.world_size, layout, "sequence")
     else:
@@ -39,7 +41,8 @@ def shard_sequence(
     positions :class:`distseq.layout.ShardLayout` assigns to this rank, in local order.
     """
     info = resolve_group(group)
-    shard = _layout_for(x, dim, info, layout, cu_seqlens, x.shape[dim])
+    dim = _normalize_dim(x, dim)
+    shard = _layout_for(info, layout, cu_seqlens, x.shape[dim])
     if layout == "contiguous" and cu_seqlens is None:
         return x.narrow(dim, info.rank * shard.local_length, shard.local_length)
     return x.index_select(dim, shard.positions.to(x.device))
@@ -81,8 +84,6 @@ def gather_sequence(
     the group size.
     """
     info = resolve_group(group)
-    dim = dim % x.dim() if -x.dim() <= dim < x.dim() else dim
-    shard = _layout_for(x, dim, info, layout, cu_seqlens, x.shape[dim] * info.world_size)
-    if shard.local_length != x.shape[dim]:
-        raise ValueError(f"shard length {x.shape[dim]} does not match the layout's local length")
+    dim = _normalize_dim(x, dim)
+    shard = _layout_for(info, layout, cu_seqlens, x.shape[dim] * info.world_size)
     return _GatherSequence.apply(x, dim, info, shard)

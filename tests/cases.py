@@ -63,3 +63,95 @@ def attention_vs_reference(rank, world, case: dict) -> dict[str, float]:
         "dk": relative_error(local[1].grad, shard(leaves[1].grad)),
         "dv": relative_error(local[2].grad, shard(leaves[2].grad)),
     }
+
+
+def _shards(world, seq_local=8, hq=4, hkv=2, dim=16, batch=1, dtype=torch.float32):
+    return [torch.randn(batch, seq_local, h, dim, dtype=dtype) for h in (hq, hkv, hkv)]
+
+
+def bad_attention_call(rank, world, kind: str):
+    """Call ``distseq.attention`` with the input defect named by ``kind`` (on some ranks)."""
+    import torch.distributed as dist
+
+    q, k, v = _shards(world)
+    kwargs: dict = {}
+    if kind == "zigzag_odd_length":
+        q, k, v = _shards(world, seq_local=7)
+    elif kind == "varlen_not_divisible":
+        total = 8 * world
+        kwargs = dict(layout="contiguous", cu_seqlens=torch.tensor([0, 1, total], dtype=torch.int32))
+    elif kind == "cu_seqlens_wrong_total":
+        kwargs = dict(cu_seqlens=torch.tensor([0, 4 * world], dtype=torch.int32))
+    elif kind == "gqa_heads":
+        q, k, v = _shards(world, hq=3, hkv=2)
+    elif kind == "ulysses_heads":
+        q, k, v = _shards(world, hq=world + 1, hkv=world + 1)
+        kwargs = dict(strategy="ulysses")
+    elif kind == "unknown_strategy":
+        kwargs = dict(strategy="ringg")
+    elif kind == "unknown_backend":
+        kwargs = dict(backend="cudnn")
+    elif kind == "unknown_layout":
+        kwargs = dict(layout="striped")
+    elif kind == "flash_on_cpu":
+        kwargs = dict(backend="flash")
+    elif kind == "dtype_mismatch":
+        k = k.double()
+    elif kind == "device_mismatch":
+        k = k.to("meta")
+    elif kind == "one_rank_dtype":
+        if rank == world - 1:
+            v = v.half()
+    elif kind == "one_rank_length":
+        if rank == 0:
+            q, k, v = _shards(world, seq_local=6)
+    elif kind == "not_in_group":
+        group = dist.new_group([0])
+        if rank == 0:
+            return "skipped"
+        kwargs = dict(group=group)
+    else:
+        raise AssertionError(f"unknown case {kind}")
+    distseq.attention(q, k, v, **kwargs)
+    return "no error"
+
+
+def shard_gather_round_trip(rank, world, cases_list):
+    """shard_sequence then gather_sequence restores the tensor; backward reduce-scatters."""
+    for total_or_docs, layout, dim in cases_list:
+        docs = total_or_docs if isinstance(total_or_docs, list) else None
+        total = sum(docs) if docs else total_or_docs
+        cu = None
+        if docs:
+            cu = torch.tensor([0, *torch.tensor(docs).cumsum(0).tolist()], dtype=torch.int32)
+        shape = [2, 3, 2]
+        shape.insert(dim, total)
+        full = torch.arange(torch.tensor(shape).prod().item(), dtype=torch.float64).view(shape)
+        local = distseq.shard_sequence(full, dim=dim, layout=layout, cu_seqlens=cu)
+        assert local.shape[dim] == total // world
+        leaf = local.clone().requires_grad_()
+        back = distseq.gather_sequence(leaf, dim=dim, layout=layout, cu_seqlens=cu)
+        assert torch.equal(back, full), (total_or_docs, layout, dim)
+        weight = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        (back * weight).sum().backward()
+        # Every rank's loss uses the gathered tensor, so the shard's gradient is P times its slice.
+        expected = distseq.shard_sequence(weight, dim=dim, layout=layout, cu_seqlens=cu) * world
+        assert torch.allclose(leaf.grad, expected), (total_or_docs, layout, dim)
+    return len(cases_list)
+
+
+def count_attention_bytes(rank, world, strategy, case: dict):
+    """Bytes this rank sends in one forward+backward, per op kind and phase."""
+    q, k, v = _shards(
+        world, seq_local=case["seq_local"], hq=case["hq"], hkv=case["hkv"], dim=case["dim"],
+        dtype=case.get("dtype", torch.float32),
+    )  # fmt: skip
+    q.requires_grad_()
+    k.requires_grad_()
+    v.requires_grad_()
+    with distseq.CommCounter() as fwd:
+        out = distseq.attention(q, k, v, strategy=strategy, causal=True, layout="zigzag")
+    with distseq.CommCounter() as bwd:
+        out.sum().backward()
+    return {"forward": fwd.bytes_sent, "backward": bwd.bytes_sent,
+            "forward_received": fwd.bytes_received, "control": fwd.control_bytes}  # fmt: skip
