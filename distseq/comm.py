@@ -95,7 +95,7 @@ def all_gather_async(x: torch.Tensor, info: GroupInfo) -> tuple[torch.Tensor, di
         return x.unsqueeze(0).clone(), None
     # gloo wants the output concatenated along dim 0, not stacked.
     flat = x.new_empty((info.world_size * x.shape[0], *x.shape[1:]))
-    work = dist.all_gather_into_tensor(flat, x.contiguous(), group=info.group, async_op=True)
+    work = dist.all_gather_single(flat, x.contiguous(), group=info.group, async_op=True)
     return flat.view(info.world_size, *x.shape), work
 
 
@@ -105,7 +105,7 @@ def reduce_scatter(stacked: torch.Tensor, info: GroupInfo) -> torch.Tensor:
         return stacked[0]
     out = stacked.new_empty(stacked.shape[1:])
     # gloo wants the input concatenated along dim 0, not stacked.
-    dist.reduce_scatter_tensor(out, stacked.contiguous().flatten(0, 1), group=info.group)
+    dist.reduce_scatter_single(out, stacked.contiguous().flatten(0, 1), group=info.group)
     return out
 
 
@@ -130,7 +130,7 @@ def agree(values: list[int], info: GroupInfo, device: torch.device) -> list[list
     try:
         mine = torch.tensor(values, dtype=torch.int64, device=device)
         gathered = mine.new_empty(info.world_size * len(values))
-        dist.all_gather_into_tensor(gathered, mine, group=info.group)
+        dist.all_gather_single(gathered, mine, group=info.group)
         gathered = gathered.view(info.world_size, len(values))
     finally:
         _CONTROL.reset(token)
@@ -205,8 +205,8 @@ class CommCounter:
             return account
 
         self._wrap("batch_isend_irecv", p2p)
-        self._wrap("all_gather_into_tensor", all_gather)
-        self._wrap("reduce_scatter_tensor", scatter_like("reduce_scatter"))
+        self._wrap("all_gather_single", all_gather)
+        self._wrap("reduce_scatter_single", scatter_like("reduce_scatter"))
         self._wrap("all_to_all_single", scatter_like("all_to_all"))
         return self
 

@@ -1,0 +1,37 @@
+# Every target sets up what it needs: `make train` and `make test` work on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+NPROC ?= 4
+
+.PHONY: install train test test-slow bench lint clean
+
+# torch is pinned to 2.13.0 (a CPU build on disk here). --no-build-isolation: an isolated
+# build of csrc/ would download a multi-GB CUDA torch just to compile against it.
+$(STAMP): setup.py pyproject.toml $(wildcard csrc/*)
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: install
+	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) launch/ring_demo.py
+
+test: install
+	$(PY) -m pytest
+
+test-slow: install
+	$(PY) -m pytest -m slow
+
+bench: install
+	$(PY) benchmarks/attention_sp.py
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info distseq/*.so

@@ -1,0 +1,168 @@
+"""Sequence-parallel attention vs one process on the same cores: time, bytes, memory.
+
+    python benchmarks/attention_sp.py [--seq 16384 --heads 8 --head-dim 64 --world 2]
+
+Baseline: one process with ``world`` threads runs the local kernel (the fused aten CPU flash
+kernel on CPU) forward+backward on the whole sequence. Then ``world`` processes with one
+thread each run every strategy on their shards. Printed per strategy: the median
+forward+backward time (slowest rank), the ratio ``t_single / t_sp`` (1.0 = parallel scaling
+as good as threads in one process), bytes sent per rank next to the strategy's formula, and
+peak resident memory per rank. Timings are taken in the same invocation, back to back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _expected_bytes(strategy: str, p: int, s_local: int, hq: int, hkv: int, d: int, elem: int):
+    kv = 2 * s_local * hkv * d
+    if strategy == "ring":
+        return (p - 1) * kv * elem + (p - 1) * kv * elem + p * kv * 4
+    if strategy == "allgather":
+        return 2 * (p - 1) * kv * elem + (p - 1) * kv * 4
+    if strategy == "ulysses":
+        return 2 * (p - 1) * s_local * d * elem * (2 * hq + 2 * hkv) // p
+    return None
+
+
+def _time_fwd_bwd(step, repeats: int) -> list[float]:
+    step()  # warm-up: allocator, thread pools, first-touch pages
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _worker(rank: int, world: int, args, init_file: str, results) -> None:
+    import distseq
+
+    torch.set_num_threads(args.threads_per_rank)
+    # A file rendezvous: no port to collide with other jobs on the machine.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)  # fmt: skip
+    gen = torch.Generator().manual_seed(rank)
+    s_local = args.seq // world
+    q = torch.randn(1, s_local, args.heads, args.head_dim, generator=gen).requires_grad_()
+    k = torch.randn(1, s_local, args.kv_heads, args.head_dim, generator=gen).requires_grad_()
+    v = torch.randn(1, s_local, args.kv_heads, args.head_dim, generator=gen).requires_grad_()
+    dout = torch.randn_like(q)
+    rows = {}
+    for strategy in args.strategies:
+        if strategy == "ulysses" and (args.heads % world or args.kv_heads % world):
+            continue
+
+        def step(strategy=strategy):
+            out = distseq.attention(q, k, v, strategy=strategy, layout=args.layout)
+            out.backward(dout)
+
+        dist.barrier()
+        times = _time_fwd_bwd(step, args.repeats)
+        with distseq.CommCounter() as counter:
+            step()
+        rows[strategy] = {"times": times, "bytes_sent": counter.bytes_sent}
+    rows["peak_rss_bytes"] = _peak_rss_bytes()
+    results.put((rank, rows))
+    dist.destroy_process_group()
+
+
+def _baseline(args, results) -> None:
+    from distseq.kernels import select_backend
+
+    torch.set_num_threads(args.threads_per_rank * args.world)
+    kernel = select_backend("auto", torch.device("cpu"), torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, args.seq, args.heads, args.head_dim, generator=gen)
+    k = torch.randn(1, args.seq, args.kv_heads, args.head_dim, generator=gen)
+    v = torch.randn(1, args.seq, args.kv_heads, args.head_dim, generator=gen)
+    dout = torch.randn_like(q)
+    scale = args.head_dim**-0.5
+
+    def step():
+        out, lse = kernel.forward(q, k, v, scale=scale, causal=True)
+        kernel.backward(dout, q, k, v, out, lse, scale=scale, causal=True)
+
+    results.put(("single", {"times": _time_fwd_bwd(step, args.repeats),
+                            "peak_rss_bytes": _peak_rss_bytes()}))  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq", type=int, default=16384)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--threads-per-rank", type=int, default=1)
+    parser.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous"])
+    parser.add_argument("--strategies", nargs="+", default=["ring", "allgather", "ulysses"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=_baseline, args=(args, results))
+    proc.start()
+    _, single = results.get()
+    proc.join()
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        procs = [ctx.Process(target=_worker, args=(r, args.world, args, init_file, results))
+                 for r in range(args.world)]  # fmt: skip
+        for proc in procs:
+            proc.start()
+        per_rank = dict(results.get() for _ in procs)
+        for proc in procs:
+            proc.join()
+
+    t_single = statistics.median(single["times"])
+    elem, s_local = 4, args.seq // args.world
+    print(f"causal attention fwd+bwd, N={args.seq}, H={args.heads}/{args.kv_heads}, "
+          f"D={args.head_dim}, fp32, layout={args.layout}; torch {torch.__version__}, "
+          f"{os.cpu_count()} CPUs")  # fmt: skip
+    print(f"single process, {args.threads_per_rank * args.world} threads: {t_single:.3f} s, "
+          f"peak RSS {single['peak_rss_bytes'] / 2**20:.0f} MiB")  # fmt: skip
+    header = f"{'strategy':<10} {'P':>2} {'t_sp (s)':>9} {'t_single/t_sp':>14} " \
+             f"{'MiB sent/rank':>14} {'formula':>9} {'peak RSS/rank MiB':>18}"  # fmt: skip
+    print(header)
+    report = {"args": vars(args), "t_single": t_single, "strategies": {}}
+    for strategy in args.strategies:
+        if strategy not in per_rank[0]:
+            continue
+        # A step ends when its slowest rank ends.
+        steps = [max(per_rank[r][strategy]["times"][i] for r in per_rank)
+                 for i in range(args.repeats)]  # fmt: skip
+        t_sp = statistics.median(steps)
+        sent = max(per_rank[r][strategy]["bytes_sent"] for r in per_rank)
+        formula = _expected_bytes(strategy, args.world, s_local, args.heads, args.kv_heads,
+                                  args.head_dim, elem)  # fmt: skip
+        rss = max(per_rank[r]["peak_rss_bytes"] for r in per_rank)
+        print(f"{strategy:<10} {args.world:>2} {t_sp:>9.3f} {t_single / t_sp:>14.2f} "
+              f"{sent / 2**20:>14.1f} {formula / 2**20:>9.1f} {rss / 2**20:>18.0f}")  # fmt: skip
+        report["strategies"][strategy] = {"t_sp": t_sp, "ratio": t_single / t_sp,
+                                          "bytes_sent": sent, "formula_bytes": formula,
+                                          "peak_rss_bytes": rss}  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
