@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 import distseq
+from distseq.kernels import select_backend
 from distseq.reference import attention_reference
 
 
@@ -27,26 +30,31 @@ def make_inputs(seed, batch, total, hq, hkv, dim):
 
 
 def attention_vs_reference(rank, world, case: dict) -> dict[str, float]:
-    """Run ``distseq.attention`` on shards and return relative errors of out, dq, dk, dv."""
+    """Run ``distseq.attention`` on shards; relative errors of out, dq, dk, dv vs float64.
+
+    For low-precision dtypes the reference uses the inputs rounded to that dtype (the rounding
+    of the inputs is not the strategy's error), and ``single_*`` entries give the error of the
+    same backend run on the whole sequence in one process, for comparison.
+    """
     docs = case.get("docs")
     total = sum(docs) if docs else case["seq"]
     cu = None
     if docs:
         cu = torch.tensor([0, *torch.tensor(docs).cumsum(0).tolist()], dtype=torch.int32)
-    q, k, v, dout = make_inputs(
+    dtype = case.get("dtype", torch.float32)
+    full = make_inputs(
         case.get("seed", 0), case.get("batch", 1), total, case["hq"], case["hkv"], case["dim"]
     )
+    q, k, v, dout = (t.to(dtype).double() for t in full)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref, _ = attention_reference(
-        *leaves, causal=case["causal"], cu_seqlens_q=cu, cu_seqlens_k=cu
-    )
+    ref, _ = attention_reference(*leaves, causal=case["causal"], cu_seqlens_q=cu, cu_seqlens_k=cu)
     ref.backward(dout)
+    expected = {"out": ref, "dq": leaves[0].grad, "dk": leaves[1].grad, "dv": leaves[2].grad}
     layout = case["layout"]
 
     def shard(t):
         return distseq.shard_sequence(t, layout=layout, cu_seqlens=cu)
 
-    dtype = case.get("dtype", torch.float32)
     local = [shard(t).to(dtype).requires_grad_() for t in (q, k, v)]
     out = distseq.attention(
         *local,
@@ -57,12 +65,22 @@ def attention_vs_reference(rank, world, case: dict) -> dict[str, float]:
         backend=case.get("backend", "auto"),
     )
     out.backward(shard(dout).to(dtype))
-    return {
-        "out": relative_error(out, shard(ref)),
-        "dq": relative_error(local[0].grad, shard(leaves[0].grad)),
-        "dk": relative_error(local[1].grad, shard(leaves[1].grad)),
-        "dv": relative_error(local[2].grad, shard(leaves[2].grad)),
-    }
+    got = {"out": out, "dq": local[0].grad, "dk": local[1].grad, "dv": local[2].grad}
+    errors = {name: relative_error(got[name], shard(expected[name])) for name in got}
+    if dtype != torch.float32:
+        errors.update(_single_process_errors(q, k, v, dout, dtype, case, cu, expected))
+    return errors
+
+
+def _single_process_errors(q, k, v, dout, dtype, case, cu, expected) -> dict[str, float]:
+    kernel = select_backend(case.get("backend", "auto"), q.device, dtype)
+    inputs = [t.to(dtype) for t in (q, k, v)]
+    scale = q.shape[-1] ** -0.5
+    kwargs = dict(scale=scale, causal=case["causal"], cu_seqlens_q=cu, cu_seqlens_k=cu)
+    out, lse = kernel.forward(*inputs, **kwargs)
+    grads = kernel.backward(dout.to(dtype), *inputs, out, lse, **kwargs)
+    got = {"out": out, "dq": grads[0], "dk": grads[1], "dv": grads[2]}
+    return {f"single_{name}": relative_error(got[name], expected[name]) for name in got}
 
 
 def _shards(world, seq_local=8, hq=4, hkv=2, dim=16, batch=1, dtype=torch.float32):
@@ -155,3 +173,75 @@ def count_attention_bytes(rank, world, strategy, case: dict):
         out.sum().backward()
     return {"forward": fwd.bytes_sent, "backward": bwd.bytes_sent,
             "forward_received": fwd.bytes_received, "control": fwd.control_bytes}  # fmt: skip
+
+
+def attention_in_subgroups(rank, world, case: dict) -> dict[str, float]:
+    """Split the world into groups of ``case['group_size']``; each runs its own problem."""
+    import torch.distributed as dist
+
+    size = case["group_size"]
+    groups = [dist.new_group(list(range(s, s + size))) for s in range(0, world, size)]
+    mine = groups[rank // size]
+    q, k, v, dout = make_inputs(rank // size, 1, case["seq"], case["hq"], case["hkv"], case["dim"])
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref, _ = attention_reference(*leaves, causal=True)
+    ref.backward(dout)
+
+    def shard(t):
+        return distseq.shard_sequence(t, group=mine, layout="zigzag")
+
+    local = [shard(t).float().requires_grad_() for t in (q, k, v)]
+    out = distseq.attention(*local, strategy=case["strategy"], group=mine)
+    out.backward(shard(dout).float())
+    full = distseq.gather_sequence(out.detach(), group=mine)
+    return {
+        "out": relative_error(full, ref),
+        "dq": relative_error(local[0].grad, shard(leaves[0].grad)),
+        "dk": relative_error(local[1].grad, shard(leaves[1].grad)),
+        "dv": relative_error(local[2].grad, shard(leaves[2].grad)),
+    }
+
+
+def communication_and_compute_order(rank, world, strategy: str) -> list[str]:
+    """The sequence of 'post'/'wait'/'compute' events of one forward and backward."""
+    import torch.distributed as dist
+
+    from distseq.kernels import attention_torch
+
+    events: list[str] = []
+    originals = {
+        "batch_isend_irecv": dist.batch_isend_irecv,
+        "all_gather_single": dist.all_gather_single,
+    }
+
+    def posting(name):
+        def wrapper(*args, **kwargs):
+            work = originals[name](*args, **kwargs)
+            events.append("post")
+            return work
+
+        return wrapper
+
+    def computing(fn, label):
+        def wrapper(*args, **kwargs):
+            events.append(label)
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    fwd, bwd = attention_torch.forward, attention_torch.backward
+    try:
+        dist.batch_isend_irecv = posting("batch_isend_irecv")
+        dist.all_gather_single = posting("all_gather_single")
+        attention_torch.forward = computing(fwd, "forward")
+        attention_torch.backward = computing(bwd, "backward")
+        q, k, v = (t.requires_grad_() for t in _shards(world))
+        os.environ["DISTSEQ_CHECK_RANKS"] = "0"  # keep the agreement's all-gather out of the log
+        out = distseq.attention(q, k, v, strategy=strategy, backend="torch")
+        out.sum().backward()
+    finally:
+        dist.batch_isend_irecv = originals["batch_isend_irecv"]
+        dist.all_gather_single = originals["all_gather_single"]
+        attention_torch.forward, attention_torch.backward = fwd, bwd
+        os.environ.pop("DISTSEQ_CHECK_RANKS", None)
+    return events

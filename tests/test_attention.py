@@ -15,7 +15,10 @@ import distseq.reference
 WORLD_SIZES = (1, 2, 3, 4)
 STRATEGIES = ("ring", "ulysses", "allgather")
 FP32_TOL = 1e-4
-BF16_TOL = 5e-2
+# bf16: errors against the reference on bf16-rounded inputs, and no worse than the same kernel
+# on the whole sequence in one process (merging in fp32 keeps errors from growing with P).
+BF16_TOL = 2.5e-2
+BF16_VS_SINGLE = 2.0
 
 
 def make_case(strategy, layout, causal, world, mode, dtype=torch.float32):
@@ -37,6 +40,10 @@ def make_case(strategy, layout, causal, world, mode, dtype=torch.float32):
 def assert_close(errors: list[dict[str, float]], tol: float) -> None:
     worst = {name: max(e[name] for e in errors) for name in errors[0]}
     assert max(worst.values()) <= tol, f"relative errors {worst} exceed {tol}"
+    for name in ("out", "dq", "dk", "dv"):
+        single = worst.get(f"single_{name}")
+        if single is not None:
+            assert worst[name] <= BF16_VS_SINGLE * single + 1e-3, worst
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
@@ -50,11 +57,14 @@ def test_matches_dense_reference_fp32(pools, strategy, world):
         assert_close(errors, FP32_TOL)
 
 
-@pytest.mark.parametrize("world", (2, 3))
+@pytest.mark.parametrize("world", (2, 3, 4))
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_matches_dense_reference_bf16(pools, strategy, world):
     for layout, mode in (("zigzag", "gqa"), ("contiguous", "varlen")):
         case = make_case(strategy, layout, True, world, mode, dtype=torch.bfloat16)
+        case.update(seq=case["seq"] * 4, dim=64)
+        if mode == "varlen":
+            case["docs"] = [n * 4 for n in case["docs"]]
         errors = pools(world).run(cases.attention_vs_reference, case)
         assert_close(errors, BF16_TOL)
 
@@ -81,3 +91,31 @@ def test_available_strategies_lists_attention():
     names = distseq.available_strategies()
     assert set(names["attention"]) >= set(STRATEGIES)
     assert "linear_attention" in names
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_independent_subgroups(pools, strategy):
+    """Two SP groups of 2 inside a world of 4, each on its own sequence."""
+    case = dict(strategy=strategy, group_size=2, seq=24, hq=4, hkv=2, dim=16)
+    assert_close(pools(4).run(cases.attention_in_subgroups, case), FP32_TOL)
+
+
+@pytest.mark.parametrize("world", (2, 3))
+def test_ring_posts_communication_before_each_block(pools, world):
+    """Overlap: every ring step posts its K/V transfer before running the local block."""
+    for events in pools(world).run(cases.communication_and_compute_order, "ring"):
+        split = events.index("backward") - 1  # the backward's first K/V post
+        forward, backward = events[:split], events[split:]
+        # forward: (post, compute) for the first P-1 steps, then the last block
+        assert forward == ["post", "forward"] * (world - 1) + ["forward"], forward
+        # backward: K/V post precedes each block; dK/dV posts follow it
+        assert backward[0] == "post" and backward[1] == "backward", backward
+        assert backward.count("backward") == world
+
+
+def test_allgather_posts_gather_before_local_block(pools):
+    world = 3
+    for events in pools(world).run(cases.communication_and_compute_order, "allgather"):
+        assert events[:2] == ["post", "forward"], events
+        first_backward = events.index("backward")
+        assert events[first_backward - 1] == "post", events
