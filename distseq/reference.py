@@ -72,3 +72,49 @@ def attention_reference(
     probs = torch.exp(scores - lse.unsqueeze(-1).masked_fill(~torch.isfinite(lse).unsqueeze(-1), 0))
     out = (probs @ v64).transpose(1, 2)
     return out, lse
+
+
+def linear_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    log_decay: torch.Tensor | None = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decayed linear recurrence token by token, in float64, differentiable.
+
+    ``S_t = exp(g_t) S_{t-1} + k_t^T v_t``, ``o_t = scale q_t S_t`` per head, ``S_0`` =
+    ``initial_state`` (zeros if ``None``). ``q``/``k`` ``[B, S, H, Dk]``, ``v`` ``[B, S, H, Dv]``,
+    ``log_decay`` ``[B, S, H]`` (``g_t <= 0``; ``None`` = no decay). With ``cu_seqlens`` (int
+    ``[N + 1]``, ``B == 1``) the state restarts at every segment start, segment ``n`` starting
+    from ``initial_state[n]``. ``initial_state`` is ``[N, H, Dk, Dv]`` with ``N = B`` (or the
+    segment count). Returns ``o`` ``[B, S, H, Dv]`` and the final states ``[N, H, Dk, Dv]``,
+    both float64.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    batch, length, heads, dk = q.shape
+    dv = v.shape[-1]
+    if cu_seqlens is None:
+        rows = [(b, 0, length) for b in range(batch)]
+    else:
+        rows = [(0, s, e) for s, e in _segments(cu_seqlens, length)]
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    g64 = None if log_decay is None else log_decay.double()
+    pieces: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+    finals = []
+    for n, (b, start, end) in enumerate(rows):
+        state = torch.zeros(heads, dk, dv, dtype=torch.float64, device=q.device)
+        if initial_state is not None:
+            state = initial_state[n].double()
+        for t in range(start, end):
+            if g64 is not None:
+                state = state * g64[b, t].exp()[:, None, None]
+            state = state + k64[b, t].unsqueeze(-1) * v64[b, t].unsqueeze(-2)
+            pieces[b].append(scale * torch.einsum("hk,hkv->hv", q64[b, t], state))
+        finals.append(state)
+    empty = q64.new_zeros(0, heads, dv)
+    outputs = torch.stack([torch.stack(p) if p else empty for p in pieces])
+    return outputs, torch.stack(finals)
