@@ -110,7 +110,7 @@ def reduce_scatter(stacked: torch.Tensor, info: GroupInfo) -> torch.Tensor:
 
 
 def all_to_all(stacked: torch.Tensor, info: GroupInfo) -> torch.Tensor:
-    """Send ``stacked[j]`` to rank ``j``; return ``[world_size, ...]`` with ``[i]`` from rank ``i``."""
+    """Send ``stacked[j]`` to rank ``j``; return ``[world_size, ...]``, ``[i]`` from rank ``i``."""
     if info.world_size == 1:
         return stacked
     stacked = stacked.contiguous()

@@ -52,8 +52,7 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         )
     if hk == 0 or hq % hk:
         raise ValueError(
-            f"{hq} query heads are not a multiple of {hk} key/value heads; GQA needs "
-            "Hq % Hkv == 0"
+            f"{hq} query heads are not a multiple of {hk} key/value heads; GQA needs Hq % Hkv == 0"
         )
 
 

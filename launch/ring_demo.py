@@ -47,9 +47,7 @@ def main() -> None:
     for strategy in distseq.available_strategies()["attention"]:
         if strategy == "ulysses" and (args.heads % world or args.kv_heads % world):
             continue
-        local = [
-            distseq.shard_sequence(t, layout=args.layout).requires_grad_() for t in (q, k, v)
-        ]
+        local = [distseq.shard_sequence(t, layout=args.layout).requires_grad_() for t in (q, k, v)]
         start = time.perf_counter()
         out = distseq.attention(*local, strategy=strategy, layout=args.layout)
         out.backward(distseq.shard_sequence(dout, layout=args.layout))

@@ -97,7 +97,8 @@ def bad_attention_call(rank, world, kind: str):
         q, k, v = _shards(world, seq_local=7)
     elif kind == "varlen_not_divisible":
         total = 8 * world
-        kwargs = dict(layout="contiguous", cu_seqlens=torch.tensor([0, 1, total], dtype=torch.int32))
+        cu = torch.tensor([0, 1, total], dtype=torch.int32)
+        kwargs = dict(layout="contiguous", cu_seqlens=cu)
     elif kind == "cu_seqlens_wrong_total":
         kwargs = dict(cu_seqlens=torch.tensor([0, 4 * world], dtype=torch.int32))
     elif kind == "gqa_heads":

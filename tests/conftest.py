@@ -6,6 +6,12 @@ import os
 import sys
 
 import pytest
+import torch
+
+# Triton kernels run on CPU tensors only under its interpreter, which must be chosen before
+# the kernel modules are imported (here and in the spawned gloo workers, which inherit it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, os.path.dirname(__file__))
 

@@ -98,7 +98,8 @@ class DistributedPool:
         failed = [o for o in outcomes if not o.ok]
         if failed:
             details = "\n".join(f"--- rank {o.rank} ---\n{o.traceback}" for o in failed)
-            raise AssertionError(f"{fn.__name__} failed on ranks {[o.rank for o in failed]}:\n{details}")
+            ranks = [o.rank for o in failed]
+            raise AssertionError(f"{fn.__name__} failed on ranks {ranks}:\n{details}")
         return [o.value for o in outcomes]
 
     def close(self, force: bool = False) -> None:

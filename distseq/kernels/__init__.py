@@ -63,12 +63,12 @@ def select_backend(name: str, device: torch.device, dtype: torch.dtype) -> Modul
     if name not in BACKENDS:
         raise ValueError(
             f"unknown backend {name!r}; choose one of {['auto', *BACKENDS]} "
-            "(\"auto\" picks the fastest available)"
+            '("auto" picks the fastest available)'
         )
     reason = unavailable_reason(name, device, dtype)
     if reason is not None:
         raise ValueError(
             f"backend {name!r} cannot run on device {device} with dtype {dtype}: {reason}; "
-            "use backend=\"auto\" or \"torch\""
+            'use backend="auto" or "torch"'
         )
     return _load(name)

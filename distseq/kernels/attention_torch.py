@@ -153,9 +153,7 @@ def _segments(cu_q: torch.Tensor | None, cu_k: torch.Tensor | None, sq: int, sk:
     if cu_q is None:
         return [(slice(0, sq), slice(0, sk))]
     bq, bk = cu_q.tolist(), cu_k.tolist()
-    return [
-        (slice(a, b), slice(c, d)) for a, b, c, d in zip(bq[:-1], bq[1:], bk[:-1], bk[1:])
-    ]
+    return [(slice(a, b), slice(c, d)) for a, b, c, d in zip(bq[:-1], bq[1:], bk[:-1], bk[1:])]
 
 
 def forward(

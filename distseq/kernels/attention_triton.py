@@ -438,6 +438,13 @@ def _tile_sizes(head_dim_padded: int, dtype: torch.dtype) -> tuple[int, int, int
     return (32, 32, 8, 2) if not wide else (16, 16, 4, 1)
 
 
+def _interpreter_upcasts(dtype: torch.dtype) -> bool:
+    """Whether to run a low-precision call in float32: Triton 3.9's interpreter computes
+    ``tl.dot`` of bfloat16/float16 operands wrongly (garbage of order 1e10), so on CPU the
+    kernels see float32 copies of the (already rounded) inputs. GPUs run the real dtype."""
+    return dtype != torch.float32 and _kernels_interpreted()
+
+
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v must be [batch, seq, heads, head_dim]")
@@ -521,6 +528,12 @@ def forward(
     make ``n`` independent segments.
     """
     _check_inputs(q, k, v)
+    if _interpreter_upcasts(q.dtype):
+        out, lse = forward(
+            q.float(), k.float(), v.float(), scale=scale, causal=causal,
+            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        )  # fmt: skip
+        return out.to(q.dtype), lse
     q, k, v = (_rows_last_contiguous(t) for t in (q, k, v))
     batch, seq_q, heads, dim = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
@@ -573,6 +586,12 @@ def backward(
         raise ValueError(f"out {tuple(out.shape)} / dout {tuple(dout.shape)} must match q")
     if lse.shape != (q.shape[0], q.shape[2], q.shape[1]):
         raise ValueError(f"lse {tuple(lse.shape)} must be [batch, heads_q, seq_q]")
+    if _interpreter_upcasts(q.dtype):
+        grads = backward(
+            dout.float(), q.float(), k.float(), v.float(), out.float(), lse, scale=scale,
+            causal=causal, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        )  # fmt: skip
+        return tuple(g.to(q.dtype) for g in grads)
     # dout feeds tl.dot together with q/v, whose operands must share a dtype.
     dout = dout.to(q.dtype)
     q, k, v, dout, out = (_rows_last_contiguous(t) for t in (q, k, v, dout, out))

@@ -56,7 +56,9 @@ class BlockPlanner:
         if not ctx.causal or source == rank:
             return Block(self.all, self.all, ctx.causal, self.cu_all, self.cu_all)
         if ctx.shard.layout == "contiguous":
-            return Block(self.all, self.all, False, self.cu_all, self.cu_all) if source < rank else None
+            if source > rank:  # a later rank's keys are all in the future
+                return None
+            return Block(self.all, self.all, False, self.cu_all, self.cu_all)
         if source < rank:
             return Block(self.all, self.front, False, self.cu_all, self.cu_half)
         return Block(self.back, self.all, False, self.cu_half, self.cu_all)
@@ -77,7 +79,11 @@ def take_lse(lse: torch.Tensor, rows: Rows) -> torch.Tensor:
 
 
 def merge_rows(
-    out: torch.Tensor, lse: torch.Tensor, rows: Rows, block_out: torch.Tensor, block_lse: torch.Tensor
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    rows: Rows,
+    block_out: torch.Tensor,
+    block_lse: torch.Tensor,
 ) -> None:
     """Merge a block's result for ``rows`` into the accumulators ``out``/``lse`` in place."""
     if isinstance(rows, slice):

@@ -85,7 +85,15 @@ class UlyssesAttention(AttentionStrategy):
         cu = ctx.global_cu_seqlens
         cu = None if cu is None else cu.to(dout.device)
         dq, dk, dv = ctx.kernel.backward(
-            dout_h, qh, kh, vh, out_h, lse_h,
-            scale=ctx.scale, causal=ctx.causal, cu_seqlens_q=cu, cu_seqlens_k=cu,
+            dout_h,
+            qh,
+            kh,
+            vh,
+            out_h,
+            lse_h,
+            scale=ctx.scale,
+            causal=ctx.causal,
+            cu_seqlens_q=cu,
+            cu_seqlens_k=cu,
         )
         return tuple(_to_sequence([dq, dk, dv], ctx))
