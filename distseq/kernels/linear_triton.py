@@ -97,6 +97,20 @@ def _state_ptrs(base, pid_n, head, n_heads, offs_k, offs_v, DK: tl.constexpr, DV
 
 
 @_jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b (+ acc)`` accumulated in float32.
+
+    ``UPCAST``: Triton's interpreter multiplies the raw bit patterns of bfloat16 operands
+    (triton-lang/triton#11584), so there the already bf16-rounded operands are widened to
+    float32 first, which gives the same products as bf16 tensor cores.
+    """
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@_jit
 def _fwd_kernel(
     Q, K, V, G, H0, O, HT, CU,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
@@ -105,6 +119,7 @@ def _fwd_kernel(
     HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, VARLEN: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     pid_v = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -135,13 +150,13 @@ def _fwd_kernel(
         v = _load_rows(v_base, stride_vs, rows, row_mask, offs_v, v_mask)
         b, b_last = _chunk_decay(g_base, stride_gs, rows, row_mask, HAS_DECAY, CHUNK)
         weight = tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * weight
-        out = tl.dot(q, state.to(q.dtype), input_precision=PRECISION) * tl.exp(b)[:, None]
-        out = tl.dot(scores.to(v.dtype), v, out, input_precision=PRECISION)
+        scores = _dot(q, tl.trans(k), None, PRECISION, UPCAST) * weight
+        out = _dot(q, state.to(q.dtype), None, PRECISION, UPCAST) * tl.exp(b)[:, None]
+        out = _dot(scores.to(v.dtype), v, out, PRECISION, UPCAST)
         _store_rows(o_base, stride_os, rows, row_mask, offs_v, v_mask, out * scale)
         k_decayed = (k * tl.exp(b_last - b)[:, None]).to(k.dtype)
         state = state * tl.exp(b_last)
-        state = tl.dot(tl.trans(k_decayed), v, state, input_precision=PRECISION)
+        state = _dot(tl.trans(k_decayed), v, state, PRECISION, UPCAST)
 
     ht_ptrs, _ = _state_ptrs(HT, pid_n, head, n_heads, offs_k, offs_v, DK, DV)
     tl.store(ht_ptrs, state, mask=state_mask)
@@ -156,6 +171,7 @@ def _bwd_dq_kernel(
     HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr,
     VARLEN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Partial ``dq`` of one Dv block into ``DQ[pid_v]`` and ``sum(S_T * dS_T)`` of the block."""
     pid_v = tl.program_id(0)
@@ -187,14 +203,14 @@ def _bwd_dq_kernel(
         do = _load_rows(do_base, stride_dos, rows, row_mask, offs_v, v_mask)
         b, b_last = _chunk_decay(g_base, stride_gs, rows, row_mask, HAS_DECAY, CHUNK)
         weight = tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
-        dscores = tl.dot(do, tl.trans(v), input_precision=PRECISION) * weight
-        dq = tl.dot(do, tl.trans(state).to(do.dtype), input_precision=PRECISION)
+        dscores = _dot(do, tl.trans(v), None, PRECISION, UPCAST) * weight
+        dq = _dot(do, tl.trans(state).to(do.dtype), None, PRECISION, UPCAST)
         dq = dq * tl.exp(b)[:, None]
-        dq = tl.dot(dscores.to(k.dtype), k, dq, input_precision=PRECISION)
+        dq = _dot(dscores.to(k.dtype), k, dq, PRECISION, UPCAST)
         _store_rows(dq_base, stride_dqs, rows, row_mask, offs_k, k_mask, dq * scale)
         k_decayed = (k * tl.exp(b_last - b)[:, None]).to(k.dtype)
         state = state * tl.exp(b_last)
-        state = tl.dot(tl.trans(k_decayed), v, state, input_precision=PRECISION)
+        state = _dot(tl.trans(k_decayed), v, state, PRECISION, UPCAST)
 
     if HAS_DFINAL:
         dht_ptrs, _ = _state_ptrs(DHT, pid_n, head, n_heads, offs_k, offs_v, DK, DV)
@@ -215,6 +231,7 @@ def _bwd_dkdv_kernel(
     HAS_DECAY: tl.constexpr, HAS_DFINAL: tl.constexpr, VARLEN: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Reverse walk: ``dv``, partial ``dk`` of one Dv block, and the initial state's gradient."""
     pid_v = tl.program_id(0)
@@ -244,7 +261,7 @@ def _bwd_dkdv_kernel(
         dstate = tl.zeros([BLOCK_DK, BLOCK_DV], tl.float32)
 
     n_chunks = tl.cdiv(length, CHUNK)
-    for i in range(0, n_chunks):
+    for i in range(n_chunks):
         rows = (n_chunks - 1 - i) * CHUNK + offs_c
         row_mask = rows < length
         q = _load_rows(q_base, stride_qs, rows, row_mask, offs_k, k_mask)
@@ -254,17 +271,17 @@ def _bwd_dkdv_kernel(
         b, b_last = _chunk_decay(g_base, stride_gs, rows, row_mask, HAS_DECAY, CHUNK)
         weight_t = tl.exp(tl.where(causal_t, b[None, :] - b[:, None], float("-inf"))) * scale
         to_end = tl.exp(b_last - b)[:, None]  # decay from token s to the chunk's last token
-        scores_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * weight_t
-        dv = tl.dot(k, dstate.to(k.dtype), input_precision=PRECISION) * to_end
-        dv = tl.dot(scores_t.to(do.dtype), do, dv, input_precision=PRECISION)
+        scores_t = _dot(k, tl.trans(q), None, PRECISION, UPCAST) * weight_t
+        dv = _dot(k, dstate.to(k.dtype), None, PRECISION, UPCAST) * to_end
+        dv = _dot(scores_t.to(do.dtype), do, dv, PRECISION, UPCAST)
         _store_rows(dv_base, stride_dvs, rows, row_mask, offs_v, v_mask, dv)
-        dscores_t = tl.dot(v, tl.trans(do), input_precision=PRECISION) * weight_t
-        dk = tl.dot(v, tl.trans(dstate).to(v.dtype), input_precision=PRECISION) * to_end
-        dk = tl.dot(dscores_t.to(q.dtype), q, dk, input_precision=PRECISION)
+        dscores_t = _dot(v, tl.trans(do), None, PRECISION, UPCAST) * weight_t
+        dk = _dot(v, tl.trans(dstate).to(v.dtype), None, PRECISION, UPCAST) * to_end
+        dk = _dot(dscores_t.to(q.dtype), q, dk, PRECISION, UPCAST)
         _store_rows(dk_base, stride_dks, rows, row_mask, offs_k, k_mask, dk)
         q_decayed = (q * (tl.exp(b) * scale)[:, None]).to(q.dtype)
         dstate = dstate * tl.exp(b_last)
-        dstate = tl.dot(tl.trans(q_decayed), do, dstate, input_precision=PRECISION)
+        dstate = _dot(tl.trans(q_decayed), do, dstate, PRECISION, UPCAST)
 
     dh0_ptrs, _ = _state_ptrs(DH0, pid_n, head, n_heads, offs_k, offs_v, DK, DV)
     tl.store(dh0_ptrs, dstate, mask=state_mask)
@@ -275,15 +292,20 @@ def _bwd_dkdv_kernel(
 # --------------------------------------------------------------------------------------------
 
 
+def _kernels_interpreted() -> bool:
+    """Whether the kernels were built for Triton's CPU interpreter (decided at import time)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_fwd_kernel, InterpretedFunction)
+
+
 def is_available(device: torch.device, dtype: torch.dtype) -> str | None:
     """``None`` when the Triton kernels can run on ``device`` with ``dtype``, else the reason."""
     # Same requirements as the attention kernels (triton, dtype, CUDA or the interpreter).
     reason = attention_triton.is_available(device, dtype)
     if reason is not None or torch.device(device).type != "cpu":
         return reason
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(_fwd_kernel, InterpretedFunction):
+    if not _kernels_interpreted():
         return (
             "TRITON_INTERPRET=1 was not set when distseq.kernels.linear_triton was imported, "
             "so its kernels were compiled for the GPU"
@@ -337,13 +359,16 @@ class _Problem:
         block_dk = max(16, triton.next_power_of_2(dk))
         block_dv, self.warps = _tile_sizes(block_dk, dv)
         self.grid = (triton.cdiv(dv, block_dv), self.rows, heads)
-        self.meta = dict(
-            VARLEN=self.varlen, DK=dk, DV=dv, CHUNK=chunk_size, BLOCK_DK=block_dk,
-            BLOCK_DV=block_dv, PRECISION=_precision(q.dtype), num_warps=self.warps,
-        )  # fmt: skip
+        self.meta = {
+            "VARLEN": self.varlen, "DK": dk, "DV": dv, "CHUNK": chunk_size, "BLOCK_DK": block_dk,
+            "BLOCK_DV": block_dv, "PRECISION": _precision(q.dtype), "num_warps": self.warps,
+            "UPCAST": q.dtype == torch.bfloat16 and _kernels_interpreted(),
+        }  # fmt: skip
 
     def g_strides(self) -> tuple[int, int, int]:
-        return (self.g.stride(0), self.g.stride(1), self.g.stride(2)) if self.has_decay else (0,) * 3
+        return (
+            (self.g.stride(0), self.g.stride(1), self.g.stride(2)) if self.has_decay else (0,) * 3
+        )
 
 
 def _check_tensors(q, k, v, log_decay) -> None:
@@ -419,9 +444,7 @@ def backward(
     initial_state: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
-) -> tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor
-]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Gradients of :func:`forward` given ``do`` ``[B, S, H, Dv]`` and ``dfinal_state``.
 
     ``dfinal_state`` ``[N, H, Dk, Dv]`` (``None`` = zeros); other arguments as in
@@ -446,7 +469,7 @@ def backward(
     dv = torch.empty_like(p.v)
     dh0 = torch.empty(p.state_shape, dtype=torch.float32, device=q.device)
     state_dot = torch.empty((n_v, rows, heads), dtype=torch.float32, device=q.device)
-    flags = dict(HAS_DECAY=p.has_decay, HAS_DFINAL=dht is not None, **p.meta)
+    flags = {"HAS_DECAY": p.has_decay, "HAS_DFINAL": dht is not None, **p.meta}
     _launch(
         _bwd_dq_kernel, p.grid, p.k, p.v, p.g, p.h0 if p.h0 is not None else dh0, do,
         dht if dht is not None else dh0, dq_part, state_dot, p.cu, *_strides(p.k),

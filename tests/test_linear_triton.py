@@ -1,0 +1,216 @@
+"""The Triton linear-attention kernels against the float64 token-by-token recurrence.
+
+Runs on CPU tensors through Triton's interpreter, which must be switched on before the kernels
+are defined, hence the environment variable set ahead of the imports.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distseq.reference import linear_attention_reference
+
+os.environ["TRITON_INTERPRET"] = "1"  # read by triton.jit when the kernels are defined
+pytest.importorskip("triton")
+linear_triton = importlib.import_module("distseq.kernels.linear_triton")
+
+CPU = torch.device("cpu")
+pytestmark = pytest.mark.skipif(
+    linear_triton.is_available(CPU, torch.float32) is not None,
+    reason=str(linear_triton.is_available(CPU, torch.float32)),
+)
+FP32_TOL = 1e-4
+
+
+def _log_decay(kind: str, batch: int, seq: int, heads: int) -> torch.Tensor | None:
+    if kind == "none":
+        return None
+    if kind == "constant":
+        return torch.full((batch, seq, heads), -0.3)
+    # Data-dependent, from ~0 down to about -10: exercises both mild and strong decay.
+    return F.logsigmoid(3 * torch.randn(batch, seq, heads))
+
+
+def _inputs(batch, seq, heads, dk, dv, decay, n_states, with_init, dtype=torch.float32):
+    q = torch.randn(batch, seq, heads, dk).to(dtype)
+    k = torch.randn(batch, seq, heads, dk).to(dtype)
+    v = torch.randn(batch, seq, heads, dv).to(dtype)
+    g = _log_decay(decay, batch, seq, heads)
+    h0 = torch.randn(n_states, heads, dk, dv) if with_init else None
+    return q, k, v, g, h0
+
+
+def _reference(q, k, v, g, h0, do, dht, *, scale, cu_seqlens):
+    """Float64 outputs and gradients of ``(o * do).sum() + (h_T * dh_T).sum()``.
+
+    A missing initial state is a zero one, so that its gradient exists too.
+    """
+    if h0 is None:
+        h0 = torch.zeros(len(cu_seqlens) - 1 if cu_seqlens is not None else q.shape[0],
+                         q.shape[2], q.shape[3], v.shape[3])  # fmt: skip
+    leaves = [None if t is None else t.double().requires_grad_() for t in (q, k, v, g, h0)]
+    out, final = linear_attention_reference(
+        *leaves[:3], log_decay=leaves[3], scale=scale, initial_state=leaves[4],
+        cu_seqlens=cu_seqlens,
+    )  # fmt: skip
+    loss = (out * do.double()).sum()
+    if dht is not None:
+        loss = loss + (final * dht.double()).sum()
+    loss.backward()
+    return out.detach(), final.detach(), [None if t is None else t.grad for t in leaves]
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    scale = want.abs().max().item()
+    return (got.double() - want).abs().max().item() / max(scale, 1e-30)
+
+
+def _check(case, *, chunk_size=16, tol=FP32_TOL, scale=None, cu_seqlens=None, with_dfinal=True):
+    q, k, v, g, h0 = case
+    out, final = linear_triton.forward(
+        q, k, v, g, scale=scale, initial_state=h0, cu_seqlens=cu_seqlens, chunk_size=chunk_size
+    )
+    assert out.dtype == q.dtype and out.shape == v.shape
+    assert final.dtype == torch.float32
+    do = torch.randn(v.shape).to(q.dtype)
+    dht = torch.randn(final.shape) if with_dfinal else None
+    grads = linear_triton.backward(
+        do, dht, q, k, v, g, scale=scale, initial_state=h0, cu_seqlens=cu_seqlens,
+        chunk_size=chunk_size,
+    )  # fmt: skip
+    ref_out, ref_final, ref_grads = _reference(
+        q, k, v, g, h0, do, dht, scale=scale, cu_seqlens=cu_seqlens
+    )
+    errors = {"o": _rel_err(out, ref_out), "final_state": _rel_err(final, ref_final)}
+    for name, got, want in zip(
+        ("dq", "dk", "dv", "dlog_decay", "dinitial_state"), grads, ref_grads
+    ):
+        if want is None:
+            assert got is None, f"{name} must be None without log_decay"
+            continue
+        assert got.shape == want.shape, name
+        errors[name] = _rel_err(got, want)
+    bad = {name: err for name, err in errors.items() if not err <= tol}
+    assert not bad, f"relative max errors above {tol}: {bad}"
+    return errors
+
+
+@pytest.fixture
+def two_dv_blocks(monkeypatch):
+    """BLOCK_DV = 16, so Dv = 32 takes two programs whose dq/dk partials must add up."""
+    monkeypatch.setattr(linear_triton, "_tile_sizes", lambda block_dk, dv: (16, 1))
+
+
+@pytest.mark.parametrize("with_init", [False, True], ids=["zero_init", "init"])
+@pytest.mark.parametrize("decay", ["none", "constant", "data"])
+def test_batched_matches_reference(decay, with_init, two_dv_blocks):
+    torch.manual_seed(0)
+    # 37 tokens: two full chunks of 16 and a partial one; Dk != Dv.
+    _check(_inputs(2, 37, 2, 16, 32, decay, 2, with_init))
+
+
+@pytest.mark.parametrize("decay", ["none", "data"])
+def test_varlen_matches_reference(decay, two_dv_blocks):
+    torch.manual_seed(1)
+    # Empty segments (first, middle, last), one chunk-aligned, others crossing chunk borders.
+    cu = torch.tensor([0, 0, 5, 5, 21, 40, 40], dtype=torch.int32)
+    _check(_inputs(1, 40, 2, 16, 32, decay, 6, True), cu_seqlens=cu)
+
+
+def test_default_tiles_explicit_scale_no_dfinal():
+    torch.manual_seed(2)
+    # Dk = 20, Dv = 24: head dims padded to 32 inside the kernel, one Dv block.
+    _check(_inputs(1, 50, 1, 20, 24, "data", 1, True), scale=0.3, with_dfinal=False)
+
+
+def test_single_chunk_longer_than_sequence():
+    torch.manual_seed(3)
+    _check(_inputs(2, 9, 1, 16, 16, "constant", 2, False), chunk_size=32)
+
+
+def test_bf16_matches_reference():
+    torch.manual_seed(4)
+    # bf16 keeps 8 significant bits (unit roundoff 2^-9 ~ 2e-3). Outputs are rounded to bf16,
+    # the decayed scores / state / decayed q, k are rounded to bf16 once more before each dot
+    # (accumulation stays fp32), and dlog_decay is a suffix sum of per-token q.dq - k.dk whose
+    # errors add up over the segment. Seeds 0-3 measured at most 1.3e-2 (dlog_decay), 0.9e-2
+    # for the rest; 3e-2 is ~15 roundoffs.
+    cu = torch.tensor([0, 11, 40], dtype=torch.int32)
+    errors = _check(
+        _inputs(1, 40, 2, 16, 32, "data", 2, True, dtype=torch.bfloat16), cu_seqlens=cu, tol=3e-2
+    )
+    # ... yet far above fp32 error: catches the dots silently running on fp32 operands.
+    assert max(errors.values()) > 10 * FP32_TOL
+
+
+def test_is_available_reasons(monkeypatch):
+    assert linear_triton.is_available(CPU, torch.float32) is None
+    assert linear_triton.is_available(CPU, torch.bfloat16) is None
+    assert "unsupported dtype" in linear_triton.is_available(CPU, torch.float64)
+    assert "not supported" in linear_triton.is_available(torch.device("meta"), torch.float32)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert "TRITON_INTERPRET=1" in linear_triton.is_available(CPU, torch.float32)
+
+
+def _bad_call(**overrides):
+    args = {
+        "q": torch.randn(1, 8, 2, 16), "k": torch.randn(1, 8, 2, 16),
+        "v": torch.randn(1, 8, 2, 32), "log_decay": None, "scale": None,
+        "initial_state": None, "cu_seqlens": None, "chunk_size": 16,
+    }  # fmt: skip
+    args.update(overrides)
+    q, k, v, g = args.pop("q"), args.pop("k"), args.pop("v"), args.pop("log_decay")
+    linear_triton.forward(q, k, v, g, **args)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"q": torch.randn(8, 2, 16)}, "4-D"),
+        ({"k": torch.randn(1, 8, 2, 8)}, "q and k must match"),
+        ({"v": torch.randn(1, 7, 2, 32)}, "v must agree"),
+        ({"v": torch.randn(1, 8, 2, 32).double()}, "dtypes differ"),
+        ({"q": torch.randn(1, 8, 2, 300), "k": torch.randn(1, 8, 2, 300)}, "at most 256"),
+        ({"log_decay": torch.zeros(1, 8)}, "log_decay"),
+        ({"initial_state": torch.zeros(1, 2, 32, 16)}, "initial_state has shape"),
+        ({"chunk_size": 24}, "chunk_size"),
+        ({"chunk_size": 8}, "chunk_size"),
+        ({"scale": -1.0}, "scale"),
+        ({"cu_seqlens": torch.tensor([0, 3, 7], dtype=torch.int32)}, "cu_seqlens ends at 7"),
+        ({"cu_seqlens": torch.tensor([0, 5, 3, 8], dtype=torch.int32)}, "non-decreasing"),
+        (
+            {
+                "q": torch.randn(2, 8, 2, 16),
+                "k": torch.randn(2, 8, 2, 16),
+                "v": torch.randn(2, 8, 2, 32),
+                "cu_seqlens": torch.tensor([0, 8], dtype=torch.int32),
+            },
+            "batch size 1",
+        ),
+        (
+            {
+                "q": torch.randn(1, 8, 2, 16).double(),
+                "k": torch.randn(1, 8, 2, 16).double(),
+                "v": torch.randn(1, 8, 2, 32).double(),
+            },
+            "unsupported dtype",
+        ),
+    ],
+)
+def test_bad_inputs_raise(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _bad_call(**overrides)
+
+
+def test_backward_bad_gradients_raise():
+    q, k, v = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 32)
+    with pytest.raises(ValueError, match="do"):
+        linear_triton.backward(torch.randn(1, 8, 2, 16), None, q, k, v, None, scale=None)
+    with pytest.raises(ValueError, match="dfinal_state"):
+        linear_triton.backward(torch.randn_like(v), torch.zeros(2, 2, 16, 32), q, k, v, None,
+                               scale=None)  # fmt: skip
