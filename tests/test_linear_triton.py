@@ -100,26 +100,28 @@ def _check(case, *, chunk_size=16, tol=FP32_TOL, scale=None, cu_seqlens=None, wi
     return errors
 
 
-@pytest.fixture
-def two_dv_blocks(monkeypatch):
-    """BLOCK_DV = 16, so Dv = 32 takes two programs whose dq/dk partials must add up."""
-    monkeypatch.setattr(linear_triton, "_tile_sizes", lambda block_dk, dv: (16, 1))
-
-
 @pytest.mark.parametrize("with_init", [False, True], ids=["zero_init", "init"])
 @pytest.mark.parametrize("decay", ["none", "constant", "data"])
-def test_batched_matches_reference(decay, with_init, two_dv_blocks):
+def test_batched_matches_reference(decay, with_init):
     torch.manual_seed(0)
     # 37 tokens: two full chunks of 16 and a partial one; Dk != Dv.
-    _check(_inputs(2, 37, 2, 16, 32, decay, 2, with_init))
+    _check(_inputs(2, 37, 1, 16, 32, decay, 2, with_init))
 
 
 @pytest.mark.parametrize("decay", ["none", "data"])
-def test_varlen_matches_reference(decay, two_dv_blocks):
+def test_varlen_matches_reference(decay):
     torch.manual_seed(1)
     # Empty segments (first, middle, last), one chunk-aligned, others crossing chunk borders.
     cu = torch.tensor([0, 0, 5, 5, 21, 40, 40], dtype=torch.int32)
-    _check(_inputs(1, 40, 2, 16, 32, decay, 6, True), cu_seqlens=cu)
+    _check(_inputs(1, 40, 1, 16, 32, decay, 6, True), cu_seqlens=cu)
+
+
+def test_several_state_blocks_and_heads(monkeypatch):
+    torch.manual_seed(6)
+    # 16 x 16 state blocks and Dv tiles: Dk = 24, Dv = 40 give 2 x 3 partly masked blocks.
+    monkeypatch.setattr(linear_triton, "_tile_sizes", lambda block_dk, dv: (16, 16, 1))
+    cu = torch.tensor([0, 7, 30], dtype=torch.int32)
+    _check(_inputs(1, 30, 2, 24, 40, "data", 2, True), cu_seqlens=cu)
 
 
 def test_default_tiles_explicit_scale_no_dfinal():

@@ -89,9 +89,10 @@ def _store_rows(base, stride_s, rows, row_mask, cols, col_mask, value):
 
 
 @_jit
-def _state_ptrs(base, pid_n, head, n_heads, offs_k, offs_v, DK: tl.constexpr, DV: tl.constexpr):
-    """Pointers and mask of this program's ``[Dk, BLOCK_DV]`` block of an ``[N, H, Dk, Dv]``."""
-    first = (pid_n * n_heads + head).to(tl.int64) * DK * DV
+def _state_ptrs(base, index, head, n_heads, offs_k, offs_v, DK: tl.constexpr, DV: tl.constexpr):
+    """Pointers and mask of the ``[offs_k, offs_v]`` block of state ``[index, head]`` of an
+    ``[N, H, Dk, Dv]`` tensor."""
+    first = (index.to(tl.int64) * n_heads + head) * DK * DV
     ptrs = base + first + offs_k[:, None] * DV + offs_v[None, :]
     return ptrs, (offs_k[:, None] < DK) & (offs_v[None, :] < DV)
 
@@ -111,49 +112,68 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @_jit
-def _fwd_kernel(
-    Q, K, V, G, H0, O, HT, CU,
-    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh, stride_gb, stride_gs, stride_gh,
-    stride_ob, stride_os, stride_oh, seqlen, n_heads, scale,
+def _row_chunk_bounds(CU, CHUNK_OFFSETS, pid_n, seqlen, VARLEN: tl.constexpr):
+    """(batch, first token, length, first global chunk index) of row / segment ``pid_n``."""
+    batch, start, length = _row_bounds(CU, pid_n, seqlen, VARLEN)
+    return batch, start, length, tl.load(CHUNK_OFFSETS + pid_n)
+
+
+@_jit
+def _chunk_bounds(
+    CU, CHUNK_ROW, CHUNK_START, pid_c, seqlen, VARLEN: tl.constexpr, CHUNK: tl.constexpr
+):
+    """(batch, row, first token, valid tokens) of global chunk ``pid_c``."""
+    row = tl.load(CHUNK_ROW + pid_c)
+    start = tl.load(CHUNK_START + pid_c)
+    if VARLEN:
+        batch = 0
+        end = tl.load(CU + row + 1)
+    else:
+        batch = row.to(tl.int64)
+        end = seqlen
+    return batch, start.to(tl.int64), tl.minimum(end - start, CHUNK)
+
+
+@_jit
+def _states_kernel(
+    K, V, G, H0, H_ALL, HT, CU, CHUNK_OFFSETS,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_gb, stride_gs, stride_gh, seqlen, n_heads,
     HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, VARLEN: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_V: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    pid_v = tl.program_id(0)
+    """Forward recurrence over one row's chunks for one ``[BLOCK_K, BLOCK_V]`` state block.
+
+    Stores the state entering every chunk into ``H_ALL`` ``[chunks, H, Dk, Dv]`` (``q.dtype``:
+    it only feeds dots with q) and the final state into ``HT`` (float32).
+    """
+    n_v = tl.cdiv(DV, BLOCK_V)
+    pid_k = tl.program_id(0) // n_v
+    pid_v = tl.program_id(0) % n_v
     pid_n = tl.program_id(1)
     head = tl.program_id(2)
-    batch, start, length = _row_bounds(CU, pid_n, seqlen, VARLEN)
+    batch, start, length, first = _row_chunk_bounds(CU, CHUNK_OFFSETS, pid_n, seqlen, VARLEN)
     offs_c = tl.arange(0, CHUNK)
-    offs_k = tl.arange(0, BLOCK_DK)
-    offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    k_mask = offs_k < DK
-    v_mask = offs_v < DV
-    causal = offs_c[:, None] >= offs_c[None, :]  # [t, s]
-    q_base = Q + batch * stride_qb + head * stride_qh + start * stride_qs
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     k_base = K + batch * stride_kb + head * stride_kh + start * stride_ks
     v_base = V + batch * stride_vb + head * stride_vh + start * stride_vs
     g_base = G + batch * stride_gb + head * stride_gh + start * stride_gs
-    o_base = O + batch * stride_ob + head * stride_oh + start * stride_os
     h0_ptrs, state_mask = _state_ptrs(H0, pid_n, head, n_heads, offs_k, offs_v, DK, DV)
     if HAS_INIT:
         state = tl.load(h0_ptrs, mask=state_mask, other=0.0)
     else:
-        state = tl.zeros([BLOCK_DK, BLOCK_DV], tl.float32)
+        state = tl.zeros([BLOCK_K, BLOCK_V], tl.float32)
 
-    for c0 in range(0, length, CHUNK):
-        rows = c0 + offs_c
+    for i in range(tl.cdiv(length, CHUNK)):
+        h_ptrs, _ = _state_ptrs(H_ALL, first + i, head, n_heads, offs_k, offs_v, DK, DV)
+        tl.store(h_ptrs, state.to(H_ALL.dtype.element_ty), mask=state_mask)
+        rows = i * CHUNK + offs_c
         row_mask = rows < length
-        q = _load_rows(q_base, stride_qs, rows, row_mask, offs_k, k_mask)
-        k = _load_rows(k_base, stride_ks, rows, row_mask, offs_k, k_mask)
-        v = _load_rows(v_base, stride_vs, rows, row_mask, offs_v, v_mask)
+        k = _load_rows(k_base, stride_ks, rows, row_mask, offs_k, offs_k < DK)
+        v = _load_rows(v_base, stride_vs, rows, row_mask, offs_v, offs_v < DV)
         b, b_last = _chunk_decay(g_base, stride_gs, rows, row_mask, HAS_DECAY, CHUNK)
-        weight = tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
-        scores = _dot(q, tl.trans(k), None, PRECISION, UPCAST) * weight
-        out = _dot(q, state.to(q.dtype), None, PRECISION, UPCAST) * tl.exp(b)[:, None]
-        out = _dot(scores.to(v.dtype), v, out, PRECISION, UPCAST)
-        _store_rows(o_base, stride_os, rows, row_mask, offs_v, v_mask, out * scale)
         k_decayed = (k * tl.exp(b_last - b)[:, None]).to(k.dtype)
         state = state * tl.exp(b_last)
         state = _dot(tl.trans(k_decayed), v, state, PRECISION, UPCAST)
@@ -163,128 +183,168 @@ def _fwd_kernel(
 
 
 @_jit
-def _bwd_dq_kernel(
-    K, V, G, H0, DO, DHT, DQ, STATE_DOT, CU,
-    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_gb, stride_gs, stride_gh, stride_dob, stride_dos, stride_doh,
-    stride_dqv, stride_dqb, stride_dqs, stride_dqh, seqlen, n_heads, n_rows, scale,
-    HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr,
-    VARLEN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-):  # fmt: skip
-    """Partial ``dq`` of one Dv block into ``DQ[pid_v]`` and ``sum(S_T * dS_T)`` of the block."""
-    pid_v = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    head = tl.program_id(2)
-    batch, start, length = _row_bounds(CU, pid_n, seqlen, VARLEN)
-    offs_c = tl.arange(0, CHUNK)
-    offs_k = tl.arange(0, BLOCK_DK)
-    offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    k_mask = offs_k < DK
-    v_mask = offs_v < DV
-    causal = offs_c[:, None] >= offs_c[None, :]  # [t, s]
-    k_base = K + batch * stride_kb + head * stride_kh + start * stride_ks
-    v_base = V + batch * stride_vb + head * stride_vh + start * stride_vs
-    g_base = G + batch * stride_gb + head * stride_gh + start * stride_gs
-    do_base = DO + batch * stride_dob + head * stride_doh + start * stride_dos
-    dq_base = DQ + pid_v * stride_dqv + batch * stride_dqb + head * stride_dqh + start * stride_dqs
-    h0_ptrs, state_mask = _state_ptrs(H0, pid_n, head, n_heads, offs_k, offs_v, DK, DV)
-    if HAS_INIT:
-        state = tl.load(h0_ptrs, mask=state_mask, other=0.0)
-    else:
-        state = tl.zeros([BLOCK_DK, BLOCK_DV], tl.float32)
-
-    for c0 in range(0, length, CHUNK):
-        rows = c0 + offs_c
-        row_mask = rows < length
-        k = _load_rows(k_base, stride_ks, rows, row_mask, offs_k, k_mask)
-        v = _load_rows(v_base, stride_vs, rows, row_mask, offs_v, v_mask)
-        do = _load_rows(do_base, stride_dos, rows, row_mask, offs_v, v_mask)
-        b, b_last = _chunk_decay(g_base, stride_gs, rows, row_mask, HAS_DECAY, CHUNK)
-        weight = tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
-        dscores = _dot(do, tl.trans(v), None, PRECISION, UPCAST) * weight
-        dq = _dot(do, tl.trans(state).to(do.dtype), None, PRECISION, UPCAST)
-        dq = dq * tl.exp(b)[:, None]
-        dq = _dot(dscores.to(k.dtype), k, dq, PRECISION, UPCAST)
-        _store_rows(dq_base, stride_dqs, rows, row_mask, offs_k, k_mask, dq * scale)
-        k_decayed = (k * tl.exp(b_last - b)[:, None]).to(k.dtype)
-        state = state * tl.exp(b_last)
-        state = _dot(tl.trans(k_decayed), v, state, PRECISION, UPCAST)
-
-    if HAS_DFINAL:
-        dht_ptrs, _ = _state_ptrs(DHT, pid_n, head, n_heads, offs_k, offs_v, DK, DV)
-        dfinal = tl.load(dht_ptrs, mask=state_mask, other=0.0)
-        state_dot = tl.sum(tl.sum(state * dfinal, 1), 0)
-    else:
-        state_dot = 0.0
-    tl.store(STATE_DOT + (pid_v * n_rows + pid_n) * n_heads + head, state_dot)
-
-
-@_jit
-def _bwd_dkdv_kernel(
-    Q, K, V, G, DO, DHT, DK_PART, DV_OUT, DH0, CU,
-    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh, stride_gb, stride_gs, stride_gh,
-    stride_dob, stride_dos, stride_doh, stride_dkv, stride_dkb, stride_dks, stride_dkh,
-    stride_dvb, stride_dvs, stride_dvh, seqlen, n_heads, scale,
+def _dstates_kernel(
+    Q, DO, G, DHT, DH_ALL, DH0, CU, CHUNK_OFFSETS,
+    stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh,
+    stride_gb, stride_gs, stride_gh, seqlen, n_heads, scale,
     HAS_DECAY: tl.constexpr, HAS_DFINAL: tl.constexpr, VARLEN: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_V: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """Reverse walk: ``dv``, partial ``dk`` of one Dv block, and the initial state's gradient."""
-    pid_v = tl.program_id(0)
+    """Reverse recurrence of the state gradient over one row's chunks, one state block.
+
+    ``dS_prev = exp(b_C) dS + scale sum_t exp(b_t) q_t^T do_t``, starting from ``dS_T``. Stores
+    the gradient of the state *leaving* every chunk into ``DH_ALL`` and, after the first
+    chunk, the initial state's gradient into ``DH0`` (float32).
+    """
+    n_v = tl.cdiv(DV, BLOCK_V)
+    pid_k = tl.program_id(0) // n_v
+    pid_v = tl.program_id(0) % n_v
     pid_n = tl.program_id(1)
     head = tl.program_id(2)
-    batch, start, length = _row_bounds(CU, pid_n, seqlen, VARLEN)
+    batch, start, length, first = _row_chunk_bounds(CU, CHUNK_OFFSETS, pid_n, seqlen, VARLEN)
     offs_c = tl.arange(0, CHUNK)
-    offs_k = tl.arange(0, BLOCK_DK)
-    offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    k_mask = offs_k < DK
-    v_mask = offs_v < DV
-    # Transposed ([s, t]) so that dk, dv accumulate without transposing the score tiles.
-    causal_t = offs_c[:, None] <= offs_c[None, :]
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     q_base = Q + batch * stride_qb + head * stride_qh + start * stride_qs
-    k_base = K + batch * stride_kb + head * stride_kh + start * stride_ks
-    v_base = V + batch * stride_vb + head * stride_vh + start * stride_vs
-    g_base = G + batch * stride_gb + head * stride_gh + start * stride_gs
     do_base = DO + batch * stride_dob + head * stride_doh + start * stride_dos
-    dk_base = (
-        DK_PART + pid_v * stride_dkv + batch * stride_dkb + head * stride_dkh + start * stride_dks
-    )
-    dv_base = DV_OUT + batch * stride_dvb + head * stride_dvh + start * stride_dvs
+    g_base = G + batch * stride_gb + head * stride_gh + start * stride_gs
     dht_ptrs, state_mask = _state_ptrs(DHT, pid_n, head, n_heads, offs_k, offs_v, DK, DV)
     if HAS_DFINAL:
         dstate = tl.load(dht_ptrs, mask=state_mask, other=0.0)
     else:
-        dstate = tl.zeros([BLOCK_DK, BLOCK_DV], tl.float32)
+        dstate = tl.zeros([BLOCK_K, BLOCK_V], tl.float32)
 
     n_chunks = tl.cdiv(length, CHUNK)
     for i in range(n_chunks):
-        rows = (n_chunks - 1 - i) * CHUNK + offs_c
+        chunk = n_chunks - 1 - i
+        dh_ptrs, _ = _state_ptrs(DH_ALL, first + chunk, head, n_heads, offs_k, offs_v, DK, DV)
+        tl.store(dh_ptrs, dstate.to(DH_ALL.dtype.element_ty), mask=state_mask)
+        rows = chunk * CHUNK + offs_c
         row_mask = rows < length
-        q = _load_rows(q_base, stride_qs, rows, row_mask, offs_k, k_mask)
-        k = _load_rows(k_base, stride_ks, rows, row_mask, offs_k, k_mask)
-        v = _load_rows(v_base, stride_vs, rows, row_mask, offs_v, v_mask)
-        do = _load_rows(do_base, stride_dos, rows, row_mask, offs_v, v_mask)
+        q = _load_rows(q_base, stride_qs, rows, row_mask, offs_k, offs_k < DK)
+        do = _load_rows(do_base, stride_dos, rows, row_mask, offs_v, offs_v < DV)
         b, b_last = _chunk_decay(g_base, stride_gs, rows, row_mask, HAS_DECAY, CHUNK)
-        weight_t = tl.exp(tl.where(causal_t, b[None, :] - b[:, None], float("-inf"))) * scale
-        to_end = tl.exp(b_last - b)[:, None]  # decay from token s to the chunk's last token
-        scores_t = _dot(k, tl.trans(q), None, PRECISION, UPCAST) * weight_t
-        dv = _dot(k, dstate.to(k.dtype), None, PRECISION, UPCAST) * to_end
-        dv = _dot(scores_t.to(do.dtype), do, dv, PRECISION, UPCAST)
-        _store_rows(dv_base, stride_dvs, rows, row_mask, offs_v, v_mask, dv)
-        dscores_t = _dot(v, tl.trans(do), None, PRECISION, UPCAST) * weight_t
-        dk = _dot(v, tl.trans(dstate).to(v.dtype), None, PRECISION, UPCAST) * to_end
-        dk = _dot(dscores_t.to(q.dtype), q, dk, PRECISION, UPCAST)
-        _store_rows(dk_base, stride_dks, rows, row_mask, offs_k, k_mask, dk)
         q_decayed = (q * (tl.exp(b) * scale)[:, None]).to(q.dtype)
         dstate = dstate * tl.exp(b_last)
         dstate = _dot(tl.trans(q_decayed), do, dstate, PRECISION, UPCAST)
 
     dh0_ptrs, _ = _state_ptrs(DH0, pid_n, head, n_heads, offs_k, offs_v, DK, DV)
     tl.store(dh0_ptrs, dstate, mask=state_mask)
+
+
+@_jit
+def _output_kernel(
+    Q, K, V, G, H_ALL, O, CU, CHUNK_ROW, CHUNK_START,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_gb, stride_gs, stride_gh,
+    stride_ob, stride_os, stride_oh, seqlen, n_heads, scale,
+    HAS_DECAY: tl.constexpr, VARLEN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_V: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """``o`` of one chunk and Dv block: intra-chunk scores plus the entering state's term."""
+    pid_v = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    head = tl.program_id(2)
+    batch, start, count = _chunk_bounds(CU, CHUNK_ROW, CHUNK_START, pid_c, seqlen, VARLEN, CHUNK)
+    rows = tl.arange(0, CHUNK)
+    row_mask = rows < count
+    offs_k = tl.arange(0, BLOCK_DK)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    k_mask = offs_k < DK
+    v_mask = offs_v < DV
+    q = _load_rows(Q + batch * stride_qb + head * stride_qh + start * stride_qs, stride_qs,
+                   rows, row_mask, offs_k, k_mask)  # fmt: skip
+    k = _load_rows(K + batch * stride_kb + head * stride_kh + start * stride_ks, stride_ks,
+                   rows, row_mask, offs_k, k_mask)  # fmt: skip
+    v = _load_rows(V + batch * stride_vb + head * stride_vh + start * stride_vs, stride_vs,
+                   rows, row_mask, offs_v, v_mask)  # fmt: skip
+    g_base = G + batch * stride_gb + head * stride_gh + start * stride_gs
+    b, _ = _chunk_decay(g_base, stride_gs, rows, row_mask, HAS_DECAY, CHUNK)
+    h_ptrs, state_mask = _state_ptrs(H_ALL, pid_c, head, n_heads, offs_k, offs_v, DK, DV)
+    h = tl.load(h_ptrs, mask=state_mask, other=0.0)
+
+    causal = rows[:, None] >= rows[None, :]  # [t, s]
+    weight = tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
+    scores = _dot(q, tl.trans(k), None, PRECISION, UPCAST) * weight
+    out = _dot(q, h, None, PRECISION, UPCAST) * tl.exp(b)[:, None]
+    out = _dot(scores.to(v.dtype), v, out, PRECISION, UPCAST)
+    o_base = O + batch * stride_ob + head * stride_oh + start * stride_os
+    _store_rows(o_base, stride_os, rows, row_mask, offs_v, v_mask, out * scale)
+
+
+@_jit
+def _grads_kernel(
+    Q, K, V, G, DO, H_ALL, DH_ALL, DQ, DK_OUT, DV_OUT, DG, CU, CHUNK_ROW, CHUNK_START,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_gb, stride_gs, stride_gh,
+    stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh,
+    stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+    seqlen, n_heads, scale,
+    HAS_DECAY: tl.constexpr, VARLEN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_V: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """``dq``, ``dk``, ``dv`` (and ``dL/dG`` per token) of one chunk, all Dv blocks in turn.
+
+    Given the state entering the chunk (``H_ALL``) and the gradient of the state leaving it
+    (``DH_ALL``), the chunk is independent of the others. Looping over Dv inside the program
+    keeps the Dv-sums of ``dq``/``dk`` in registers.
+    """
+    pid_c = tl.program_id(0)
+    head = tl.program_id(1)
+    batch, start, count = _chunk_bounds(CU, CHUNK_ROW, CHUNK_START, pid_c, seqlen, VARLEN, CHUNK)
+    rows = tl.arange(0, CHUNK)
+    row_mask = rows < count
+    offs_k = tl.arange(0, BLOCK_DK)
+    k_mask = offs_k < DK
+    q = _load_rows(Q + batch * stride_qb + head * stride_qh + start * stride_qs, stride_qs,
+                   rows, row_mask, offs_k, k_mask)  # fmt: skip
+    k = _load_rows(K + batch * stride_kb + head * stride_kh + start * stride_ks, stride_ks,
+                   rows, row_mask, offs_k, k_mask)  # fmt: skip
+    v_base = V + batch * stride_vb + head * stride_vh + start * stride_vs
+    do_base = DO + batch * stride_dob + head * stride_doh + start * stride_dos
+    dv_base = DV_OUT + batch * stride_dvb + head * stride_dvh + start * stride_dvs
+    g_base = G + batch * stride_gb + head * stride_gh + start * stride_gs
+    b, b_last = _chunk_decay(g_base, stride_gs, rows, row_mask, HAS_DECAY, CHUNK)
+
+    causal = rows[:, None] >= rows[None, :]  # [t, s]
+    weight = tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf"))) * scale
+    # [s, t]: dv accumulates as scores^T @ do without transposing a score tile per Dv block.
+    scores_t = _dot(k, tl.trans(q), None, PRECISION, UPCAST) * tl.trans(weight)
+    from_start = tl.exp(b)[:, None] * scale  # decay from the chunk's entering state to t
+    to_end = tl.exp(b_last - b)[:, None]  # decay from token s to the chunk's last token
+    dq = tl.zeros([CHUNK, BLOCK_DK], tl.float32)
+    dk = tl.zeros([CHUNK, BLOCK_DK], tl.float32)
+    for v0 in range(0, DV, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        v_mask = offs_v < DV
+        v = _load_rows(v_base, stride_vs, rows, row_mask, offs_v, v_mask)
+        do = _load_rows(do_base, stride_dos, rows, row_mask, offs_v, v_mask)
+        h_ptrs, state_mask = _state_ptrs(H_ALL, pid_c, head, n_heads, offs_k, offs_v, DK, DV)
+        h = tl.load(h_ptrs, mask=state_mask, other=0.0)
+        dh_ptrs, _ = _state_ptrs(DH_ALL, pid_c, head, n_heads, offs_k, offs_v, DK, DV)
+        dh = tl.load(dh_ptrs, mask=state_mask, other=0.0)
+
+        dv = _dot(k, dh, None, PRECISION, UPCAST) * to_end
+        dv = _dot(scores_t.to(do.dtype), do, dv, PRECISION, UPCAST)
+        _store_rows(dv_base, stride_dvs, rows, row_mask, offs_v, v_mask, dv)
+        dscores = _dot(do, tl.trans(v), None, PRECISION, UPCAST) * weight  # [t, s]
+        dq += _dot(do, tl.trans(h), None, PRECISION, UPCAST) * from_start
+        dq = _dot(dscores.to(k.dtype), k, dq, PRECISION, UPCAST)
+        dk += _dot(v, tl.trans(dh), None, PRECISION, UPCAST) * to_end
+        dk = _dot(tl.trans(dscores).to(q.dtype), q, dk, PRECISION, UPCAST)
+
+    dq_base = DQ + batch * stride_dqb + head * stride_dqh + start * stride_dqs
+    _store_rows(dq_base, stride_dqs, rows, row_mask, offs_k, k_mask, dq)
+    dk_base = DK_OUT + batch * stride_dkb + head * stride_dkh + start * stride_dks
+    _store_rows(dk_base, stride_dks, rows, row_mask, offs_k, k_mask, dk)
+    if HAS_DECAY:
+        # dL/dG_t without the final-state term, from the float32 gradients (before rounding).
+        token_dot = tl.sum(q.to(tl.float32) * dq, 1) - tl.sum(k.to(tl.float32) * dk, 1)
+        dg_ptrs = DG + batch * stride_gb + head * stride_gh + (start + rows) * stride_gs
+        tl.store(dg_ptrs, token_dot, mask=row_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,7 +356,7 @@ def _kernels_interpreted() -> bool:
     """Whether the kernels were built for Triton's CPU interpreter (decided at import time)."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(_fwd_kernel, InterpretedFunction)
+    return isinstance(_states_kernel, InterpretedFunction)
 
 
 def is_available(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -313,17 +373,21 @@ def is_available(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-def _tile_sizes(block_dk: int, dv: int) -> tuple[int, int]:
-    """``(BLOCK_DV, num_warps)``: the state block ``[Dk, BLOCK_DV]`` lives in registers.
+def _tile_sizes(block_dk: int, dv: int) -> tuple[int, int, int]:
+    """``(BLOCK_K, BLOCK_V, num_warps)``: state blocks ``[BLOCK_K, BLOCK_V]`` of the recurrences
+    and the Dv tile of the chunk kernels (which hold all of Dk).
 
-    Untuned conservative defaults; tests monkeypatch this to force several Dv blocks.
+    Untuned conservative defaults; tests monkeypatch this to force several blocks.
     """
-    block_dv = min(max(16, triton.next_power_of_2(dv)), 64 if block_dk <= 64 else 32)
-    return block_dv, 4
+    return min(block_dk, 64), min(max(16, triton.next_power_of_2(dv)), 64), 4
 
 
 class _Problem:
-    """Validated inputs, the launch geometry and the constexpr flags shared by all kernels."""
+    """Validated inputs, the chunk tables, launch geometry and constexprs shared by the kernels.
+
+    Chunks are numbered globally, row after row (``row`` = batch entry or segment); each row's
+    chunks start at its first token, so segments need not be chunk-aligned.
+    """
 
     def __init__(self, q, k, v, log_decay, scale, initial_state, cu_seqlens, chunk_size) -> None:
         _check_tensors(q, k, v, log_decay)
@@ -336,12 +400,12 @@ class _Problem:
             )
         self.varlen = cu_seqlens is not None
         if self.varlen:
-            check_cu_seqlens(cu_seqlens, batch, seqlen, 1, "contiguous")
+            lengths = check_cu_seqlens(cu_seqlens, batch, seqlen, 1, "contiguous")
             self.cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
-            self.rows = self.cu.numel() - 1
         else:
+            lengths = (seqlen,) * batch
             self.cu = torch.zeros(1, dtype=torch.int32, device=q.device)
-            self.rows = batch
+        self.rows = len(lengths)
         state_shape = (self.rows, heads, dk, dv)
         if initial_state is not None and tuple(initial_state.shape) != state_shape:
             what = "segments" if self.varlen else "batch rows"
@@ -352,23 +416,57 @@ class _Problem:
         self.q, self.k, self.v = (_rows_last_contiguous(t) for t in (q, k, v))
         self.has_decay = log_decay is not None
         # A dummy pointer when there is no decay; HAS_DECAY=False never reads it.
-        self.g = log_decay.float() if self.has_decay else self.cu
+        self.g = log_decay.float().contiguous() if self.has_decay else self.cu
         self.h0 = None if initial_state is None else initial_state.float().contiguous()
         self.state_shape = state_shape
-        self.chunk = chunk_size
+        self.chunk_offsets, self.chunk_row, self.chunk_start = _chunk_tables(
+            lengths, self.varlen, chunk_size, q.device
+        )
+        self.n_chunks = self.chunk_row.numel()
         block_dk = max(16, triton.next_power_of_2(dk))
-        block_dv, self.warps = _tile_sizes(block_dk, dv)
-        self.grid = (triton.cdiv(dv, block_dv), self.rows, heads)
-        self.meta = {
-            "VARLEN": self.varlen, "DK": dk, "DV": dv, "CHUNK": chunk_size, "BLOCK_DK": block_dk,
-            "BLOCK_DV": block_dv, "PRECISION": _precision(q.dtype), "num_warps": self.warps,
+        block_k, self.block_v, warps = _tile_sizes(block_dk, dv)
+        n_kv = triton.cdiv(dk, block_k) * triton.cdiv(dv, self.block_v)
+        self.row_grid = (n_kv, self.rows, heads)
+        common = {
+            "VARLEN": self.varlen, "DK": dk, "DV": dv, "CHUNK": chunk_size,
+            "BLOCK_V": self.block_v, "PRECISION": _precision(q.dtype), "num_warps": warps,
             "UPCAST": q.dtype == torch.bfloat16 and _kernels_interpreted(),
         }  # fmt: skip
+        self.row_meta = {**common, "BLOCK_K": block_k}
+        self.chunk_meta = {**common, "BLOCK_DK": block_dk}
 
     def g_strides(self) -> tuple[int, int, int]:
-        return (
-            (self.g.stride(0), self.g.stride(1), self.g.stride(2)) if self.has_decay else (0,) * 3
+        return _strides(self.g) if self.has_decay else (0, 0, 0)
+
+    def states(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The state entering every chunk ``[chunks, H, Dk, Dv]`` and the final states."""
+        entering = torch.empty(
+            (self.n_chunks, *self.state_shape[1:]), dtype=self.q.dtype, device=self.q.device
         )
+        final = torch.empty(self.state_shape, dtype=torch.float32, device=self.q.device)
+        _launch(
+            _states_kernel, self.row_grid, self.k, self.v, self.g,
+            self.h0 if self.h0 is not None else final, entering, final, self.cu,
+            self.chunk_offsets, *_strides(self.k), *_strides(self.v), *self.g_strides(),
+            self.q.shape[1], self.q.shape[2], HAS_DECAY=self.has_decay,
+            HAS_INIT=self.h0 is not None, **self.row_meta,
+        )  # fmt: skip
+        return entering, final
+
+
+def _chunk_tables(
+    lengths: tuple[int, ...], varlen: bool, chunk: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int32 ``[rows + 1]`` first global chunk of each row, and per global chunk its row and
+    first token (within its batch row)."""
+    lengths_t = torch.tensor(lengths, dtype=torch.int64)
+    per_row = (lengths_t + chunk - 1) // chunk
+    offsets = F.pad(per_row.cumsum(0), (1, 0))
+    row = torch.repeat_interleave(torch.arange(len(lengths)), per_row)
+    # Varlen rows are segments of one batch row; otherwise each row starts at token 0.
+    row_start = F.pad(lengths_t.cumsum(0), (1, 0))[:-1] if varlen else torch.zeros_like(per_row)
+    start = row_start[row] + (torch.arange(row.numel()) - offsets[row]) * chunk
+    return tuple(t.to(device=device, dtype=torch.int32) for t in (offsets, row, start))
 
 
 def _check_tensors(q, k, v, log_decay) -> None:
@@ -421,13 +519,13 @@ def forward(
     the final states ``[N, H, Dk, Dv]`` float32.
     """
     p = _Problem(q, k, v, log_decay, scale, initial_state, cu_seqlens, chunk_size)
+    entering, final = p.states()
     out = torch.empty_like(p.v)
-    final = torch.empty(p.state_shape, dtype=torch.float32, device=q.device)
     _launch(
-        _fwd_kernel, p.grid, p.q, p.k, p.v, p.g, p.h0 if p.h0 is not None else final,
-        out, final, p.cu, *_strides(p.q), *_strides(p.k), *_strides(p.v), *p.g_strides(),
-        *_strides(out), q.shape[1], q.shape[2], p.scale, HAS_DECAY=p.has_decay,
-        HAS_INIT=p.h0 is not None, **p.meta,
+        _output_kernel, (triton.cdiv(v.shape[3], p.block_v), p.n_chunks, q.shape[2]),
+        p.q, p.k, p.v, p.g, entering, out, p.cu, p.chunk_row, p.chunk_start,
+        *_strides(p.q), *_strides(p.k), *_strides(p.v), *p.g_strides(), *_strides(out),
+        q.shape[1], q.shape[2], p.scale, HAS_DECAY=p.has_decay, **p.chunk_meta,
     )  # fmt: skip
     return out, final
 
@@ -463,32 +561,32 @@ def backward(
     # do meets v and k in tl.dot, whose operands must share a dtype.
     do = _rows_last_contiguous(do.to(q.dtype))
     dht = None if dfinal_state is None else dfinal_state.float().contiguous()
-    n_v, rows, heads = p.grid
-    dq_part = torch.empty((n_v, *q.shape), dtype=torch.float32, device=q.device)
-    dk_part = torch.empty_like(dq_part)
-    dv = torch.empty_like(p.v)
+    entering, final = p.states()
+    leaving_grad = torch.empty_like(entering)
     dh0 = torch.empty(p.state_shape, dtype=torch.float32, device=q.device)
-    state_dot = torch.empty((n_v, rows, heads), dtype=torch.float32, device=q.device)
-    flags = {"HAS_DECAY": p.has_decay, "HAS_DFINAL": dht is not None, **p.meta}
     _launch(
-        _bwd_dq_kernel, p.grid, p.k, p.v, p.g, p.h0 if p.h0 is not None else dh0, do,
-        dht if dht is not None else dh0, dq_part, state_dot, p.cu, *_strides(p.k),
-        *_strides(p.v), *p.g_strides(), *_strides(do), *dq_part.stride()[:4], q.shape[1],
-        heads, rows, p.scale, HAS_INIT=p.h0 is not None, **flags,
+        _dstates_kernel, p.row_grid, p.q, do, p.g, dht if dht is not None else dh0,
+        leaving_grad, dh0, p.cu, p.chunk_offsets, *_strides(p.q), *_strides(do),
+        *p.g_strides(), q.shape[1], q.shape[2], p.scale, HAS_DECAY=p.has_decay,
+        HAS_DFINAL=dht is not None, **p.row_meta,
     )  # fmt: skip
+    dq, dk, dv = torch.empty_like(p.q), torch.empty_like(p.k), torch.empty_like(p.v)
+    token_dot = torch.empty_like(p.g)  # dL/dG_t without the final-state term
     _launch(
-        _bwd_dkdv_kernel, p.grid, p.q, p.k, p.v, p.g, do, dht if dht is not None else dh0,
-        dk_part, dv, dh0, p.cu, *_strides(p.q), *_strides(p.k), *_strides(p.v),
-        *p.g_strides(), *_strides(do), *dk_part.stride()[:4], *_strides(dv), q.shape[1],
-        heads, p.scale, **flags,
+        _grads_kernel, (p.n_chunks, q.shape[2]), p.q, p.k, p.v, p.g, do, entering,
+        leaving_grad, dq, dk, dv, token_dot, p.cu, p.chunk_row, p.chunk_start,
+        *_strides(p.q), *_strides(p.k), *_strides(p.v), *p.g_strides(), *_strides(do),
+        *_strides(dq), *_strides(dk), *_strides(dv), q.shape[1], q.shape[2], p.scale,
+        HAS_DECAY=p.has_decay, **p.chunk_meta,
     )  # fmt: skip
-    dq, dk = dq_part.sum(0), dk_part.sum(0)
     dg = None
     if p.has_decay:
-        token_dot = (p.q.float() * dq).sum(-1) - (p.k.float() * dk).sum(-1)
-        dg = _decay_grad(token_dot, state_dot.sum(0), p.cu if p.varlen else None)
+        state_dot = (
+            (final * dht).sum((-1, -2)) if dht is not None else final.new_zeros(final.shape[:2])
+        )
+        dg = _decay_grad(token_dot, state_dot, p.cu if p.varlen else None)
         dg = dg.to(log_decay.dtype)
-    return dq.to(q.dtype), dk.to(q.dtype), dv, dg, dh0
+    return dq, dk, dv, dg, dh0
 
 
 def _decay_grad(
