@@ -3,27 +3,33 @@
 Per head: ``S_t = exp(g_t) S_{t-1} + k_t^T v_t``, ``o_t = scale q_t S_t``, ``S_0`` = the initial
 state; with ``cu_seqlens`` the state restarts at each segment start.
 
-Design: one program per (Dv block, batch row or segment, head) walks its row's chunks of
-``chunk_size`` tokens in order and keeps the state block ``S`` ``[Dk, BLOCK_DV]`` in float32
-registers. Inside a chunk, with ``b_t`` the chunk-local cumulative log decay (fp32),
+Chunks of ``chunk_size`` tokens start at each row's (batch entry's or segment's) first token.
+With ``b_t`` the chunk-local inclusive cumulative log decay (fp32) and ``S`` the state entering
+the chunk,
 
     o_t   = scale (exp(b_t) q_t S + sum_{s <= t} exp(b_t - b_s) (q_t . k_s) v_s)
     S_new = exp(b_C) S + sum_s exp(b_C - b_s) k_s^T v_s            (b_C: the chunk's total)
 
 so every exponent is ``<= 0`` (the causal mask is applied to the exponent, before ``exp``).
-Backward is two kernels of the same shape, nothing saved from the forward:
+Four kernels, as in flash-linear-attention's chunk algorithm:
 
-- ``_bwd_dq_kernel`` walks forward again, recomputing ``S`` for ``dq``, and at the end
-  returns ``sum(S_T * dS_T)`` for the decay gradient.
-- ``_bwd_dkdv_kernel`` walks backward carrying ``dS`` (from ``dS_T``) for ``dk``/``dv``:
-  ``dS_prev = exp(b_C) dS + scale sum_t exp(b_t) q_t^T do_t``; what it holds after the first
-  chunk is the gradient of the initial state.
+- ``_states_kernel``: one program per (``[BLOCK_K, BLOCK_V]`` state block, row, head) runs the
+  recurrence over the row's chunks with the block in float32 registers, storing the state
+  entering each chunk (``[chunks, H, Dk, Dv]``) and the final state. Only this walk is
+  sequential, and it does one ``[BLOCK_K, C] @ [C, BLOCK_V]`` product per chunk.
+- ``_output_kernel``: one program per (Dv tile, chunk, head), independent of the others.
+- ``_dstates_kernel``: the mirror-image reverse walk, ``dS_prev = exp(b_C) dS + scale
+  sum_t exp(b_t) q_t^T do_t`` from ``dS_T``, storing the gradient of the state leaving each
+  chunk; after the first chunk it holds the initial state's gradient.
+- ``_grads_kernel``: one program per (chunk, head) computes ``dq``, ``dk``, ``dv`` from the
+  entering state and the leaving state's gradient, looping over Dv tiles so that the Dv sums
+  of ``dq``/``dk`` stay in registers.
 
-``dq``/``dk`` sum over Dv, so programs of different Dv blocks write float32 partials that
-torch adds up. With ``G`` the cumulative log decay of a segment, ``dL/dG_t = q_t . dq_t -
-k_t . dk_t`` (+ ``sum(S_T * dS_T)`` at the segment's last token; ``exp(G_t) S_0`` already lives
-in ``q_t . dq_t``), and ``dg`` is its reverse cumulative sum within the segment (float64, in
-torch).
+Backward recomputes the entering states (nothing is saved between calls). With ``G`` the
+cumulative log decay of a segment, ``dL/dG_t = q_t . dq_t - k_t . dk_t`` (+ ``sum(S_T * dS_T)``
+at the segment's last token; ``exp(G_t) S_0`` already lives in ``q_t . dq_t``): the gradient
+kernel writes the first part per token from its float32 ``dq``/``dk``, and ``dg``, the reverse
+cumulative sum within each segment, is taken in float64 by torch.
 
 The kernels need a CUDA device, or ``TRITON_INTERPRET=1`` *when this module is imported* to
 run them on CPU tensors with Triton's interpreter (slow; meant for tests).
@@ -53,13 +59,15 @@ MAX_HEAD_DIM = 256
 
 
 @_jit
-def _row_bounds(CU, pid_n, seqlen, VARLEN: tl.constexpr):
-    """(batch, first token, length) of batch row / segment ``pid_n``; offsets in int64."""
+def _row_bounds(CU, CHUNK_OFFSETS, pid_n, seqlen, VARLEN: tl.constexpr):
+    """(batch, first token, length, first global chunk) of batch row / segment ``pid_n``."""
+    first_chunk = tl.load(CHUNK_OFFSETS + pid_n)
     if VARLEN:
         start = tl.load(CU + pid_n)
-        return 0, start.to(tl.int64), tl.load(CU + pid_n + 1) - start
+        # int64 so that token * stride cannot overflow on long sequences.
+        return 0, start.to(tl.int64), tl.load(CU + pid_n + 1) - start, first_chunk
     else:
-        return pid_n.to(tl.int64), 0, seqlen
+        return pid_n.to(tl.int64), 0, seqlen, first_chunk
 
 
 @_jit
@@ -112,17 +120,10 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @_jit
-def _row_chunk_bounds(CU, CHUNK_OFFSETS, pid_n, seqlen, VARLEN: tl.constexpr):
-    """(batch, first token, length, first global chunk index) of row / segment ``pid_n``."""
-    batch, start, length = _row_bounds(CU, pid_n, seqlen, VARLEN)
-    return batch, start, length, tl.load(CHUNK_OFFSETS + pid_n)
-
-
-@_jit
 def _chunk_bounds(
     CU, CHUNK_ROW, CHUNK_START, pid_c, seqlen, VARLEN: tl.constexpr, CHUNK: tl.constexpr
 ):
-    """(batch, row, first token, valid tokens) of global chunk ``pid_c``."""
+    """(batch, first token, valid tokens) of global chunk ``pid_c``."""
     row = tl.load(CHUNK_ROW + pid_c)
     start = tl.load(CHUNK_START + pid_c)
     if VARLEN:
@@ -153,7 +154,7 @@ def _states_kernel(
     pid_v = tl.program_id(0) % n_v
     pid_n = tl.program_id(1)
     head = tl.program_id(2)
-    batch, start, length, first = _row_chunk_bounds(CU, CHUNK_OFFSETS, pid_n, seqlen, VARLEN)
+    batch, start, length, first = _row_bounds(CU, CHUNK_OFFSETS, pid_n, seqlen, VARLEN)
     offs_c = tl.arange(0, CHUNK)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -202,7 +203,7 @@ def _dstates_kernel(
     pid_v = tl.program_id(0) % n_v
     pid_n = tl.program_id(1)
     head = tl.program_id(2)
-    batch, start, length, first = _row_chunk_bounds(CU, CHUNK_OFFSETS, pid_n, seqlen, VARLEN)
+    batch, start, length, first = _row_bounds(CU, CHUNK_OFFSETS, pid_n, seqlen, VARLEN)
     offs_c = tl.arange(0, CHUNK)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
