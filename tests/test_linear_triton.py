@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -124,10 +127,14 @@ def test_several_state_blocks_and_heads(monkeypatch):
     _check(_inputs(1, 30, 2, 24, 40, "data", 2, True), cu_seqlens=cu)
 
 
-def test_default_tiles_explicit_scale_no_dfinal():
+def test_strided_inputs_explicit_scale_no_dfinal():
     torch.manual_seed(2)
-    # Dk = 20, Dv = 24: head dims padded to 32 inside the kernel, one Dv block.
-    _check(_inputs(1, 50, 1, 20, 24, "data", 1, True), scale=0.3, with_dfinal=False)
+    # q, k, v, g as views of one fused projection (token stride 2 * 20 + 24 + 1), as a model
+    # would pass them. Dk = 20, Dv = 24: head dims padded to 32 inside the kernels.
+    fused = torch.randn(1, 50, 1, 65)
+    q, k, v, g = fused.split([20, 20, 24, 1], dim=-1)
+    g = F.logsigmoid(g[..., 0])
+    _check((q, k, v, g, torch.randn(1, 1, 20, 24)), scale=0.3, with_dfinal=False)
 
 
 def test_single_chunk_longer_than_sequence():
@@ -228,3 +235,60 @@ def test_backward_bad_gradients_raise():
     with pytest.raises(ValueError, match="dfinal_state"):
         linear_triton.backward(torch.randn_like(v), torch.zeros(2, 2, 16, 32), q, k, v, None,
                                scale=None)  # fmt: skip
+
+
+# Compiles every kernel for sm_90 (Triton's bundled ptxas; no GPU needed) in a process without
+# TRITON_INTERPRET, which catches what the interpreter lets through (dtype mismatches in dots,
+# layouts, constexpr misuse) on machines without a GPU.
+_COMPILE_FOR_GPU = textwrap.dedent(
+    """
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from distseq.kernels import linear_triton as lt
+
+    IN_DTYPE = {"Q", "K", "V", "DO", "O", "H_ALL", "DH_ALL", "DQ", "DK_OUT", "DV_OUT"}
+    INT32 = {"CU", "CHUNK_OFFSETS", "CHUNK_ROW", "CHUNK_START"}
+
+    def signature(kernel, constexprs, dtype):
+        sig = {}
+        for name in inspect.signature(kernel.fn).parameters:
+            if name in constexprs:
+                sig[name] = "constexpr"
+            elif name in INT32:
+                sig[name] = "*i32"
+            elif name.isupper():
+                sig[name] = "*" + (dtype if name in IN_DTYPE else "fp32")
+            else:
+                sig[name] = "fp32" if name == "scale" else "i32"
+        return sig
+
+    for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
+        common = dict(HAS_DECAY=True, VARLEN=True, DK=24, DV=40, CHUNK=16, BLOCK_V=16,
+                      PRECISION=precision, UPCAST=False)
+        for kernel, extra in (
+            (lt._states_kernel, dict(HAS_INIT=True, BLOCK_K=16)),
+            (lt._dstates_kernel, dict(HAS_DFINAL=True, BLOCK_K=16)),
+            (lt._output_kernel, dict(BLOCK_DK=32)),
+            (lt._grads_kernel, dict(BLOCK_DK=32)),
+        ):
+            constexprs = {**common, **extra}
+            source = ASTSource(kernel, signature(kernel, constexprs, dtype), constexprs)
+            triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    """
+)
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_gpu():
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-c", _COMPILE_FOR_GPU], check=False, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -378,9 +378,11 @@ def _tile_sizes(block_dk: int, dv: int) -> tuple[int, int, int]:
     """``(BLOCK_K, BLOCK_V, num_warps)``: state blocks ``[BLOCK_K, BLOCK_V]`` of the recurrences
     and the Dv tile of the chunk kernels (which hold all of Dk).
 
-    Untuned conservative defaults; tests monkeypatch this to force several blocks.
+    Untuned defaults; 8 warps for wide heads because the gradient kernel keeps ``dq`` and
+    ``dk`` ``[C, Dk]`` in float32 registers. Tests monkeypatch this to force several blocks.
     """
-    return min(block_dk, 64), min(max(16, triton.next_power_of_2(dv)), 64), 4
+    warps = 8 if block_dk >= 128 else 4
+    return min(block_dk, 64), min(max(16, triton.next_power_of_2(dv)), 64), warps
 
 
 class _Problem:
