@@ -136,6 +136,15 @@ def _chunk_bounds(
 
 
 @_jit
+def _state_block_offsets(DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Dk and Dv offsets of this program's state block (grid axis 0 enumerates the blocks)."""
+    n_v = tl.cdiv(DV, BLOCK_V)
+    offs_k = (tl.program_id(0) // n_v) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_v = (tl.program_id(0) % n_v) * BLOCK_V + tl.arange(0, BLOCK_V)
+    return offs_k, offs_v
+
+
+@_jit
 def _states_kernel(
     K, V, G, H0, H_ALL, HT, CU, CHUNK_OFFSETS,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
@@ -149,15 +158,11 @@ def _states_kernel(
     Stores the state entering every chunk into ``H_ALL`` ``[chunks, H, Dk, Dv]`` (``q.dtype``:
     it only feeds dots with q) and the final state into ``HT`` (float32).
     """
-    n_v = tl.cdiv(DV, BLOCK_V)
-    pid_k = tl.program_id(0) // n_v
-    pid_v = tl.program_id(0) % n_v
+    offs_k, offs_v = _state_block_offsets(DV, BLOCK_K, BLOCK_V)
     pid_n = tl.program_id(1)
     head = tl.program_id(2)
     batch, start, length, first = _row_bounds(CU, CHUNK_OFFSETS, pid_n, seqlen, VARLEN)
     offs_c = tl.arange(0, CHUNK)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     k_base = K + batch * stride_kb + head * stride_kh + start * stride_ks
     v_base = V + batch * stride_vb + head * stride_vh + start * stride_vs
     g_base = G + batch * stride_gb + head * stride_gh + start * stride_gs
@@ -198,15 +203,11 @@ def _dstates_kernel(
     the gradient of the state *leaving* every chunk into ``DH_ALL`` and, after the first
     chunk, the initial state's gradient into ``DH0`` (float32).
     """
-    n_v = tl.cdiv(DV, BLOCK_V)
-    pid_k = tl.program_id(0) // n_v
-    pid_v = tl.program_id(0) % n_v
+    offs_k, offs_v = _state_block_offsets(DV, BLOCK_K, BLOCK_V)
     pid_n = tl.program_id(1)
     head = tl.program_id(2)
     batch, start, length, first = _row_bounds(CU, CHUNK_OFFSETS, pid_n, seqlen, VARLEN)
     offs_c = tl.arange(0, CHUNK)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     q_base = Q + batch * stride_qb + head * stride_qh + start * stride_qs
     do_base = DO + batch * stride_dob + head * stride_doh + start * stride_dos
     g_base = G + batch * stride_gb + head * stride_gh + start * stride_gs
