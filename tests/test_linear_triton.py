@@ -154,6 +154,20 @@ def test_extreme_decay_stays_finite():
     _check((q, k, v, g, h0), tol=1e-3)
 
 
+@pytest.mark.parametrize("varlen", [False, True], ids=["batched", "varlen"])
+def test_empty_sequence_passes_states_through(varlen):
+    cu = torch.tensor([0, 0], dtype=torch.int32) if varlen else None
+    q, v, g = torch.randn(1, 0, 1, 16), torch.randn(1, 0, 1, 32), torch.zeros(1, 0, 1)
+    h0, dht = torch.randn(1, 1, 16, 32), torch.randn(1, 1, 16, 32)
+    out, final = linear_triton.forward(q, q, v, g, scale=None, initial_state=h0, cu_seqlens=cu)
+    assert out.shape == v.shape and torch.equal(final, h0)
+    grads = linear_triton.backward(
+        out, dht, q, q, v, g, scale=None, initial_state=h0, cu_seqlens=cu
+    )
+    assert [t.shape for t in grads[:4]] == [q.shape, q.shape, v.shape, g.shape]
+    assert torch.equal(grads[4], dht)
+
+
 def test_bf16_matches_reference():
     torch.manual_seed(4)
     # bf16 keeps 8 significant bits (unit roundoff 2^-9 ~ 2e-3). Outputs are rounded to bf16,
