@@ -302,7 +302,7 @@ def test_kernels_compile_for_gpu():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     done = subprocess.run(
-        [sys.executable, "-c", _COMPILE_FOR_GPU], check=False, env=env, capture_output=True, text=True,
-        timeout=600,
+        [sys.executable, "-c", _COMPILE_FOR_GPU], check=False, env=env, capture_output=True,
+        text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
