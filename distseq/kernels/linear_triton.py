@@ -470,7 +470,9 @@ def _chunk_tables(
     # Varlen rows are segments of one batch row; otherwise each row starts at token 0.
     row_start = F.pad(lengths_t.cumsum(0), (1, 0))[:-1] if varlen else torch.zeros_like(per_row)
     start = row_start[row] + (torch.arange(row.numel()) - offsets[row]) * chunk
-    return tuple(t.to(device=device, dtype=torch.int32) for t in (offsets, row, start))
+    # One host-to-device copy for the three tables.
+    tables = torch.cat([offsets, row, start]).to(device=device, dtype=torch.int32)
+    return tables.split([offsets.numel(), row.numel(), start.numel()])
 
 
 def _check_tensors(q, k, v, log_decay) -> None:
