@@ -1,7 +1,8 @@
 """The Triton linear-attention kernels against the float64 token-by-token recurrence.
 
-Runs on CPU tensors through Triton's interpreter, which must be switched on before the kernels
-are defined, hence the environment variable set ahead of the imports.
+On a machine with CUDA the kernels run natively on the GPU. Without one they run on CPU tensors
+through Triton's interpreter, which must be switched on before the kernels are defined, hence
+the environment variable set ahead of their import.
 """
 
 from __future__ import annotations
@@ -18,16 +19,23 @@ import torch.nn.functional as F
 
 from distseq.reference import linear_attention_reference
 
-os.environ["TRITON_INTERPRET"] = "1"  # read by triton.jit when the kernels are defined
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"  # read by triton.jit when the kernels are defined
 pytest.importorskip("triton")
 linear_triton = importlib.import_module("distseq.kernels.linear_triton")
 
-CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(
-    linear_triton.is_available(CPU, torch.float32) is not None,
-    reason=str(linear_triton.is_available(CPU, torch.float32)),
+    linear_triton.is_available(DEVICE, torch.float32) is not None,
+    reason=str(linear_triton.is_available(DEVICE, torch.float32)),
 )
 FP32_TOL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def _factories_on_device():
+    with DEVICE:  # torch.randn, torch.tensor, ... in these tests allocate on DEVICE
+        yield
 
 
 def _log_decay(kind: str, batch: int, seq: int, heads: int) -> torch.Tensor | None:
@@ -184,12 +192,13 @@ def test_bf16_matches_reference():
 
 
 def test_is_available_reasons(monkeypatch):
-    assert linear_triton.is_available(CPU, torch.float32) is None
-    assert linear_triton.is_available(CPU, torch.bfloat16) is None
-    assert "unsupported dtype" in linear_triton.is_available(CPU, torch.float64)
+    assert linear_triton.is_available(DEVICE, torch.float32) is None
+    assert linear_triton.is_available(DEVICE, torch.bfloat16) is None
+    assert "unsupported dtype" in linear_triton.is_available(DEVICE, torch.float64)
     assert "not supported" in linear_triton.is_available(torch.device("meta"), torch.float32)
-    monkeypatch.delenv("TRITON_INTERPRET")
-    assert "TRITON_INTERPRET=1" in linear_triton.is_available(CPU, torch.float32)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cpu_reason = linear_triton.is_available(torch.device("cpu"), torch.float32)
+    assert "TRITON_INTERPRET=1" in cpu_reason
 
 
 def _bad_call(**overrides):
@@ -199,6 +208,8 @@ def _bad_call(**overrides):
         "initial_state": None, "cu_seqlens": None, "chunk_size": 16,
     }  # fmt: skip
     args.update(overrides)
+    # The parametrized tensors were made at collection time, on CPU.
+    args = {name: a.to(DEVICE) if isinstance(a, torch.Tensor) else a for name, a in args.items()}
     q, k, v, g = args.pop("q"), args.pop("k"), args.pop("v"), args.pop("log_decay")
     linear_triton.forward(q, k, v, g, **args)
 

@@ -463,14 +463,14 @@ def _chunk_tables(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """int32 ``[rows + 1]`` first global chunk of each row, and per global chunk its row and
     first token (within its batch row)."""
-    lengths_t = torch.tensor(lengths, dtype=torch.int64)
+    # Built on the host (whatever the default device), then copied once.
+    lengths_t = torch.tensor(lengths, dtype=torch.int64, device="cpu")
     per_row = (lengths_t + chunk - 1) // chunk
     offsets = F.pad(per_row.cumsum(0), (1, 0))
-    row = torch.repeat_interleave(torch.arange(len(lengths)), per_row)
+    row = torch.repeat_interleave(torch.arange(len(lengths), device="cpu"), per_row)
     # Varlen rows are segments of one batch row; otherwise each row starts at token 0.
     row_start = F.pad(lengths_t.cumsum(0), (1, 0))[:-1] if varlen else torch.zeros_like(per_row)
-    start = row_start[row] + (torch.arange(row.numel()) - offsets[row]) * chunk
-    # One host-to-device copy for the three tables.
+    start = row_start[row] + (torch.arange(row.numel(), device="cpu") - offsets[row]) * chunk
     tables = torch.cat([offsets, row, start]).to(device=device, dtype=torch.int32)
     return tables.split([offsets.numel(), row.numel(), start.numel()])
 
