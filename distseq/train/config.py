@@ -28,12 +28,13 @@ DEVICES = ("auto", "cpu", "cuda")
 
 @dataclass
 class ParallelConfig:
-    """``dp x sp`` ranks; ``dp: null`` means ``world_size // sp``. ``zero_stage`` (0-3) is
+    """``dp x sp`` ranks; a null ``dp`` (``sp``) is ``world_size // sp`` (``// dp``); both
+    null: ``dp = 1``, every rank sequence-parallel. ``zero_stage`` (0-3) is
     used by the ``deepspeed`` engine only; ``fsdp`` shards parameters, gradients and
     optimizer state (ZeRO-3) over all ``dp x sp`` ranks."""
 
     dp: int | None = None
-    sp: int = 1
+    sp: int | None = None
     attention_strategy: str = "ring"
     linear_strategy: str = "lasp2"
     layout: str = "zigzag"
@@ -159,17 +160,23 @@ def _positive(key: str, value: float | int | None, allow_zero: bool = False) -> 
 
 
 def resolve_world(cfg: Config, world_size: int) -> None:
-    """Fill ``parallel.dp`` when null and check ``dp * sp == world_size``."""
+    """Fill a null ``parallel.dp`` / ``parallel.sp`` from the launched world size (both null:
+    all ranks sequence-parallel) and check ``dp * sp == world_size``."""
     par = cfg.parallel
-    _positive("parallel.sp", par.sp)
-    if par.dp is None:
-        if world_size % par.sp:
-            raise ValueError(
-                f"parallel.sp={par.sp} does not divide the {world_size} launched processes; "
-                "launch a multiple of sp processes or change parallel.sp"
-            )
-        par.dp = world_size // par.sp
+    if par.dp is None and par.sp is None:
+        par.dp = 1
+    for key, other in (("dp", "sp"), ("sp", "dp")):
+        if getattr(par, key) is None:
+            given = getattr(par, other)
+            _positive(f"parallel.{other}", given)
+            if world_size % given:
+                raise ValueError(
+                    f"parallel.{other}={given} does not divide the {world_size} launched "
+                    f"processes; launch a multiple of {given} processes or change it"
+                )
+            setattr(par, key, world_size // given)
     _positive("parallel.dp", par.dp)
+    _positive("parallel.sp", par.sp)
     if par.dp * par.sp != world_size:
         raise ValueError(
             f"parallel.dp={par.dp} x parallel.sp={par.sp} = {par.dp * par.sp} but "
