@@ -30,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"launch/train.py: invalid config: {exc}", file=sys.stderr)
         return 2
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    torch.set_num_threads(
+        max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    )
     try:
         Trainer(cfg).fit()
     finally:

@@ -94,6 +94,7 @@ def check_model_config(cfg: ModelConfig) -> None:
     head_dim = cfg.resolved_head_dim
     if head_dim <= 0 or head_dim % 2:
         raise ValueError(f"model.head_dim={head_dim} must be a positive even number (RoPE)")
+    parse_hybrid_ratio(cfg.hybrid_ratio)
     if cfg.linear_decay not in LINEAR_DECAYS:
         raise ValueError(
             f"model.linear_decay={cfg.linear_decay!r}; choose one of {list(LINEAR_DECAYS)}"
@@ -109,9 +110,11 @@ def count_parameters(cfg: ModelConfig) -> int:
     """Parameter count of :class:`distseq.models.Decoder` for ``cfg`` (no tensors built)."""
     d, hd = cfg.d_model, cfg.resolved_head_dim
     softmax = d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
-    linear = d * hd * 4 * cfg.n_heads + (d * cfg.n_heads + cfg.n_heads) * (
-        cfg.linear_decay == "data"
-    ) + hd
+    linear = (
+        d * hd * 4 * cfg.n_heads
+        + (d * cfg.n_heads + cfg.n_heads) * (cfg.linear_decay == "data")
+        + hd
+    )
     mlp = 3 * d * cfg.ffn_hidden
     mixers = sum(softmax if m == "softmax" else linear for m in layer_mixers(cfg))
     embed = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)

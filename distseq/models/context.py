@@ -11,6 +11,18 @@ from distseq.comm import ProcessGroup, resolve_group
 from distseq.layout import ShardLayout, shard_layout
 
 
+def global_cu_seqlens(doc_lengths: Sequence[int]) -> torch.Tensor:
+    """int32 ``[N + 1]`` boundaries of the whole (unsharded) packed sequence."""
+    return ShardLayout(tuple(doc_lengths), 1, 0, "contiguous").local_cu_seqlens()
+
+
+def document_positions(shard: ShardLayout) -> torch.Tensor:
+    """Position of each of the shard's tokens inside its own document, ``[S_local]`` int64."""
+    starts = torch.tensor([0, *shard.doc_lengths], dtype=torch.int64).cumsum(0)
+    doc = torch.searchsorted(starts[1:], shard.positions, right=True)
+    return shard.positions - starts[doc]
+
+
 @dataclass(frozen=True)
 class SequenceContext:
     """One packed sequence (batch 1) sharded over ``group`` in ``layout``.
@@ -42,15 +54,12 @@ class SequenceContext:
     ) -> SequenceContext:
         info = resolve_group(group)
         shard = shard_layout(tuple(int(n) for n in doc_lengths), info.world_size, info.rank, layout)
-        bounds = torch.tensor([0, *doc_lengths], dtype=torch.int64).cumsum(0)
-        global_pos = shard.positions
-        doc = torch.searchsorted(bounds[1:], global_pos, right=True)
         return cls(
             group=group,
             layout=layout,
             shard=shard,
-            cu_seqlens=bounds.to(torch.int32),
-            positions=global_pos - bounds[doc],
+            cu_seqlens=global_cu_seqlens(shard.doc_lengths),
+            positions=document_positions(shard),
             attention_strategy=attention_strategy,
             linear_strategy=linear_strategy,
             backend=backend,

@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from distseq.models.config import ModelConfig, check_model_config, layer_mixers
 from distseq.models.context import SequenceContext
@@ -40,6 +41,9 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderBlock(cfg, m) for m in layer_mixers(cfg))
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # Recompute each block in backward (its collectives run again) to keep activation
+        # memory at one block per layer boundary.
+        self.checkpoint_blocks = False
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.reset_parameters()
@@ -64,5 +68,8 @@ class Decoder(nn.Module):
     def forward(self, tokens: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
         x = self.embed(tokens)
         for block in self.layers:
-            x = block(x, ctx)
+            if self.checkpoint_blocks and torch.is_grad_enabled():
+                x = checkpoint(block, x, ctx, use_reentrant=False)
+            else:
+                x = block(x, ctx)
         return self.lm_head(self.norm(x)).float()

@@ -99,5 +99,8 @@ def load(path: Path, engine: Engine) -> None:
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=str(path / "dcp"))
     set_state_dict(
-        engine.model, engine.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        engine.model,
+        engine.optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
     )

@@ -59,6 +59,7 @@ class OptimConfig:
     global_batch: int = 2
     dtype: str = "float32"
     device: str = "auto"
+    activation_checkpointing: bool = False
 
 
 @dataclass
@@ -153,7 +154,7 @@ def _one_of(key: str, value: object, choices: tuple | list) -> None:
         raise ValueError(f"{key}={value!r}; choose one of {list(choices)}")
 
 
-def _positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:
+def _positive(key: str, value: float | None, allow_zero: bool = False) -> None:
     if value is None or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{key}={value!r} must be {bound}")

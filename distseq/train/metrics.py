@@ -56,7 +56,8 @@ class MetricsLogger:
         self._bar = None
         if enabled:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
-            self._file = open(Path(out_dir) / "metrics.jsonl", "a", encoding="utf-8")
+            # Kept open for the whole run (one line per step); closed in close().
+            self._file = open(Path(out_dir) / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
             if progress:
                 self._bar = tqdm(
                     total=total_steps, initial=start_step, desc="train", file=sys.stdout,

@@ -41,6 +41,7 @@ class Trainer:
         self.mesh = build_mesh(cfg.parallel.dp, cfg.parallel.sp, self.device)
         torch.manual_seed(cfg.train.seed)
         self.model = Decoder(cfg.model).to(self.device)
+        self.model.checkpoint_blocks = cfg.train.activation_checkpointing
         self.engine = build_engine(cfg, self.model, self.mesh)
         self.loader = StepLoader(cfg, self.mesh.dp_rank, self.mesh.dp)
         self.step = 0
@@ -79,7 +80,9 @@ class Trainer:
             with self.engine.accumulate(sync=index == len(sequences) - 1):
                 with self._autocast():
                     logits = self.engine.module(tokens, ctx)
-                token_loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+                token_loss = F.cross_entropy(
+                    logits.flatten(0, 1), targets.flatten(), reduction="none"
+                )
                 local = (token_loss * mask.flatten()).sum()
                 self.engine.backward(local * scale)
             loss_sum += local.detach().double()

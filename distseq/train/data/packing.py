@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from distseq.models.context import global_cu_seqlens
 from distseq.train.data.sources import PAD_ID, Document
 
 
@@ -28,8 +29,7 @@ class PackedSequence:
 
     @property
     def cu_seqlens(self) -> torch.Tensor:
-        bounds = torch.tensor([0, *self.doc_lengths], dtype=torch.int64).cumsum(0)
-        return bounds.to(torch.int32)
+        return global_cu_seqlens(self.doc_lengths)
 
     @property
     def real_tokens(self) -> int:
