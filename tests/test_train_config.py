@@ -83,6 +83,10 @@ def test_zigzag_linear_needs_lasp2():
     check(["model.mixers=hybrid", "parallel.linear_strategy=allscan", "parallel.layout=contiguous"])
 
 
+def test_ratio_override_is_not_read_as_base_60():
+    assert load_config(TINY, ["model.hybrid_ratio=1:1"]).model.hybrid_ratio == "1:1"
+
+
 def test_world_size_fills_null_dims():
     cfg = check([], world=4)
     assert (cfg.parallel.dp, cfg.parallel.sp, cfg.data.pad_multiple) == (1, 4, 8)

@@ -47,7 +47,7 @@ def parse_hybrid_ratio(ratio: str) -> tuple[int, int]:
     if not match or int(match[1]) + int(match[2]) == 0:
         raise ValueError(
             f"model.hybrid_ratio={ratio!r} is not 'LINEAR:SOFTMAX' with non-negative integers "
-            "(e.g. '3:1')"
+            "(e.g. '3:1'); quote it in YAML, which reads an unquoted 3:1 as the number 181"
         )
     return int(match[1]), int(match[2])
 

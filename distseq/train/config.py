@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,6 +124,14 @@ class Config:
     planner: str = "static"
 
 
+_SEXAGESIMAL = re.compile(r"^([\w.]+)=(\d+:\d+)$")
+
+
+def _quote_ratios(overrides: list[str]) -> list[str]:
+    """YAML 1.1 reads ``3:1`` as the base-60 number 181; keep ratios like it strings."""
+    return [_SEXAGESIMAL.sub(r"\1='\2'", item) for item in overrides]
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
     """Merge the schema defaults, the YAML file at ``path`` and dotted ``key=value`` overrides.
 
@@ -137,7 +146,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
             if not Path(path).is_file():
                 raise ValueError(f"--config {path}: no such file")
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(_quote_ratios(list(overrides))))
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
