@@ -74,6 +74,9 @@ def test_text_source_needs_existing_files(tmp_path):
         check(["data.source=text"])
     with pytest.raises(ValueError, match=r"data\.paths"):
         check(["data.source=text", f"data.paths=[{tmp_path}/missing.txt]"])
+    (tmp_path / "a.txt").write_text("hello")
+    with pytest.raises(ValueError, match=r"model\.vocab_size=100 .*256"):
+        check(["data.source=text", f"data.paths=[{tmp_path}/a.txt]", "model.vocab_size=100"])
 
 
 @pytest.mark.skipif(not hasattr(distseq, "linear_attention"), reason="no linear_attention yet")

@@ -3,6 +3,8 @@ gradients; engines agree; resume reproduces the loss curve; the recall loss decr
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import train_cases
 
@@ -123,3 +125,19 @@ def test_recall_loss_decreases_quickly(pools, tmp_path):
         timeout=300,
     )[0]
     assert losses[-1] < losses[0] - 1.0, losses
+
+
+@pytest.mark.slow
+def test_default_config_learns_recall_across_shards(pools, tmp_path):
+    """configs/tiny.yaml on 2 sequence-parallel ranks: the loss must fall well below
+    ln(n_values), the best possible without looking the value up in the pairs, which sit on
+    the other rank's shard of every document."""
+    losses = pools(2).run(
+        train_cases.default_config_losses,
+        [f"out_dir={tmp_path}", "log.progress=false"],
+        timeout=900,
+    )[0]
+    cfg = train_cases.build_config([], 2)
+    no_recall_floor = math.log(cfg.data.recall.n_values)
+    tail = sum(losses[-20:]) / 20
+    assert losses[0] > 5.0 and tail < no_recall_floor - 0.4, (losses[0], tail, no_recall_floor)

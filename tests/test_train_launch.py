@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 import train_cases
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,13 +69,13 @@ def test_two_node_rendezvous(pools, tmp_path):
     """Two torchrun agents (one process each) meet through c10d rendezvous on 127.0.0.1."""
     overrides = ["train.steps=3", "parallel.dp=1", "parallel.sp=2"]
     port = _free_port()
+    rendezvous = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
+                  "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "distseq-test"]  # fmt: skip
+    command = [*TORCHRUN, *rendezvous, TRAIN, *_args(tmp_path, overrides)]
     agents = [
         subprocess.Popen(
-            [*TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
-             "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "distseq-test",
-             TRAIN, *_args(tmp_path, overrides)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
-        )  # fmt: skip
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env()
+        )
         for _ in range(2)
     ]
     try:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from distseq.train import Trainer, load_config, validate_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,5 +48,7 @@ def losses_only(rank: int, world: int, overrides: list[str]) -> list[float]:
     return train_run(rank, world, overrides)["losses"]
 
 
-def set_threads(rank: int, world: int) -> None:
-    torch.set_num_threads(1)
+def default_config_losses(rank: int, world: int, overrides: list[str]) -> list[float]:
+    """The shipped configs/tiny.yaml as is (plus ``overrides``)."""
+    cfg = validate_config(load_config(TINY, overrides), world)
+    return [record["loss"] for record in Trainer(cfg).fit()]

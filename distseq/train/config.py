@@ -298,6 +298,15 @@ def _check_data(cfg: Config) -> None:
                 raise ValueError(f"data.paths entry {path!r} is not a file")
     if data.tokenizer is not None and not Path(data.tokenizer).is_dir():
         raise ValueError(f"data.tokenizer={data.tokenizer!r} is not a local directory")
+    if data.source == "text":
+        from distseq.train.data.tokenizer import load_tokenizer
+
+        size = load_tokenizer(data.tokenizer).vocab_size
+        if size > cfg.model.vocab_size:
+            raise ValueError(
+                f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                f"{size} ids (data.tokenizer={data.tokenizer!r})"
+            )
 
 
 def _check_recall(rc: RecallConfig, seq_len: int, vocab: int) -> None:
