@@ -50,6 +50,8 @@ class MetricsLogger:
 
     def __init__(self, out_dir: str, total_steps: int, start_step: int, enabled: bool,
                  progress: bool) -> None:  # fmt: skip
+        """A resumed run (``start_step > 0``) appends to ``metrics.jsonl``; a new one starts it
+        afresh."""
         self.enabled = enabled
         self.history: list[dict] = []
         self._file = None
@@ -57,7 +59,9 @@ class MetricsLogger:
         if enabled:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             # Kept open for the whole run (one line per step); closed in close().
-            self._file = open(Path(out_dir) / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+            self._file = open(
+                Path(out_dir) / "metrics.jsonl", "a" if start_step else "w", encoding="utf-8"
+            )  # noqa: SIM115
             if progress:
                 self._bar = tqdm(
                     total=total_steps, initial=start_step, desc="train", file=sys.stdout,
