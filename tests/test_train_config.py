@@ -124,3 +124,20 @@ def test_launcher_rejects_bad_key_without_process_group(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "parallel.engine" in proc.stderr and "horovod" in proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    (
+        {},
+        {"mixers": "hybrid", "n_layers": 4, "linear_decay": "data", "tie_embeddings": True},
+        {"mixers": ["linear", "softmax"], "linear_decay": "constant", "head_dim": 24},
+    ),
+)
+def test_parameter_count_matches_the_model(overrides):
+    """The planner's count (no tensors) equals the built decoder's."""
+    from distseq.models import Decoder, ModelConfig, count_parameters
+
+    cfg = ModelConfig(**overrides)
+    model = Decoder(cfg)
+    assert count_parameters(cfg) == sum(p.numel() for p in model.parameters())

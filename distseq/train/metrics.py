@@ -59,9 +59,9 @@ class MetricsLogger:
         if enabled:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             # Kept open for the whole run (one line per step); closed in close().
-            self._file = open(
-                Path(out_dir) / "metrics.jsonl", "a" if start_step else "w", encoding="utf-8"
-            )  # noqa: SIM115
+            mode = "a" if start_step else "w"
+            path = Path(out_dir) / "metrics.jsonl"
+            self._file = open(path, mode, encoding="utf-8")  # noqa: SIM115
             if progress:
                 self._bar = tqdm(
                     total=total_steps, initial=start_step, desc="train", file=sys.stdout,
