@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from distseq.train import Trainer, launched_world_size, load_config, validate_config
+from distseq.train.checkpoint import resume_point
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     world = launched_world_size()
     try:
         cfg = validate_config(load_config(args.config, args.overrides), world)
+        resume_point(cfg)
     except ValueError as exc:
         print(f"launch/train.py: invalid config: {exc}", file=sys.stderr)
         return 2

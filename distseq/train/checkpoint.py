@@ -77,6 +77,13 @@ def read_meta(path: Path, cfg: Config) -> dict:
     return meta
 
 
+def resume_point(cfg: Config) -> tuple[Path, dict] | None:
+    """The checkpoint to resume from and its checked ``meta.json`` (files only, no
+    process-group work), or None when not resuming."""
+    path = resolve_resume(cfg)
+    return None if path is None else (path, read_meta(path, cfg))
+
+
 def save(path: Path, cfg: Config, engine: Engine, step: int, loader_state: dict) -> None:
     path.mkdir(parents=True, exist_ok=True)
     if isinstance(engine, DeepSpeedEngine):

@@ -18,6 +18,8 @@ from omegaconf.errors import OmegaConfBaseException
 import distseq
 from distseq.layout import LAYOUTS, chunks_per_rank
 from distseq.models.config import ModelConfig, check_model_config, layer_mixers
+from distseq.train.data.sources import recall_vocab_size
+from distseq.train.data.tokenizer import load_tokenizer
 
 LINEAR_STRATEGIES = ("lasp2", "allscan", "ring")
 ENGINES = ("ddp", "fsdp", "deepspeed")
@@ -299,8 +301,6 @@ def _check_data(cfg: Config) -> None:
     if data.tokenizer is not None and not Path(data.tokenizer).is_dir():
         raise ValueError(f"data.tokenizer={data.tokenizer!r} is not a local directory")
     if data.source == "text":
-        from distseq.train.data.tokenizer import load_tokenizer
-
         size = load_tokenizer(data.tokenizer).vocab_size
         if size > cfg.model.vocab_size:
             raise ValueError(
@@ -310,8 +310,6 @@ def _check_data(cfg: Config) -> None:
 
 
 def _check_recall(rc: RecallConfig, seq_len: int, vocab: int) -> None:
-    from distseq.train.data.sources import recall_vocab_size
-
     for key in ("n_keys", "n_values", "n_pairs", "n_queries", "min_len"):
         _positive(f"data.recall.{key}", getattr(rc, key))
     if rc.n_pairs > rc.n_keys:

@@ -29,13 +29,13 @@ class Trainer:
     """Build everything for a validated ``cfg`` (see :func:`distseq.train.validate_config`).
 
     Joins torchrun's process group (or starts a one-process one); ``fit()`` trains and returns
-    the per-step metrics. ``resume_from`` is read and checked before any process-group work.
+    the per-step metrics. A checkpoint to resume from is read and checked against the config
+    before any process-group work.
     """
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.resume_from = checkpoint.resolve_resume(cfg)
-        self.resume_meta = checkpoint.read_meta(self.resume_from, cfg) if self.resume_from else None
+        resume = checkpoint.resume_point(cfg)
         self.device = pick_device(cfg.train.device)
         init_distributed(self.device)
         self.mesh = build_mesh(cfg.parallel.dp, cfg.parallel.sp, self.device)
@@ -45,10 +45,11 @@ class Trainer:
         self.engine = build_engine(cfg, self.model, self.mesh)
         self.loader = StepLoader(cfg, self.mesh.dp_rank, self.mesh.dp)
         self.step = 0
-        if self.resume_from is not None:
-            checkpoint.load(self.resume_from, self.engine)
-            self.loader.load_state_dict(self.resume_meta["loader"])
-            self.step = int(self.resume_meta["step"])
+        if resume is not None:
+            path, meta = resume
+            checkpoint.load(path, self.engine)
+            self.loader.load_state_dict(meta["loader"])
+            self.step = int(meta["step"])
 
     def _context(self, seq: PackedSequence) -> SequenceContext:
         par = self.cfg.parallel
