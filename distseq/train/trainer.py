@@ -59,7 +59,7 @@ class Trainer:
             backend=par.kernel_backend,
         )  # fmt: skip
 
-    def _autocast(self):
+    def _autocast(self) -> contextlib.AbstractContextManager:
         if self.cfg.train.dtype == "bfloat16" and self.cfg.parallel.engine == "ddp":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()

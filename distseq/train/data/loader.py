@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from distseq.train.data.packing import PackedSequence, pack_documents
 from distseq.train.data.sources import recall_documents, text_documents
 from distseq.train.data.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:  # the config module imports the data package
+    from distseq.train.config import Config
 
 
 class StepLoader:
@@ -18,7 +22,7 @@ class StepLoader:
     ``state_dict()`` is ``{"sequences": consumed}``; restoring fast-forwards the stream.
     """
 
-    def __init__(self, cfg, dp_rank: int, dp: int) -> None:
+    def __init__(self, cfg: Config, dp_rank: int, dp: int) -> None:
         self.cfg, self.dp_rank, self.dp = cfg, dp_rank, dp
         self.global_batch = cfg.train.global_batch
         self.consumed = 0

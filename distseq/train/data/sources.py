@@ -10,8 +10,12 @@ import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from distseq.train.data.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # the config module imports this one
+    from distseq.train.config import RecallConfig
 
 Document = tuple[list[int], list[bool]]
 
@@ -20,12 +24,12 @@ SEPARATOR_ID = 1
 _FIRST_KEY_ID = 2
 
 
-def recall_vocab_size(rc) -> int:
+def recall_vocab_size(rc: RecallConfig) -> int:
     """Token ids the recall task uses: pad, separator, keys, values."""
     return _FIRST_KEY_ID + rc.n_keys + rc.n_values
 
 
-def recall_document(rc, seed: int, index: int) -> Document:
+def recall_document(rc: RecallConfig, seed: int, index: int) -> Document:
     """Document ``index`` of the multi-key associative recall stream.
 
     ``k1 v1 k2 v2 ... kn vn | filler ... SEP q1 a1 q2 a2 ...``: each query key is followed by
@@ -51,7 +55,7 @@ def recall_document(rc, seed: int, index: int) -> Document:
     return tokens, mask
 
 
-def recall_documents(rc, seed: int) -> Iterator[Document]:
+def recall_documents(rc: RecallConfig, seed: int) -> Iterator[Document]:
     index = 0
     while True:
         yield recall_document(rc, seed, index)
