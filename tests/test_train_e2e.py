@@ -94,13 +94,17 @@ def test_linear_and_hybrid_sp_exact(pools, tmp_path, overrides):
     check_meshes(pools, tmp_path, overrides)
 
 
-def test_fsdp_matches_ddp(pools, tmp_path):
+def test_fsdp_matches_ddp_and_resumes(pools, tmp_path):
     common = ["train.steps=2", "parallel.dp=1", "parallel.sp=2"]
     ddp = run(pools, 2, [*common, f"out_dir={tmp_path}/ddp"])
-    fsdp = run(pools, 2, [*common, "parallel.engine=fsdp", f"out_dir={tmp_path}/fsdp"])
+    fsdp_args = [*common, "parallel.engine=fsdp", f"out_dir={tmp_path}/fsdp", "checkpoint.every=1"]
+    fsdp = run(pools, 2, fsdp_args)
     for got, want in zip(fsdp["losses"], ddp["losses"]):
         assert abs(got - want) <= REL_TOL * abs(want), (fsdp["losses"], ddp["losses"])
     assert all(relative(fsdp["grads"][name], g) <= REL_TOL for name, g in ddp["grads"].items())
+    # Sharded (DTensor) model + optimizer state through torch.distributed.checkpoint.
+    resumed = run(pools, 2, [*fsdp_args, f"checkpoint.resume={tmp_path}/fsdp/checkpoints/step_1"])
+    assert resumed["losses"] == pytest.approx(fsdp["losses"][1:], rel=1e-6)
 
 
 def test_resume_reproduces_loss_curve(pools, tmp_path):
