@@ -2,9 +2,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-NPROC ?= 4
+NPROC ?= 2
 
-.PHONY: install train test test-slow bench lint clean
+.PHONY: install train demo test test-slow bench lint clean
 
 # torch is pinned to 2.13.0 (a CPU build on disk here). --no-build-isolation: an isolated
 # build of csrc/ would download a multi-GB CUDA torch just to compile against it.
@@ -12,13 +12,18 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# The default config on the available hardware: every process joins one sequence-parallel
+# group (configs/tiny.yaml has sp: null); CPU + gloo when there is no GPU.
 train: install
-	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) launch/ring_demo.py
+	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) launch/train.py --config configs/tiny.yaml
+
+demo: install
+	$(VENV)/bin/torchrun --standalone --nproc_per_node 4 launch/ring_demo.py
 
 test: install
 	$(PY) -m pytest

@@ -49,10 +49,12 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["distseq", "distseq.*"]),
     include_package_data=True,
-    install_requires=[TORCH_PIN, "numpy"],
+    install_requires=[TORCH_PIN, "numpy", "omegaconf>=2.3", "tqdm"],
     extras_require={
-        "gpu": ["flash-attn", "triton"],
-        "dev": ["pytest", "hypothesis", "ruff", "triton"],
+        "gpu": ["flash-attn>=2.7", "triton"],
+        # DS_BUILD_OPS=0 at install: its ops compile on first use instead.
+        "deepspeed": ["deepspeed==0.19.8"],
+        "dev": ["pytest", "hypothesis", "ruff", "triton", "deepspeed==0.19.8"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -1,0 +1,121 @@
+"""The ``model:`` section of a training config, shared with the planner, and its checks."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+MIXERS = ("softmax", "linear")
+MIXER_SCHEDULES = ("softmax", "linear", "hybrid")
+LINEAR_DECAYS = ("none", "constant", "data")
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-style decoder whose token mixer is chosen per layer.
+
+    ``mixers`` is ``"softmax"``, ``"linear"``, ``"hybrid"`` (layers follow ``hybrid_ratio``
+    ``"linear:softmax"``, e.g. ``"3:1"`` = three linear layers then one softmax layer,
+    repeated) or an explicit per-layer list such as ``[linear, linear, linear, softmax]``.
+    ``head_dim`` defaults to ``d_model // n_heads``.
+    """
+
+    vocab_size: int = 256
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int | None = None
+    ffn_hidden: int = 176
+    mixers: Any = "softmax"
+    hybrid_ratio: str = "3:1"
+    linear_decay: str = "data"
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+
+def parse_hybrid_ratio(ratio: str) -> tuple[int, int]:
+    """``"3:1"`` -> ``(3, 1)`` (linear layers, softmax layers per period)."""
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(ratio))
+    if not match or int(match[1]) + int(match[2]) == 0:
+        raise ValueError(
+            f"model.hybrid_ratio={ratio!r} is not 'LINEAR:SOFTMAX' with non-negative integers "
+            "(e.g. '3:1'); quote it in YAML, which reads an unquoted 3:1 as the number 181"
+        )
+    return int(match[1]), int(match[2])
+
+
+def layer_mixers(cfg: ModelConfig) -> list[str]:
+    """The mixer of every layer (``"softmax"`` or ``"linear"``), validated."""
+    schedule = cfg.mixers
+    if isinstance(schedule, str):
+        if schedule not in MIXER_SCHEDULES:
+            raise ValueError(
+                f"model.mixers={schedule!r}; choose one of {list(MIXER_SCHEDULES)} or a "
+                f"per-layer list of {list(MIXERS)}"
+            )
+        if schedule != "hybrid":
+            return [schedule] * cfg.n_layers
+        n_linear, n_softmax = parse_hybrid_ratio(cfg.hybrid_ratio)
+        period = ["linear"] * n_linear + ["softmax"] * n_softmax
+        return [period[i % len(period)] for i in range(cfg.n_layers)]
+    layers = [str(m) for m in schedule]
+    if len(layers) != cfg.n_layers or any(m not in MIXERS for m in layers):
+        raise ValueError(
+            f"model.mixers={layers} must list exactly model.n_layers={cfg.n_layers} entries, "
+            f"each one of {list(MIXERS)}"
+        )
+    return layers
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    """Raise ``ValueError`` naming the ``model.*`` key of the first invalid value."""
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden"):
+        value = getattr(cfg, key)
+        if value <= 0:
+            raise ValueError(f"model.{key}={value} must be a positive integer")
+    if cfg.n_heads % cfg.n_kv_heads:
+        raise ValueError(
+            f"model.n_heads={cfg.n_heads} must be a multiple of model.n_kv_heads="
+            f"{cfg.n_kv_heads} (grouped-query attention)"
+        )
+    if cfg.head_dim is None and cfg.d_model % cfg.n_heads:
+        raise ValueError(
+            f"model.d_model={cfg.d_model} is not divisible by model.n_heads={cfg.n_heads}; "
+            "set model.head_dim explicitly"
+        )
+    head_dim = cfg.resolved_head_dim
+    if head_dim <= 0 or head_dim % 2:
+        raise ValueError(f"model.head_dim={head_dim} must be a positive even number (RoPE)")
+    parse_hybrid_ratio(cfg.hybrid_ratio)
+    if cfg.linear_decay not in LINEAR_DECAYS:
+        raise ValueError(
+            f"model.linear_decay={cfg.linear_decay!r}; choose one of {list(LINEAR_DECAYS)}"
+        )
+    if not cfg.rope_theta > 0:
+        raise ValueError(f"model.rope_theta={cfg.rope_theta} must be positive")
+    if not cfg.init_std > 0:
+        raise ValueError(f"model.init_std={cfg.init_std} must be positive")
+    layer_mixers(cfg)
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    """Parameter count of :class:`distseq.models.Decoder` for ``cfg`` (no tensors built)."""
+    d, hd = cfg.d_model, cfg.resolved_head_dim
+    softmax = d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+    linear = (
+        d * hd * 4 * cfg.n_heads
+        + (d * cfg.n_heads + cfg.n_heads) * (cfg.linear_decay == "data")
+        + hd
+    )
+    mlp = 3 * d * cfg.ffn_hidden
+    mixers = sum(softmax if m == "softmax" else linear for m in layer_mixers(cfg))
+    embed = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
+    return embed + mixers + cfg.n_layers * (mlp + 2 * d) + d

@@ -1,0 +1,94 @@
+"""Token mixers: sequence-parallel softmax attention and linear attention layers."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import distseq
+from distseq.models.config import ModelConfig
+from distseq.models.context import SequenceContext
+from distseq.models.layers import rotary
+
+
+class SoftmaxAttention(nn.Module):
+    """Causal GQA attention with RoPE over the sharded sequence (``distseq.attention``)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
+        self.head_dim, self.theta = cfg.resolved_head_dim, cfg.rope_theta
+        self.wq = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+        """``x`` ``[B, S_local, d_model]`` -> ``[B, S_local, d_model]``."""
+        q = self.wq(x).unflatten(-1, (self.n_heads, self.head_dim))
+        k = self.wk(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
+        v = self.wv(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
+        q, k = rotary(q, ctx.positions, self.theta), rotary(k, ctx.positions, self.theta)
+        out = distseq.attention(
+            q, k, v,
+            strategy=ctx.attention_strategy, group=ctx.group, causal=True, layout=ctx.layout,
+            cu_seqlens=ctx.cu_seqlens, backend=ctx.backend,
+        )  # fmt: skip
+        return self.wo(out.flatten(-2))
+
+
+class LinearAttention(nn.Module):
+    """Causal linear attention over the sharded sequence (``distseq.linear_attention``).
+
+    SiLU feature maps keep ``q``/``k`` non-negative so the un-normalised state stays
+    well-conditioned; a per-head RMSNorm on the output replaces softmax normalisation (as in
+    RetNet / GLA). ``linear_decay``: ``"none"``; ``"constant"`` (RetNet's fixed per-head
+    decays ``1 - 2^(-5-h)``); ``"data"`` (GLA-style scalar gate per head and token,
+    ``logsigmoid(w_gate x) / 16``). No RoPE: the recurrence is already position-aware.
+    """
+
+    GATE_TEMPERATURE = 16.0
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.resolved_head_dim
+        width = self.n_heads * self.head_dim
+        self.wq = nn.Linear(cfg.d_model, width, bias=False)
+        self.wk = nn.Linear(cfg.d_model, width, bias=False)
+        self.wv = nn.Linear(cfg.d_model, width, bias=False)
+        self.wo = nn.Linear(width, cfg.d_model, bias=False)
+        self.out_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps)
+        self.decay = cfg.linear_decay
+        if self.decay == "data":
+            self.w_gate = nn.Linear(cfg.d_model, self.n_heads, bias=True)
+        elif self.decay == "constant":
+            rates = 1.0 - 2.0 ** (-5.0 - torch.arange(self.n_heads, dtype=torch.float64))
+            self.register_buffer("log_rates", rates.log().float(), persistent=False)
+
+    def _log_decay(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.decay == "data":
+            return F.logsigmoid(self.w_gate(x).float()) / self.GATE_TEMPERATURE
+        if self.decay == "constant":
+            return self.log_rates.to(x.device).expand(*x.shape[:2], self.n_heads)
+        return None
+
+    def forward(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+        """``x`` ``[B, S_local, d_model]`` -> ``[B, S_local, d_model]``."""
+        q = F.silu(self.wq(x)).unflatten(-1, (self.n_heads, self.head_dim))
+        k = F.silu(self.wk(x)).unflatten(-1, (self.n_heads, self.head_dim))
+        v = self.wv(x).unflatten(-1, (self.n_heads, self.head_dim))
+        out = distseq.linear_attention(
+            q, k, v,
+            strategy=ctx.linear_strategy, group=ctx.group, log_decay=self._log_decay(x),
+            layout=ctx.layout, cu_seqlens=ctx.cu_seqlens, scale=1.0 / math.sqrt(self.head_dim),
+        )  # fmt: skip
+        return self.wo(self.out_norm(out).flatten(-2))
+
+
+MIXER_CLASSES: dict[str, type[nn.Module]] = {
+    "softmax": SoftmaxAttention,
+    "linear": LinearAttention,
+}

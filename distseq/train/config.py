@@ -1,0 +1,335 @@
+"""Training config: dataclass schema, YAML + dotted ``key=value`` overrides (OmegaConf), checks.
+
+Every check here runs before any process-group work and raises ``ValueError`` naming the
+offending key, so a typo fails in milliseconds instead of after a rendezvous.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+import distseq
+from distseq.layout import LAYOUTS, chunks_per_rank
+from distseq.models.config import ModelConfig, check_model_config, layer_mixers
+from distseq.train.data.sources import recall_vocab_size
+from distseq.train.data.tokenizer import load_tokenizer
+
+LINEAR_STRATEGIES = ("lasp2", "allscan", "ring")
+ENGINES = ("ddp", "fsdp", "deepspeed")
+PLANNERS = ("static",)
+DATA_SOURCES = ("recall", "text")
+DTYPES = ("float32", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class ParallelConfig:
+    """``dp x sp`` ranks; a null ``dp`` (``sp``) is ``world_size // sp`` (``// dp``); both
+    null: ``dp = 1``, every rank sequence-parallel. ``zero_stage`` (0-3) is
+    used by the ``deepspeed`` engine only; ``fsdp`` shards parameters, gradients and
+    optimizer state (ZeRO-3) over all ``dp x sp`` ranks."""
+
+    dp: int | None = None
+    sp: int | None = None
+    attention_strategy: str = "ring"
+    linear_strategy: str = "lasp2"
+    layout: str = "zigzag"
+    engine: str = "ddp"
+    zero_stage: int = 2
+    kernel_backend: str = "auto"
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to ``lr * min_lr_ratio``."""
+
+    steps: int = 200
+    seed: int = 0
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    global_batch: int = 2
+    dtype: str = "float32"
+    device: str = "auto"
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class RecallConfig:
+    """Multi-key associative recall: ``n_pairs`` key-value pairs, filler, then ``n_queries``
+    of the keys, each followed by its value (the only tokens the loss counts). Documents have
+    random lengths in ``[min_len, max_len]``; every document is sharded over the ``sp`` ranks,
+    so the pairs (start) and the queries (end) live on different ranks."""
+
+    n_keys: int = 32
+    n_values: int = 32
+    n_pairs: int = 8
+    n_queries: int = 8
+    min_len: int = 64
+    max_len: int = 128
+
+
+@dataclass
+class DataConfig:
+    """``seq_len`` is the global packed length of one sequence (sharded over ``sp``);
+    ``pad_multiple`` (default: what the layout needs, ``sp`` or ``2 sp``) is what every
+    document is padded to; ``paths`` are local ``.txt`` / ``.jsonl`` files for
+    ``source: text``; ``tokenizer`` an optional local Hugging Face tokenizer directory
+    (default: bytes)."""
+
+    source: str = "recall"
+    seq_len: int = 256
+    pad_multiple: int | None = None
+    paths: list[str] = field(default_factory=list)
+    jsonl_key: str = "text"
+    tokenizer: str | None = None
+    recall: RecallConfig = field(default_factory=RecallConfig)
+
+
+@dataclass
+class CheckpointConfig:
+    """Save every ``every`` steps (0: only at the end if ``save_final``) under ``dir``
+    (default ``<out_dir>/checkpoints``); ``resume``: ``latest`` or a ``step_N`` directory."""
+
+    every: int = 0
+    save_final: bool = False
+    dir: str | None = None
+    resume: str | None = None
+
+
+@dataclass
+class LogConfig:
+    progress: bool = True
+    peak_flops: float | None = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    out_dir: str = "runs/default"
+    planner: str = "static"
+
+
+_SEXAGESIMAL = re.compile(r"^([\w.]+)=(\d+:\d+)$")
+
+
+def _quote_ratios(overrides: list[str]) -> list[str]:
+    """YAML 1.1 reads ``3:1`` as the base-60 number 181; keep ratios like it strings."""
+    return [_SEXAGESIMAL.sub(r"\1='\2'", item) for item in overrides]
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """Merge the schema defaults, the YAML file at ``path`` and dotted ``key=value`` overrides.
+
+    Type errors and unknown keys raise ``ValueError`` naming the key.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form dotted.key=value")
+    try:
+        merged = OmegaConf.structured(Config)
+        if path is not None:
+            if not Path(path).is_file():
+                raise ValueError(f"--config {path}: no such file")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(_quote_ratios(list(overrides))))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        reason = str(getattr(exc, "msg", exc)).splitlines()[0]
+        raise ValueError(f"config key {key}: {reason}") from None
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _one_of(key: str, value: object, choices: tuple | list) -> None:
+    if value not in choices:
+        raise ValueError(f"{key}={value!r}; choose one of {list(choices)}")
+
+
+def _positive(key: str, value: float | None, allow_zero: bool = False) -> None:
+    if value is None or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{key}={value!r} must be {bound}")
+
+
+def resolve_world(cfg: Config, world_size: int) -> None:
+    """Fill a null ``parallel.dp`` / ``parallel.sp`` from the launched world size (both null:
+    all ranks sequence-parallel) and check ``dp * sp == world_size``."""
+    par = cfg.parallel
+    if par.dp is None and par.sp is None:
+        par.dp = 1
+    for key, other in (("dp", "sp"), ("sp", "dp")):
+        if getattr(par, key) is None:
+            given = getattr(par, other)
+            _positive(f"parallel.{other}", given)
+            if world_size % given:
+                raise ValueError(
+                    f"parallel.{other}={given} does not divide the {world_size} launched "
+                    f"processes; launch a multiple of {given} processes or change it"
+                )
+            setattr(par, key, world_size // given)
+    _positive("parallel.dp", par.dp)
+    _positive("parallel.sp", par.sp)
+    if par.dp * par.sp != world_size:
+        raise ValueError(
+            f"parallel.dp={par.dp} x parallel.sp={par.sp} = {par.dp * par.sp} but "
+            f"{world_size} processes were launched; make dp*sp equal --nproc_per_node*nnodes"
+        )
+
+
+def validate_config(cfg: Config, world_size: int) -> Config:
+    """Check every value (no process-group work); fills defaults that depend on the world."""
+    if cfg.planner not in PLANNERS:
+        raise ValueError(
+            f"planner={cfg.planner!r}: only 'static' is available (the strategy and layout "
+            "come from parallel.*); 'adaptive' is not implemented yet"
+        )
+    check_model_config(cfg.model)
+    resolve_world(cfg, world_size)
+    _check_parallel(cfg)
+    _check_optim(cfg.train)
+    _check_data(cfg)
+    _positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
+    return cfg
+
+
+def _check_parallel(cfg: Config) -> None:
+    par, model = cfg.parallel, cfg.model
+    _one_of("parallel.layout", par.layout, LAYOUTS)
+    _one_of("parallel.attention_strategy", par.attention_strategy,
+            distseq.available_strategies()["attention"])  # fmt: skip
+    _one_of("parallel.linear_strategy", par.linear_strategy, LINEAR_STRATEGIES)
+    _one_of("parallel.engine", par.engine, ENGINES)
+    _one_of("parallel.zero_stage", par.zero_stage, (0, 1, 2, 3))
+    _one_of("parallel.kernel_backend", par.kernel_backend, ("auto", "torch", "flash", "triton"))
+    mixers = set(layer_mixers(model))
+    if "softmax" in mixers and par.attention_strategy == "ulysses":
+        for key in ("n_heads", "n_kv_heads"):
+            if getattr(model, key) % par.sp:
+                raise ValueError(
+                    f"model.{key}={getattr(model, key)} is not divisible by parallel.sp="
+                    f"{par.sp}, which parallel.attention_strategy=ulysses needs; use ring or "
+                    "allgather, or change the head counts"
+                )
+    if "linear" in mixers:
+        if not hasattr(distseq, "linear_attention"):
+            raise ValueError(
+                f"model.mixers={model.mixers!r} has linear layers but this distseq has no "
+                "distseq.linear_attention; use model.mixers=softmax"
+            )
+        if par.layout == "zigzag" and par.linear_strategy != "lasp2":
+            raise ValueError(
+                f"parallel.linear_strategy={par.linear_strategy!r} needs "
+                "parallel.layout=contiguous; with layout=zigzag use linear_strategy=lasp2"
+            )
+    if par.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise ValueError(
+            "parallel.engine=deepspeed but deepspeed is not installed "
+            "(DS_BUILD_OPS=0 pip install deepspeed==0.19.8), or choose ddp / fsdp"
+        )
+
+
+def _check_optim(opt: OptimConfig) -> None:
+    _positive("train.steps", opt.steps)
+    _positive("train.lr", opt.lr)
+    _positive("train.global_batch", opt.global_batch)
+    _positive("train.warmup_steps", opt.warmup_steps, allow_zero=True)
+    _positive("train.weight_decay", opt.weight_decay, allow_zero=True)
+    _positive("train.grad_clip", opt.grad_clip, allow_zero=True)
+    if not 0 <= opt.min_lr_ratio <= 1:
+        raise ValueError(f"train.min_lr_ratio={opt.min_lr_ratio} must lie in [0, 1]")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(opt, key) < 1:
+            raise ValueError(f"train.{key}={getattr(opt, key)} must lie in [0, 1)")
+    _one_of("train.dtype", opt.dtype, DTYPES)
+    _one_of("train.device", opt.device, DEVICES)
+
+
+def layout_multiple(cfg: Config) -> int:
+    """What every document must be padded to: ``sp`` (contiguous) or ``2 sp`` (zigzag)."""
+    return cfg.parallel.sp * chunks_per_rank(cfg.parallel.layout)
+
+
+def _check_data(cfg: Config) -> None:
+    data, dp = cfg.data, cfg.parallel.dp
+    _one_of("data.source", data.source, DATA_SOURCES)
+    need = layout_multiple(cfg)
+    if data.pad_multiple is None:
+        data.pad_multiple = need
+    if data.pad_multiple <= 0 or data.pad_multiple % need:
+        raise ValueError(
+            f"data.pad_multiple={data.pad_multiple} must be a positive multiple of {need} "
+            f"(parallel.layout={cfg.parallel.layout} over parallel.sp={cfg.parallel.sp})"
+        )
+    _positive("data.seq_len", data.seq_len)
+    if data.seq_len % data.pad_multiple:
+        raise ValueError(
+            f"data.seq_len={data.seq_len} is not a multiple of data.pad_multiple="
+            f"{data.pad_multiple}; use {-(-data.seq_len // data.pad_multiple) * data.pad_multiple}"
+        )
+    if cfg.train.global_batch % dp:
+        raise ValueError(
+            f"train.global_batch={cfg.train.global_batch} is not divisible by parallel.dp={dp}"
+        )
+    if data.source == "recall":
+        _check_recall(data.recall, data.seq_len, cfg.model.vocab_size)
+    else:
+        if not data.paths:
+            raise ValueError("data.paths is empty; data.source=text needs local .txt/.jsonl files")
+        for path in data.paths:
+            if not Path(path).is_file():
+                raise ValueError(f"data.paths entry {path!r} is not a file")
+    if data.tokenizer is not None and not Path(data.tokenizer).is_dir():
+        raise ValueError(f"data.tokenizer={data.tokenizer!r} is not a local directory")
+    if data.source == "text":
+        size = load_tokenizer(data.tokenizer).vocab_size
+        if size > cfg.model.vocab_size:
+            raise ValueError(
+                f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                f"{size} ids (data.tokenizer={data.tokenizer!r})"
+            )
+
+
+def _check_recall(rc: RecallConfig, seq_len: int, vocab: int) -> None:
+    for key in ("n_keys", "n_values", "n_pairs", "n_queries", "min_len"):
+        _positive(f"data.recall.{key}", getattr(rc, key))
+    if rc.n_pairs > rc.n_keys:
+        raise ValueError(
+            f"data.recall.n_pairs={rc.n_pairs} exceeds data.recall.n_keys={rc.n_keys} "
+            "(keys in one document are distinct)"
+        )
+    if rc.n_queries > rc.n_pairs:
+        raise ValueError(
+            f"data.recall.n_queries={rc.n_queries} exceeds data.recall.n_pairs={rc.n_pairs}"
+        )
+    shortest = 2 * (rc.n_pairs + rc.n_queries) + 1
+    if rc.min_len < shortest or rc.max_len < rc.min_len:
+        raise ValueError(
+            f"data.recall.min_len={rc.min_len} / max_len={rc.max_len}: need "
+            f"{shortest} <= min_len <= max_len (pairs + separator + queries)"
+        )
+    if rc.max_len > seq_len:
+        raise ValueError(f"data.recall.max_len={rc.max_len} exceeds data.seq_len={seq_len}")
+    if recall_vocab_size(rc) > vocab:
+        raise ValueError(
+            f"data.recall needs {recall_vocab_size(rc)} token ids but model.vocab_size={vocab}"
+        )

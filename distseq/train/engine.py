@@ -1,0 +1,161 @@
+"""Training engines: DDP, FSDP2 (``fully_shard``) or DeepSpeed ZeRO, behind one interface.
+
+Parameters are replicated over ``sp`` as well as ``dp``, so every engine reduces gradients over
+all ``dp x sp`` ranks and *averages* them; the trainer multiplies each rank's loss by the world
+size so the result is the gradient of the mean over the global batch's real tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from distseq.train.config import Config
+from distseq.train.mesh import Mesh
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on norms and biases (1-D tensors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), foreach=False
+    )
+
+
+def learning_rate(cfg: Config, step: int) -> float:
+    """Linear warmup over ``warmup_steps``, then cosine to ``lr * min_lr_ratio`` (step 1-based)."""
+    opt = cfg.train
+    if step <= opt.warmup_steps:
+        return opt.lr * step / opt.warmup_steps
+    span = max(1, opt.steps - opt.warmup_steps)
+    progress = min(1.0, (step - opt.warmup_steps) / span)
+    floor = opt.lr * opt.min_lr_ratio
+    return floor + (opt.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Engine:
+    """``module`` is what to call forward on; ``model`` the bare decoder underneath."""
+
+    def __init__(self, cfg: Config, model: nn.Module, mesh: Mesh) -> None:
+        self.cfg, self.model, self.mesh = cfg, model, mesh
+        self.module: nn.Module = model
+        self.optimizer = build_optimizer(cfg, model)
+
+    @contextlib.contextmanager
+    def accumulate(self, sync: bool) -> Iterator[None]:
+        """Context for one micro-batch; gradients are reduced only when ``sync``."""
+        yield
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, lr: float) -> float:
+        """Clip, update with learning rate ``lr``; returns the global gradient norm."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        limit = self.cfg.train.grad_clip or math.inf
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), limit, foreach=False)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        return float(norm)
+
+
+class DDPEngine(Engine):
+    def __init__(self, cfg: Config, model: nn.Module, mesh: Mesh) -> None:
+        super().__init__(cfg, model, mesh)
+        device_ids = [mesh.device.index] if mesh.device.type == "cuda" else None
+        self.module = DistributedDataParallel(model, device_ids=device_ids)
+
+    @contextlib.contextmanager
+    def accumulate(self, sync: bool) -> Iterator[None]:
+        with contextlib.nullcontext() if sync else self.module.no_sync():
+            yield
+
+
+class FSDPEngine(Engine):
+    def __init__(self, cfg: Config, model: nn.Module, mesh: Mesh) -> None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        flat = mesh.flat()
+        policy = MixedPrecisionPolicy()
+        if cfg.train.dtype == "bfloat16":
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for block in model.layers:
+            fully_shard(block, mesh=flat, mp_policy=policy)
+        fully_shard(model, mesh=flat, mp_policy=policy)
+        super().__init__(cfg, model, mesh)
+
+    @contextlib.contextmanager
+    def accumulate(self, sync: bool) -> Iterator[None]:
+        self.module.set_requires_gradient_sync(sync)
+        yield
+
+
+class DeepSpeedEngine(Engine):
+    """``deepspeed.initialize`` over all ranks (ZeRO stage ``parallel.zero_stage``); its
+    gradient accumulation steps are this rank's micro-batches per step."""
+
+    def __init__(self, cfg: Config, model: nn.Module, mesh: Mesh) -> None:
+        import deepspeed
+
+        micro = cfg.train.global_batch // mesh.dp
+        ds_config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": micro,
+            "train_batch_size": micro * mesh.world_size,
+            "zero_optimization": {"stage": cfg.parallel.zero_stage},
+            "gradient_clipping": cfg.train.grad_clip,
+            "bf16": {"enabled": cfg.train.dtype == "bfloat16"},
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+        super().__init__(cfg, model, mesh)
+        self.module, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=self.optimizer, config=ds_config
+        )
+
+    def zero_grad(self) -> None:
+        """DeepSpeed clears gradients itself after each optimizer step."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The trainer already scales by the global token count; no extra 1/accumulation.
+        self.module.backward(loss, scale_wrt_gas=False)
+
+    @contextlib.contextmanager
+    def accumulate(self, sync: bool) -> Iterator[None]:
+        yield
+        if not sync:  # DeepSpeed counts micro-batches in step() and updates at the boundary
+            self.module.step()
+
+    def step(self, lr: float) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.module.step()
+        norm = self.module.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+
+ENGINES: dict[str, type[Engine]] = {
+    "ddp": DDPEngine,
+    "fsdp": FSDPEngine,
+    "deepspeed": DeepSpeedEngine,
+}
+
+
+def build_engine(cfg: Config, model: nn.Module, mesh: Mesh) -> Engine:
+    return ENGINES[cfg.parallel.engine](cfg, model, mesh)

@@ -1,0 +1,95 @@
+"""Per-step metrics: a progress bar and one line per step on stdout, ``metrics.jsonl`` on disk."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from distseq.models import ModelConfig, count_parameters, layer_mixers
+
+# Dense bf16 peak FLOP/s per device, for the MFU estimate (override with log.peak_flops).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated CUDA memory, or on CPU the process's peak resident set size."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_flops(device: torch.device, override: float | None) -> float | None:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: ``6 N`` for the matmuls plus causal attention scores
+    (``6 * 2 * H * hd * seq / 2`` per softmax layer; linear layers add ``6 * 2 * H * hd^2``).
+    Uses the packed length, an upper bound when documents are shorter."""
+    hd, heads = cfg.resolved_head_dim, cfg.n_heads
+    dense = 6 * (count_parameters(cfg) - cfg.vocab_size * cfg.d_model)
+    mixer = sum(
+        6 * heads * hd * seq_len if m == "softmax" else 12 * heads * hd * hd
+        for m in layer_mixers(cfg)
+    )
+    return float(dense + mixer)
+
+
+class MetricsLogger:
+    """Rank 0 writes; other ranks only keep the history (returned by the trainer)."""
+
+    def __init__(self, out_dir: str, total_steps: int, start_step: int, enabled: bool,
+                 progress: bool) -> None:  # fmt: skip
+        """A resumed run (``start_step > 0``) appends to ``metrics.jsonl``; a new one starts it
+        afresh."""
+        self.enabled = enabled
+        self.history: list[dict] = []
+        self._file = None
+        self._bar = None
+        if enabled:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            # Kept open for the whole run (one line per step); closed in close().
+            mode = "a" if start_step else "w"
+            path = Path(out_dir) / "metrics.jsonl"
+            self._file = open(path, mode, encoding="utf-8")  # noqa: SIM115
+            if progress:
+                self._bar = tqdm(
+                    total=total_steps, initial=start_step, desc="train", file=sys.stdout,
+                    dynamic_ncols=True, leave=True,
+                )  # fmt: skip
+
+    def log(self, record: dict) -> None:
+        self.history.append(record)
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        line = (
+            f"step {record['step']} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+            f"tok/s {record['tokens_per_s']:.0f} ({record['tokens_per_s_per_rank']:.0f}/rank) "
+            f"peak_mem {record['peak_mem_bytes'] / 2**20:.0f} MiB"
+        )
+        if "mfu" in record:
+            line += f" mfu {record['mfu']:.1%}"
+        if self._bar is not None:
+            self._bar.write(line)
+            self._bar.set_postfix(loss=f"{record['loss']:.4f}")
+            self._bar.update(1)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._file is not None:
+            self._file.close()

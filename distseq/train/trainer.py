@@ -1,0 +1,136 @@
+"""The training spine: mesh -> model -> engine -> data -> steps -> metrics / checkpoints.
+
+Loss is the mean over all real (unmasked) tokens of the global batch: every rank sums the
+token losses of its shards, divides by the global real-token count (known to every rank from
+the deterministic loader), and scales by the world size because the engines average
+gradients over the ``dp x sp`` ranks. The result equals a single-process run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from distseq.models import Decoder, SequenceContext
+from distseq.train import checkpoint
+from distseq.train.config import Config
+from distseq.train.data import PackedSequence, StepLoader
+from distseq.train.engine import build_engine, learning_rate
+from distseq.train.mesh import build_mesh, init_distributed, pick_device
+from distseq.train.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_bytes
+
+
+class Trainer:
+    """Build everything for a validated ``cfg`` (see :func:`distseq.train.validate_config`).
+
+    Joins torchrun's process group (or starts a one-process one); ``fit()`` trains and returns
+    the per-step metrics. A checkpoint to resume from is read and checked against the config
+    before any process-group work.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        resume = checkpoint.resume_point(cfg)
+        self.device = pick_device(cfg.train.device)
+        init_distributed(self.device)
+        self.mesh = build_mesh(cfg.parallel.dp, cfg.parallel.sp, self.device)
+        torch.manual_seed(cfg.train.seed)
+        self.model = Decoder(cfg.model).to(self.device)
+        self.model.checkpoint_blocks = cfg.train.activation_checkpointing
+        self.engine = build_engine(cfg, self.model, self.mesh)
+        self.loader = StepLoader(cfg, self.mesh.dp_rank, self.mesh.dp)
+        self.step = 0
+        if resume is not None:
+            path, meta = resume
+            checkpoint.load(path, self.engine)
+            self.loader.load_state_dict(meta["loader"])
+            self.step = int(meta["step"])
+
+    def _context(self, seq: PackedSequence) -> SequenceContext:
+        par = self.cfg.parallel
+        return SequenceContext.build(
+            seq.doc_lengths, group=self.mesh.sp_group, layout=par.layout,
+            attention_strategy=par.attention_strategy, linear_strategy=par.linear_strategy,
+            backend=par.kernel_backend,
+        )  # fmt: skip
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.train.dtype == "bfloat16" and self.cfg.parallel.engine == "ddp":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self) -> tuple[float, float, int]:
+        """One optimizer step; returns (global mean loss, grad norm, real tokens)."""
+        sequences, real_tokens = self.loader.next_step()
+        if real_tokens == 0:
+            raise ValueError(f"step {self.step + 1}: the global batch has no token in the loss")
+        scale = self.mesh.world_size / real_tokens
+        self.engine.zero_grad()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for index, seq in enumerate(sequences):
+            ctx = self._context(seq)
+            tokens, targets, mask = (
+                ctx.shard_tokens(t[None].to(self.device))
+                for t in (seq.tokens, seq.targets, seq.loss_mask)
+            )
+            with self.engine.accumulate(sync=index == len(sequences) - 1):
+                with self._autocast():
+                    logits = self.engine.module(tokens, ctx)
+                token_loss = F.cross_entropy(
+                    logits.flatten(0, 1), targets.flatten(), reduction="none"
+                )
+                local = (token_loss * mask.flatten()).sum()
+                self.engine.backward(local * scale)
+            loss_sum += local.detach().double()
+        grad_norm = self.engine.step(learning_rate(self.cfg, self.step + 1))
+        dist.all_reduce(loss_sum)
+        return float(loss_sum) / real_tokens, grad_norm, real_tokens
+
+    def fit(self) -> list[dict]:
+        cfg = self.cfg
+        is_main = dist.get_rank() == 0
+        logger = MetricsLogger(cfg.out_dir, cfg.train.steps, self.step, is_main, cfg.log.progress)
+        world = self.mesh.world_size
+        tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
+        peak = peak_flops(self.device, cfg.log.peak_flops)
+        per_token_flops = flops_per_token(cfg.model, cfg.data.seq_len)
+        try:
+            while self.step < cfg.train.steps:
+                start = time.perf_counter()
+                loss, grad_norm, real_tokens = self.train_step()
+                self.step += 1
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                elapsed = time.perf_counter() - start
+                memory = torch.tensor([peak_memory_bytes(self.device)], device=self.device)
+                dist.all_reduce(memory, op=dist.ReduceOp.MAX)
+                record = {
+                    "step": self.step,
+                    "loss": loss,
+                    "grad_norm": grad_norm,
+                    "lr": learning_rate(cfg, self.step),
+                    "tokens": tokens_per_step,
+                    "real_tokens": real_tokens,
+                    "step_time_s": elapsed,
+                    "tokens_per_s": tokens_per_step / elapsed,
+                    "tokens_per_s_per_rank": tokens_per_step / elapsed / world,
+                    "peak_mem_bytes": int(memory.item()),
+                }
+                if peak:
+                    record["mfu"] = record["tokens_per_s_per_rank"] * per_token_flops / peak
+                logger.log(record)
+                self._maybe_save()
+        finally:
+            logger.close()
+        return logger.history
+
+    def _maybe_save(self) -> None:
+        every, last = self.cfg.checkpoint.every, self.step == self.cfg.train.steps
+        if (every and self.step % every == 0) or (last and self.cfg.checkpoint.save_final):
+            path = checkpoint.checkpoint_root(self.cfg) / f"step_{self.step}"
+            checkpoint.save(Path(path), self.cfg, self.engine, self.step, self.loader.state_dict())
