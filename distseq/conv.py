@@ -55,7 +55,7 @@ class _HaloExchange(torch.autograd.Function):
             if rank == me:
                 halos[:, slot] = tails[:, pred_slot]
             else:
-                recvs.append((slot, torch.empty_like(tails[:, slot]), rank, _TAG_BASE + index))
+                recvs.append((slot, tails.new_empty(tails[:, slot].shape), rank, _TAG_BASE + index))
         for slot, (rank, _, index) in after.items():
             if rank != me:
                 sends.append((tails[:, slot].contiguous(), rank, _TAG_BASE + index))
@@ -79,7 +79,7 @@ class _HaloExchange(torch.autograd.Function):
                 sends.append((dhalos[:, slot].contiguous(), rank, _TAG_BASE + index))
         for slot, (rank, _, index) in after.items():
             if rank != me:
-                recvs.append((slot, torch.empty_like(dhalos[:, slot]), rank, _TAG_BASE + index))
+                recvs.append((slot, dhalos.new_empty(dhalos[:, slot].shape), rank, _TAG_BASE + index))
         for work in post_p2p(sends, [r[1:] for r in recvs], pieces.info):
             work.wait()
         for slot, buf, *_ in recvs:
@@ -96,6 +96,15 @@ def _tails(x: torch.Tensor, segments: Segments, width: int) -> list[torch.Tensor
         else:
             tails.append(piece[:, piece.shape[1] - width :])
     return tails
+
+
+def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Valid depthwise convolution of ``x`` ``[n, K-1+L, C]`` -> ``[n, L, C]``."""
+    width = weight.shape[1] - 1
+    if x.shape[1] == width:  # an empty piece (conv1d rejects inputs shorter than the kernel)
+        return x[:, :0]
+    y = F.conv1d(x.transpose(1, 2), weight.unsqueeze(1), bias, groups=x.shape[2])
+    return y.transpose(1, 2)
 
 
 def _check(x, weight, bias, activation, pieces: Pieces) -> None:
@@ -181,11 +190,7 @@ def causal_conv1d(
         ]
     else:
         inputs = segments.split(xk)
-    outs = [
-        F.conv1d(t.transpose(1, 2), weight.unsqueeze(1), bias, groups=x.shape[2]).transpose(1, 2)
-        for t in inputs
-    ]
-    y = segments.join_tokens(outs)
+    y = segments.join_tokens([_conv(t, weight, bias) for t in inputs])
     if activation is not None:
         y = F.silu(y)
     return pieces.from_kernel(y)

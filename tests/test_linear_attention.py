@@ -1,0 +1,63 @@
+"""distseq.linear_attention: every strategy x decay x (varlen or not) x layout x world size,
+forward, backward, final state and its gradient, against the float64 token recurrence."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+import distseq
+import linear_cases
+
+WORLD_SIZES = (1, 2, 3, 4)
+FP32_TOL = 1e-4
+LAYOUTS = {"lasp2": ("contiguous", "zigzag"), "ring": ("contiguous", "zigzag"),
+           "allscan": ("contiguous",)}  # fmt: skip
+
+
+def make_case(strategy, layout, decay, varlen, world):
+    parts = world * (2 if layout == "zigzag" else 1)
+    case = dict(strategy=strategy, layout=layout, decay=decay, seed=world + len(decay),
+                seq=parts * 5)  # fmt: skip
+    if varlen:  # includes an empty document
+        case["docs"] = [parts * 3, 0, parts, parts * 2]
+    return case
+
+
+def assert_close(results: list[list[dict[str, float]]], cases: list[dict], tol: float) -> None:
+    for index, case in enumerate(cases):
+        worst = {name: max(rank[index][name] for rank in results) for name in results[0][index]}
+        assert max(worst.values()) <= tol, f"{case}: relative errors {worst} exceed {tol}"
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+@pytest.mark.parametrize("strategy", sorted(LAYOUTS))
+def test_matches_float64_recurrence(pools, strategy, world):
+    cases = [
+        make_case(strategy, layout, decay, varlen, world)
+        for layout, decay, varlen in itertools.product(
+            LAYOUTS[strategy], ("none", "constant", "data"), (False, True)
+        )
+    ]
+    assert_close(pools(world).run(linear_cases.linear_vs_reference, cases), cases, FP32_TOL)
+
+
+@pytest.mark.parametrize("strategy", sorted(LAYOUTS))
+def test_several_kernel_chunks_per_shard(pools, strategy):
+    """Shards longer than the kernel's 64-token chunk (not a multiple of it), bigger heads."""
+    cases = [dict(strategy=strategy, decay="data", seq=2 * 70, batch=1, heads=3, dk=16, dv=8),
+             dict(strategy=strategy, decay="constant", docs=[2 * 50, 2 * 33], dk=16, dv=16)]
+    assert_close(pools(2).run(linear_cases.linear_vs_reference, cases), cases, FP32_TOL)
+
+
+def test_strategies_are_registered():
+    assert distseq.available_strategies()["linear_attention"] == ["allscan", "lasp2", "ring"]
+
+
+def test_returns_output_only_by_default():
+    import torch
+
+    q = torch.randn(1, 6, 2, 4)
+    out = distseq.linear_attention(q, q, q)
+    assert isinstance(out, torch.Tensor) and out.shape == q.shape
