@@ -1,4 +1,4 @@
-"""distseq: exact sequence-parallel attention (softmax and linear) for long-context training on PyTorch.
+"""distseq: exact sequence-parallel softmax and linear attention for long-context training.
 
 Public API (all tensors ``[batch, seq, heads, head_dim]``, ``q``/``k``/``v`` local shards)::
 

@@ -17,7 +17,12 @@ from distseq.comm import ProcessGroup, post_p2p, resolve_group
 from distseq.layout import LAYOUTS, shard_layout
 from distseq.pieces import Pieces
 from distseq.strategies.linear_local import Segments
-from distseq.validation import check_cu_seqlens, check_tensors, signature_code, validate_on_all_ranks
+from distseq.validation import (
+    check_cu_seqlens,
+    check_tensors,
+    signature_code,
+    validate_on_all_ranks,
+)
 
 ACTIVATIONS = (None, "silu", "swish")
 _TAG_BASE = 2000
@@ -79,7 +84,9 @@ class _HaloExchange(torch.autograd.Function):
                 sends.append((dhalos[:, slot].contiguous(), rank, _TAG_BASE + index))
         for slot, (rank, _, index) in after.items():
             if rank != me:
-                recvs.append((slot, dhalos.new_empty(dhalos[:, slot].shape), rank, _TAG_BASE + index))
+                recvs.append(
+                    (slot, dhalos.new_empty(dhalos[:, slot].shape), rank, _TAG_BASE + index)
+                )
         for work in post_p2p(sends, [r[1:] for r in recvs], pieces.info):
             work.wait()
         for slot, buf, *_ in recvs:

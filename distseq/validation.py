@@ -28,9 +28,7 @@ def check_tensors(named: dict[str, torch.Tensor], dims: int, shape_doc: str) -> 
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != dims:
-            raise ValueError(
-                f"{name} has shape {tuple(t.shape)}; expected {dims} dims {shape_doc}"
-            )
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {dims} dims {shape_doc}")
         if t.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"{name} has dtype {t.dtype}; use one of {list(_FLOAT_DTYPES)}")
     names, tensors = ", ".join(named), list(named.values())
@@ -39,9 +37,7 @@ def check_tensors(named: dict[str, torch.Tensor], dims: int, shape_doc: str) -> 
         raise ValueError(f"{names} dtypes differ ({dtypes}); cast them to one dtype")
     if len({t.device for t in tensors}) > 1:
         devices = ", ".join(str(t.device) for t in tensors)
-        raise ValueError(
-            f"{names} are on different devices ({devices}); move them to one device"
-        )
+        raise ValueError(f"{names} are on different devices ({devices}); move them to one device")
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -57,8 +53,7 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         )
     if hk == 0 or hq % hk:
         raise ValueError(
-            f"{hq} query heads are not a multiple of {hk} key/value heads; GQA needs "
-            "Hq % Hkv == 0"
+            f"{hq} query heads are not a multiple of {hk} key/value heads; GQA needs Hq % Hkv == 0"
         )
 
 

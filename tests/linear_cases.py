@@ -51,7 +51,7 @@ def linear_inputs(case: dict):
     h0 = torch.randn(states, heads, dk, dv, generator=gen, dtype=torch.float64)
     do = torch.randn(batch, total, heads, dv, generator=gen, dtype=torch.float64)
     dh = torch.randn(states, heads, dk, dv, generator=gen, dtype=torch.float64)
-    return dict(q=q, k=k, v=v, g=g, h0=h0, do=do, dh=dh), _cu(docs)
+    return {"q": q, "k": k, "v": v, "g": g, "h0": h0, "do": do, "dh": dh}, _cu(docs)
 
 
 def linear_vs_reference(rank, world, case_list: list[dict]) -> list[dict[str, float]]:
@@ -127,40 +127,41 @@ def conv_reference(x, weight, bias, cu, activation):
 
 def conv_vs_reference(rank, world, case_list: list[dict]) -> list[dict[str, float]]:
     """Relative errors of y, dx (local), dweight and dbias (summed over ranks) vs float64."""
-    results = []
-    for case in case_list:
-        docs = case.get("docs")
-        cu = _cu(docs)
-        batch = 1 if docs else 2
-        total = sum(docs) if docs else case["seq"]
-        gen = torch.Generator().manual_seed(case.get("seed", 0))
-        channels, width = 3, case["kernel"]
-        x = torch.randn(batch, total, channels, generator=gen, dtype=torch.float64)
-        weight = torch.randn(channels, width, generator=gen, dtype=torch.float64)
-        bias = torch.randn(channels, generator=gen, dtype=torch.float64)
-        dy = torch.randn(batch, total, channels, generator=gen, dtype=torch.float64)
-        act = case.get("activation")
-        ref = [t.clone().requires_grad_() for t in (x, weight, bias)]
-        y_ref = conv_reference(*ref, cu, act)
-        y_ref.backward(dy)
-        layout = case.get("layout", "contiguous")
+    return [_one_conv_case(world, case) for case in case_list]
 
-        def shard(t):
-            return distseq.shard_sequence(t, layout=layout, cu_seqlens=cu)
 
-        mine = [shard(x).float().requires_grad_(), weight.float().requires_grad_(),
-                bias.float().requires_grad_()]  # fmt: skip
-        y = distseq.causal_conv1d(*mine, layout=layout, cu_seqlens=cu, activation=act)
-        y.backward(shard(dy).float())
-        dweight, dbias = mine[1].grad.clone(), mine[2].grad.clone()
-        if world > 1:
-            dist.all_reduce(dweight)
-            dist.all_reduce(dbias)
-        results.append({
-            "y": relative_error(y, shard(y_ref)), "dx": relative_error(mine[0].grad, shard(ref[0].grad)),
-            "dweight": relative_error(dweight, ref[1].grad), "dbias": relative_error(dbias, ref[2].grad),
-        })  # fmt: skip
-    return results
+def _one_conv_case(world, case):
+    docs = case.get("docs")
+    cu = _cu(docs)
+    batch = 1 if docs else 2
+    total = sum(docs) if docs else case["seq"]
+    gen = torch.Generator().manual_seed(case.get("seed", 0))
+    channels, width = 3, case["kernel"]
+    x = torch.randn(batch, total, channels, generator=gen, dtype=torch.float64)
+    weight = torch.randn(channels, width, generator=gen, dtype=torch.float64)
+    bias = torch.randn(channels, generator=gen, dtype=torch.float64)
+    dy = torch.randn(batch, total, channels, generator=gen, dtype=torch.float64)
+    act = case.get("activation")
+    ref = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    y_ref = conv_reference(*ref, cu, act)
+    y_ref.backward(dy)
+    layout = case.get("layout", "contiguous")
+
+    def shard(t):
+        return distseq.shard_sequence(t, layout=layout, cu_seqlens=cu)
+
+    mine = [shard(x).float().requires_grad_(), weight.float().requires_grad_(),
+            bias.float().requires_grad_()]  # fmt: skip
+    y = distseq.causal_conv1d(*mine, layout=layout, cu_seqlens=cu, activation=act)
+    y.backward(shard(dy).float())
+    dweight, dbias = mine[1].grad.clone(), mine[2].grad.clone()
+    if world > 1:
+        dist.all_reduce(dweight)
+        dist.all_reduce(dbias)
+    return {
+        "y": relative_error(y, shard(y_ref)), "dx": relative_error(mine[0].grad, shard(ref[0].grad)),
+        "dweight": relative_error(dweight, ref[1].grad), "dbias": relative_error(dbias, ref[2].grad),
+    }  # fmt: skip
 
 
 def count_conv_bytes(rank, world, case: dict) -> dict[str, int]:
@@ -183,11 +184,11 @@ def bad_linear_call(rank, world, kind: str):
     q, k, v = _linear_shards()
     kwargs: dict = {}
     if kind == "unknown_strategy":
-        kwargs = dict(strategy="lasp3")
+        kwargs = {"strategy": "lasp3"}
     elif kind == "allscan_zigzag":
-        kwargs = dict(strategy="allscan", layout="zigzag")
+        kwargs = {"strategy": "allscan", "layout": "zigzag"}
     elif kind == "unknown_backend":
-        kwargs = dict(backend="cuda_magic")
+        kwargs = {"backend": "cuda_magic"}
     elif kind == "qk_shape":
         k = k[..., :3]
     elif kind == "v_heads":
@@ -196,15 +197,15 @@ def bad_linear_call(rank, world, kind: str):
         v = v.double()
     elif kind == "not_divisible":
         q, k, v = _linear_shards(seq_local=7)
-        kwargs = dict(layout="zigzag")
+        kwargs = {"layout": "zigzag"}
     elif kind == "log_decay_shape":
-        kwargs = dict(log_decay=torch.zeros(1, 8, 3))
+        kwargs = {"log_decay": torch.zeros(1, 8, 3)}
     elif kind == "log_decay_positive":
-        kwargs = dict(log_decay=torch.full((1, 8, 2), 0.5))
+        kwargs = {"log_decay": torch.full((1, 8, 2), 0.5)}
     elif kind == "initial_state_shape":
-        kwargs = dict(initial_state=torch.zeros(2, 2, 4, 4))
+        kwargs = {"initial_state": torch.zeros(2, 2, 4, 4)}
     elif kind == "one_rank_log_decay":
-        kwargs = dict(log_decay=torch.full((1, 8, 2), 0.5 if rank == world - 1 else -0.5))
+        kwargs = {"log_decay": torch.full((1, 8, 2), 0.5 if rank == world - 1 else -0.5)}
     elif kind == "conv_weight_shape":
         return distseq.causal_conv1d(torch.randn(1, 8, 3), torch.randn(4, 3))
     elif kind == "conv_short_piece":

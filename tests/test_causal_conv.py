@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import itertools
 
-import pytest
-
 import linear_cases
+import pytest
 
 FP32_TOL = 1e-5
 
@@ -15,10 +14,12 @@ FP32_TOL = 1e-5
 @pytest.mark.parametrize("world", (1, 2, 3, 4))
 def test_matches_dense_conv(pools, world):
     cases = []
-    for layout, varlen, kernel in itertools.product(("contiguous", "zigzag"), (False, True), (4, 1)):
+    for layout, varlen, kernel in itertools.product(
+        ("contiguous", "zigzag"), (False, True), (4, 1)
+    ):
         parts = world * (2 if layout == "zigzag" else 1)
-        case = dict(layout=layout, kernel=kernel, seq=parts * 5, seed=world,
-                    activation="silu" if varlen else None)  # fmt: skip
+        case = {"layout": layout, "kernel": kernel, "seq": parts * 5, "seed": world,
+                    "activation": "silu" if varlen else None}  # fmt: skip
         if varlen:
             case["docs"] = [parts * 3, parts * 4, 0, parts * 3]
         cases.append(case)

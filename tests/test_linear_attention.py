@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import itertools
 
+import linear_cases
 import pytest
 
 import distseq
-import linear_cases
 
 WORLD_SIZES = (1, 2, 3, 4)
 FP32_TOL = 1e-4
@@ -18,8 +18,8 @@ LAYOUTS = {"lasp2": ("contiguous", "zigzag"), "ring": ("contiguous", "zigzag"),
 
 def make_case(strategy, layout, decay, varlen, world):
     parts = world * (2 if layout == "zigzag" else 1)
-    case = dict(strategy=strategy, layout=layout, decay=decay, seed=world + len(decay),
-                seq=parts * 5)  # fmt: skip
+    case = {"strategy": strategy, "layout": layout, "decay": decay, "seed": world + len(decay),
+                "seq": parts * 5}  # fmt: skip
     if varlen:  # includes an empty document
         case["docs"] = [parts * 3, 0, parts, parts * 2]
     return case
@@ -46,8 +46,18 @@ def test_matches_float64_recurrence(pools, strategy, world):
 @pytest.mark.parametrize("strategy", sorted(LAYOUTS))
 def test_several_kernel_chunks_per_shard(pools, strategy):
     """Shards longer than the kernel's 64-token chunk (not a multiple of it), bigger heads."""
-    cases = [dict(strategy=strategy, decay="data", seq=2 * 70, batch=1, heads=3, dk=16, dv=8),
-             dict(strategy=strategy, decay="constant", docs=[2 * 50, 2 * 33], dk=16, dv=16)]
+    cases = [
+        {
+            "strategy": strategy,
+            "decay": "data",
+            "seq": 2 * 70,
+            "batch": 1,
+            "heads": 3,
+            "dk": 16,
+            "dv": 8,
+        },
+        {"strategy": strategy, "decay": "constant", "docs": [2 * 50, 2 * 33], "dk": 16, "dv": 16},
+    ]
     assert_close(pools(2).run(linear_cases.linear_vs_reference, cases), cases, FP32_TOL)
 
 

@@ -3,11 +3,10 @@ torch.distributed calls, against the strategies' formulas."""
 
 from __future__ import annotations
 
+import linear_cases
 import pytest
 
-import linear_cases
-
-CASE = dict(batch=2, seq_local=8, heads=2, dk=8, dv=4)
+CASE = {"batch": 2, "seq_local": 8, "heads": 2, "dk": 8, "dv": 4}
 
 
 def state_bytes(case):
@@ -46,7 +45,7 @@ def test_chain_moves_one_state_per_rank_whatever_p(pools, strategy, world):
 @pytest.mark.parametrize("layout", ("contiguous", "zigzag"))
 def test_conv_halo_bytes(pools, layout):
     world = 3
-    case = dict(batch=2, seq_local=8, channels=5, kernel=4, layout=layout)
+    case = {"batch": 2, "seq_local": 8, "channels": 5, "kernel": 4, "layout": layout}
     halo = case["batch"] * (case["kernel"] - 1) * case["channels"] * 4
     counted = pools(world).run(linear_cases.count_conv_bytes, case)
     for rank, c in enumerate(counted):

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 import linear_cases
+import pytest
 
 ALL_RANKS_BAD = {
     "unknown_strategy": ["unknown linear attention strategy 'lasp3'", "lasp2"],

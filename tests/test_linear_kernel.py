@@ -81,7 +81,9 @@ def test_strong_decay_stays_finite():
     g = torch.full((1, 130, 2), -30.0)
     o, final = linear_torch.forward(q, q, q, g, scale=0.5)
     assert torch.isfinite(o).all() and torch.isfinite(final).all()
-    grads = linear_torch.backward(torch.randn_like(o), torch.randn_like(final), q, q, q, g, scale=0.5)
+    grads = linear_torch.backward(
+        torch.randn_like(o), torch.randn_like(final), q, q, q, g, scale=0.5
+    )
     assert all(torch.isfinite(t).all() for t in grads)
 
 

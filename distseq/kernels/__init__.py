@@ -87,13 +87,13 @@ def _select(
     if name not in table:
         raise ValueError(
             f"unknown backend {name!r}; choose one of {['auto', *table]} "
-            "(\"auto\" picks the fastest available)"
+            '("auto" picks the fastest available)'
         )
     reason = unavailable_reason(name, device, dtype, table)
     if reason is not None:
         raise ValueError(
             f"backend {name!r} cannot run on device {device} with dtype {dtype}: {reason}; "
-            "use backend=\"auto\" or \"torch\""
+            'use backend="auto" or "torch"'
         )
     return importlib.import_module(table[name])
 

@@ -12,7 +12,7 @@ import torch
 
 try:
     from fla.ops.simple_gla import chunk_simple_gla
-except Exception as _exc:  # fla raises more than ImportError without a GPU driver
+except (ImportError, RuntimeError, OSError) as _exc:  # no GPU driver: not only ImportError
     chunk_simple_gla = None
     _IMPORT_ERROR: str | None = f"flash-linear-attention is not usable ({_exc})"
 else:

@@ -14,6 +14,7 @@ exact; it does not store activations between forward and backward.
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 
@@ -38,7 +39,7 @@ def _pack_plan(
     if bounds is None:
         spans = [(b * length, (b + 1) * length) for b in range(batch)]
     else:
-        spans = list(zip(bounds[:-1], bounds[1:]))
+        spans = list(itertools.pairwise(bounds))
     chunks = max(1, max(-(-(end - start) // chunk) for start, end in spans))
     width = chunks * chunk
     gather = torch.full((len(spans), width), batch * length, dtype=torch.long)
@@ -84,6 +85,56 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+class _Chunks:
+    """The inputs in chunks ``[N, H, chunks, C, D]`` and everything both passes reuse.
+
+    ``mask`` ``[N|1, H|1, chunks|1, C, C]`` is ``exp(b_i - b_j)`` for ``j <= i`` (0 above the
+    diagonal), ``b`` the in-chunk cumulative log decay; ``q_decay = exp(b) q``,
+    ``k_decay = exp(b_C - b) k`` (``to_end = b_C - b``) and ``chunk_decay = exp(b_C)`` ``[N, H, chunks]`` (``None``
+    without decay). ``incoming`` ``[N, H, chunks, Dk, Dv]`` are the states entering each chunk
+    and ``final`` the state after the last one.
+    """
+
+    def __init__(self, q, k, v, log_decay, initial_state, cu_seqlens, chunk_size):
+        batch, length, heads, _ = q.shape
+        self.work = work = _compute_dtype(q.dtype)
+        self.packing = packing = _Packing(batch, length, cu_seqlens, chunk_size)
+        self.q, self.k, self.v = (
+            packing.pack(t.to(work)).permute(0, 3, 1, 2, 4) for t in (q, k, v)
+        )
+        causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
+        if log_decay is None:
+            self.b = self.to_end = self.chunk_decay = None
+            self.mask = causal.to(work)
+            self.q_decay, self.k_decay = self.q, self.k
+        else:
+            b = packing.pack(log_decay.to(work)).permute(0, 3, 1, 2).cumsum(-1)  # [N, H, chunks, C]
+            # Mask before exp: only exponents <= 0 are ever evaluated.
+            diff = (b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill(~causal, float("-inf"))
+            self.b, self.mask = b, diff.exp()
+            last = b[..., -1:]
+            self.to_end = last - b
+            self.q_decay = self.q * b.exp().unsqueeze(-1)
+            self.k_decay = self.k * self.to_end.exp().unsqueeze(-1)
+            self.chunk_decay = last.squeeze(-1).exp()
+        memories = self.k_decay.transpose(-1, -2) @ self.v  # [N, H, chunks, Dk, Dv]
+        state = (
+            q.new_zeros(packing.n, heads, k.shape[-1], v.shape[-1], dtype=work)
+            if initial_state is None
+            else initial_state.to(work)
+        )
+        incoming = []
+        for c in range(packing.chunks):
+            incoming.append(state)
+            state = self._decay(state, c) + memories[:, :, c]
+        self.incoming, self.final = torch.stack(incoming, dim=2), state
+
+    def _decay(self, state: torch.Tensor, c: int) -> torch.Tensor:
+        if self.chunk_decay is None:
+            return state
+        return state * self.chunk_decay[:, :, c, None, None]
+
+
 def forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -101,40 +152,10 @@ def forward(
     ``None``, ``initial_state`` ``[N, H, Dk, Dv]``. Returns ``o`` ``[B, S, H, Dv]`` (``q.dtype``)
     and the final states ``[N, H, Dk, Dv]`` (float32; float64 for float64 inputs).
     """
-    batch, length, heads, _ = q.shape
-    work = _compute_dtype(q.dtype)
-    packing = _Packing(batch, length, cu_seqlens, chunk_size)
-    # [N, H, chunks, C, D]
-    qc, kc, vc = (packing.pack(t.to(work)).permute(0, 3, 1, 2, 4) for t in (q, k, v))
-    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
-    scores = (qc @ kc.transpose(-1, -2)) * scale
-    if log_decay is None:
-        scores = scores.masked_fill(~causal, 0.0)
-        q_decay, k_decay, chunk_decay = qc, kc, None
-    else:
-        b = packing.pack(log_decay.to(work)).permute(0, 3, 1, 2).cumsum(-1)  # [N, H, chunks, C]
-        # Mask before exp: only exponents <= 0 are ever evaluated.
-        diff = (b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill(~causal, float("-inf"))
-        scores = scores * diff.exp()
-        last = b[..., -1:]
-        q_decay = qc * b.exp().unsqueeze(-1)
-        k_decay = kc * (last - b).exp().unsqueeze(-1)
-        chunk_decay = last.squeeze(-1).exp()  # [N, H, chunks]
-    intra = scores @ vc
-    memories = k_decay.transpose(-1, -2) @ vc  # [N, H, chunks, Dk, Dv]
-    state = (
-        torch.zeros(packing.n, heads, k.shape[-1], v.shape[-1], dtype=work, device=q.device)
-        if initial_state is None
-        else initial_state.to(work)
-    )
-    incoming = []
-    for c in range(packing.chunks):
-        incoming.append(state)
-        decayed = state if chunk_decay is None else state * chunk_decay[:, :, c, None, None]
-        state = decayed + memories[:, :, c]
-    out = intra + (q_decay @ torch.stack(incoming, dim=2)) * scale  # [N, H, chunks, C, Dv]
-    out = packing.unpack(out.permute(0, 2, 3, 1, 4))
-    return out.to(q.dtype), state
+    ch = _Chunks(q, k, v, log_decay, initial_state, cu_seqlens, chunk_size)
+    scores = (ch.q @ ch.k.transpose(-1, -2)) * ch.mask
+    out = (scores @ ch.v + ch.q_decay @ ch.incoming) * scale  # [N, H, chunks, C, Dv]
+    return ch.packing.unpack(out.permute(0, 2, 3, 1, 4)).to(q.dtype), ch.final
 
 
 def backward(
@@ -149,29 +170,45 @@ def backward(
     initial_state: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
-) -> tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor
-]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Gradients ``(dq, dk, dv, dlog_decay, dinitial_state)`` of :func:`forward`.
 
     ``do`` ``[B, S, H, Dv]``, ``dfinal_state`` ``[N, H, Dk, Dv]`` or ``None`` (zeros).
     ``dlog_decay`` is ``None`` iff ``log_decay`` is; ``dinitial_state`` is always returned.
+
+    The state gradient runs the recurrence backwards, ``dS_{c-1} = exp(b_C) dS_c +
+    scale·q_decayᵀ do``; ``dq, dk, dv`` then follow chunk by chunk as in the forward. For the
+    decay, with ``G`` the cumulative log decay of a segment, ``dL/dG_t = q_t·dq_t - k_t·dk_t``
+    (plus ``S_T·dS_T`` at its end) and ``dL/dg_t`` is the reverse cumulative sum of that.
     """
-    work = _compute_dtype(q.dtype)
-    if initial_state is None:
-        n = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
-        initial_state = q.new_zeros(n, q.shape[2], k.shape[-1], v.shape[-1], dtype=work)
-    inputs = [q, k, v, initial_state] + ([] if log_decay is None else [log_decay])
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in inputs]
-        g = None if log_decay is None else leaves[4]
-        out, final = forward(
-            *leaves[:3], g, scale=scale, initial_state=leaves[3], cu_seqlens=cu_seqlens,
-            chunk_size=chunk_size,
-        )  # fmt: skip
-        outputs, grads = [out], [do]
-        if dfinal_state is not None:
-            outputs.append(final)
-            grads.append(dfinal_state.to(final.dtype))
-        dq, dk, dv, dinit, *dg = torch.autograd.grad(outputs, leaves, grads, allow_unused=True)
-    return dq, dk, dv, dg[0] if dg else None, dinit
+    ch = _Chunks(q, k, v, log_decay, initial_state, cu_seqlens, chunk_size)
+    packing = ch.packing
+    dout = packing.pack(do.to(ch.work)).permute(0, 3, 1, 2, 4) * scale
+    reaching = ch.q_decay.transpose(-1, -2) @ dout  # each chunk's outputs -> its incoming state
+    dfinal = torch.zeros_like(ch.final) if dfinal_state is None else dfinal_state.to(ch.work)
+    grad = dfinal
+    outgoing = [None] * packing.chunks
+    for c in reversed(range(packing.chunks)):
+        outgoing[c] = grad
+        grad = ch._decay(grad, c) + reaching[:, :, c]
+    outgoing = torch.stack(outgoing, dim=2)  # gradient of the state leaving each chunk
+    dscores = (dout @ ch.v.transpose(-1, -2)) * ch.mask
+    scores = (ch.q @ ch.k.transpose(-1, -2)) * ch.mask
+    dq = dscores @ ch.k + (dout @ ch.incoming.transpose(-1, -2)) * _exp_or_one(ch.b)
+    dk = dscores.transpose(-1, -2) @ ch.q
+    dk = dk + (ch.v @ outgoing.transpose(-1, -2)) * _exp_or_one(ch.to_end)
+    dv = scores.transpose(-1, -2) @ dout + ch.k_decay @ outgoing
+    dlog_decay = None
+    if log_decay is not None:
+        dcum = (ch.q * dq).sum(-1) - (ch.k * dk).sum(-1)  # [N, H, chunks, C]
+        dcum = dcum.flatten(2)
+        dcum[..., -1] += (ch.final * dfinal).sum((-1, -2))  # padding keeps G flat to the end
+        dg = dcum.flip(-1).cumsum(-1).flip(-1).unflatten(2, (packing.chunks, -1))
+        dlog_decay = packing.unpack(dg.permute(0, 2, 3, 1)).to(log_decay.dtype)
+    dq, dk, dv = (packing.unpack(t.permute(0, 2, 3, 1, 4)) for t in (dq, dk, dv))
+    dinit = grad if grad.dtype == torch.float64 else grad.float()
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dlog_decay, dinit
+
+
+def _exp_or_one(x: torch.Tensor | None) -> torch.Tensor | float:
+    return 1.0 if x is None else x.exp().unsqueeze(-1)

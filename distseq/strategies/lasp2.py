@@ -32,9 +32,9 @@ class _GatheredScan:
         if self.work is not None:
             self.work.wait()
         ctx = self.ctx
-        n, heads = self.shape[:2]
+        _n, heads = self.shape[:2]
         per_rank = self.gathered.view(ctx.info.world_size, ctx.docs, ctx.slots, -1)
-        states = per_rank[..., : -heads].unflatten(-1, self.shape[1:])
+        states = per_rank[..., :-heads].unflatten(-1, self.shape[1:])
         decays = per_rank[..., -heads:].exp()[..., None, None]
         state = self.start
         if state is None:

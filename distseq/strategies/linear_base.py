@@ -48,7 +48,7 @@ class LinearStrategy(ABC):
 
     name: ClassVar[str]
 
-    def check(self, ctx: LinearContext) -> None:  # noqa: B027
+    def check(self, ctx: LinearContext) -> None:
         """Raise ``ValueError`` for inputs this strategy cannot handle (no communication)."""
 
     @abstractmethod
@@ -87,8 +87,7 @@ def register_linear_strategy(cls: type[LinearStrategy]) -> type[LinearStrategy]:
 def get_linear_strategy(name: str) -> LinearStrategy:
     if name not in LINEAR_STRATEGIES:
         raise ValueError(
-            f"unknown linear attention strategy {name!r}; choose one of "
-            f"{sorted(LINEAR_STRATEGIES)}"
+            f"unknown linear attention strategy {name!r}; choose one of {sorted(LINEAR_STRATEGIES)}"
         )
     return LINEAR_STRATEGIES[name]
 
@@ -132,9 +131,7 @@ class SequenceParallelLinearAttention(torch.autograd.Function):
         # Every rank returned the final state, so its gradient is the sum over ranks.
         end_grad = all_reduce_sum(dfinal.float(), ctx.info) if ctx.output_final_state else None
         reaching = linear_local.incoming_gradient(qk, dk_out, gk, segments, ctx.scale)
-        pending = strategy.scan(
-            reaching, log_decays, end_grad, ctx, reverse=True, need_end=False
-        )
+        pending = strategy.scan(reaching, log_decays, end_grad, ctx, reverse=True, need_end=False)
         outgoing, _ = pending.wait()
         dq, dk, dv, dg, dincoming = ctx.kernel.backward(
             dk_out, outgoing, qk, kk, vk, gk, scale=ctx.scale, initial_state=incoming,

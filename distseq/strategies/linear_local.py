@@ -13,6 +13,8 @@ All exponents are ``<= 0`` (``g <= 0``); sums run in float32 (float64 for float6
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 
@@ -21,7 +23,7 @@ class Segments:
 
     def __init__(self, cu_seqlens: torch.Tensor | None) -> None:
         bounds = None if cu_seqlens is None else cu_seqlens.tolist()
-        self.spans = None if bounds is None else list(zip(bounds[:-1], bounds[1:]))
+        self.spans = None if bounds is None else list(itertools.pairwise(bounds))
 
     def split(self, x: torch.Tensor | None) -> list[torch.Tensor | None]:
         """``[n_i, L_i, ...]`` pieces: ``[x]`` for rows, one ``[1, L, ...]`` per span."""
