@@ -71,3 +71,27 @@ def test_returns_output_only_by_default():
     q = torch.randn(1, 6, 2, 4)
     out = distseq.linear_attention(q, q, q)
     assert isinstance(out, torch.Tensor) and out.shape == q.shape
+
+
+@pytest.mark.parametrize("strategy", ("lasp2", "allscan"))
+def test_bf16_single_process_close_to_reference(strategy):
+    """bf16 inputs: fp32 states and sums keep the error at bf16 rounding level."""
+    import torch
+
+    from distseq.reference import linear_attention_reference
+
+    case = {"strategy": strategy, "decay": "data", "seq": 96, "dk": 16, "dv": 16}
+    full, _ = linear_cases.linear_inputs(case)
+    q, k, v = (full[n].to(torch.bfloat16) for n in ("q", "k", "v"))
+    g = full["g"].float()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, g)]
+    out = distseq.linear_attention(*leaves[:3], log_decay=leaves[3], strategy=strategy)
+    assert out.dtype == torch.bfloat16
+    out.backward(full["do"].to(torch.bfloat16))
+    ref = [t.double().requires_grad_() for t in (q, k, v, g)]
+    ref_out, _ = linear_attention_reference(*ref[:3], log_decay=ref[3])
+    ref_out.backward(full["do"])
+    assert linear_cases.relative_error(out, ref_out) <= 2e-2
+    for got, want in zip(leaves, ref):
+        assert got.grad.dtype == got.dtype
+        assert linear_cases.relative_error(got.grad, want.grad) <= 3e-2
