@@ -216,3 +216,40 @@ def bad_linear_call(rank, world, kind: str):
         raise AssertionError(f"unknown case {kind}")
     distseq.linear_attention(q, k, v, **kwargs)
     return "no error"
+
+
+def linear_comm_compute_order(rank, world, strategy: str) -> list[str]:
+    """'post' (a collective or P2P message issued) / 'forward' (the local kernel) events."""
+    import os
+
+    from distseq.kernels import linear_torch
+
+    events: list[str] = []
+    originals = {"batch_isend_irecv": dist.batch_isend_irecv,
+                 "all_gather_single": dist.all_gather_single}  # fmt: skip
+    kernel_forward = linear_torch.forward
+
+    def posting(name):
+        def wrapper(*args, **kwargs):
+            events.append("post")
+            return originals[name](*args, **kwargs)
+
+        return wrapper
+
+    def forward(*args, **kwargs):
+        events.append("forward")
+        return kernel_forward(*args, **kwargs)
+
+    try:
+        for name in originals:
+            setattr(dist, name, posting(name))
+        linear_torch.forward = forward
+        os.environ["DISTSEQ_CHECK_RANKS"] = "0"  # keep the agreement's all-gather out of the log
+        q, k, v = _linear_shards()
+        distseq.linear_attention(q, k, v, strategy=strategy, backend="torch")
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+        linear_torch.forward = kernel_forward
+        os.environ.pop("DISTSEQ_CHECK_RANKS", None)
+    return events

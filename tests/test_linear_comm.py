@@ -55,3 +55,12 @@ def test_conv_halo_bytes(pools, layout):
             forward = halo * ((rank != world - 1) + (rank != 0))
             backward = forward
         assert c == {"forward_sent": forward, "backward_sent": backward}, (rank, c)
+
+
+@pytest.mark.parametrize("strategy", ("lasp2", "allscan"))
+def test_exchange_is_posted_before_the_local_kernel(pools, strategy):
+    """lasp2's all-gather, allscan's receives and its head's sends are in flight while the
+    local kernel runs."""
+    for events in pools(3).run(linear_cases.linear_comm_compute_order, strategy):
+        assert "forward" in events and events.index("forward") > 0, events
+        assert events[0] == "post", events

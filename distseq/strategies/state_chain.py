@@ -6,7 +6,8 @@ combines ``X_out = exp(a) X_in + Y`` and sends ``X_out`` on. The state is cut in
 slices along ``Dk``; since the decay is a per-head scalar, each slice combines on its own, so
 with ``blocks > 1`` a rank forwards slice ``j`` while slice ``j + 1`` is still arriving (the
 All-Scan pipeline), and with ``blocks == 1`` the chain is fully sequential (LASP-1).
-Receives are posted when the scan is created, before the local kernel runs.
+When the scan is created (before the local kernel runs) every rank posts its receives and
+the chain's head sends its state at once.
 
 Bytes per rank: each piece boundary between two ranks moves one state ``docs·H·Dk·Dv·4`` once,
 whatever ``blocks`` and ``P`` are (contiguous: one state sent, one received; zigzag: two).
@@ -41,15 +42,21 @@ class ChainScan:
                     buf = self.states.new_empty(ctx.docs, states.shape[1], hi - lo, states.shape[3])
                     (work,) = post_p2p([], [(buf, self.order[i - 1][0], self._tag(i, j))], ctx.info)
                     self.received[i, j] = (buf, work)
+        self._incoming = torch.empty_like(self.states)
+        self._next, self._previous, self._end, self._sends = 0, None, None, []
+        # The chain's head (and pieces after it on the same rank) need nothing: send now.
+        self._advance(block=False)
 
     def _tag(self, piece: int, block: int) -> int:
         return _TAG_BASE + piece * len(self.blocks) + block
 
-    def wait(self):
-        ctx, me = self.ctx, self.ctx.info.rank
-        incoming = torch.empty_like(self.states)
-        sends, previous, end = [], None, None
-        for i in self.mine:
+    def _advance(self, block: bool) -> None:
+        """Scan the local pieces in order; without ``block``, stop at the first that waits."""
+        me = self.ctx.info.rank
+        while self._next < len(self.mine):
+            i = self.mine[self._next]
+            if not block and (i, 0) in self.received:
+                return
             slot = self.order[i][1]
             successor = self.order[i + 1][0] if i + 1 < len(self.order) else None
             outs = []
@@ -57,25 +64,32 @@ class ChainScan:
                 if (i, j) in self.received:
                     x, work = self.received[i, j]
                     work.wait()
-                elif previous is not None:
-                    x = previous[j]
+                elif self._previous is not None:
+                    x = self._previous[j]
                 elif self.start is not None:
                     x = self.start[:, :, lo:hi]
                 else:
                     x = self.states.new_zeros(self.states[:, slot, :, lo:hi].shape)
-                incoming[:, slot, :, lo:hi] = x
+                self._incoming[:, slot, :, lo:hi] = x
                 out = self.decays[:, slot] * x + self.states[:, slot, :, lo:hi]
                 outs.append(out)
                 if successor is not None and successor != me:
-                    sends += post_p2p([(out, successor, self._tag(i + 1, j))], [], ctx.info)
-            previous = outs
+                    self._sends += post_p2p(
+                        [(out, successor, self._tag(i + 1, j))], [], self.ctx.info
+                    )
+            self._previous = outs
             if successor is None:
-                end = torch.cat(outs, dim=2)
-        for work in sends:
+                self._end = torch.cat(outs, dim=2)
+            self._next += 1
+
+    def wait(self):
+        self._advance(block=True)
+        for work in self._sends:
             work.wait()
+        end = self._end
         if self.need_end:
             end = broadcast(
                 end if end is not None else self.states.new_zeros(self.states[:, 0].shape),
-                self.order[-1][0], ctx.info,
+                self.order[-1][0], self.ctx.info,
             )  # fmt: skip
-        return incoming.flatten(0, 1), end
+        return self._incoming.flatten(0, 1), end
