@@ -65,6 +65,12 @@ def linear_vs_reference(rank, world, case_list: list[dict]) -> list[dict[str, fl
 
 
 def _one_linear_case(rank, world, case):
+    group, size = None, world
+    if case.get("group_size"):  # split the world into groups, each with its own problem
+        size = case["group_size"]
+        groups = [dist.new_group(list(range(s, s + size))) for s in range(0, world, size)]
+        case = dict(case, seed=case.get("seed", 0) + 100 * (rank // size))
+        group, rank = groups[rank // size], rank % size
     full, cu = linear_inputs(case)
     names = [n for n in ("q", "k", "v", "g", "h0") if full[n] is not None]
     ref_leaves = {n: full[n].clone().requires_grad_() for n in names}
@@ -76,14 +82,15 @@ def _one_linear_case(rank, world, case):
     layout = case.get("layout", "contiguous")
 
     def shard(t):
-        return distseq.shard_sequence(t, layout=layout, cu_seqlens=cu)
+        return distseq.shard_sequence(t, group=group, layout=layout, cu_seqlens=cu)
 
     local = {n: (full[n] if n == "h0" else shard(full[n])).float().requires_grad_() for n in names}
     o, h = distseq.linear_attention(
         local["q"], local["k"], local["v"], strategy=case["strategy"], log_decay=local.get("g"),
         layout=layout, cu_seqlens=cu, initial_state=local["h0"], output_final_state=True,
+        group=group,
     )  # fmt: skip
-    ((o * shard(full["do"]).float()).sum() + (h * full["dh"].float()).sum() / world).backward()
+    ((o * shard(full["do"]).float()).sum() + (h * full["dh"].float()).sum() / size).backward()
     errors = {"o": relative_error(o, shard(ref_o)), "final": relative_error(h, ref_h)}
     for n in ("q", "k", "v", "g"):
         if n in local:

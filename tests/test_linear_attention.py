@@ -95,3 +95,11 @@ def test_bf16_single_process_close_to_reference(strategy):
     for got, want in zip(leaves, ref):
         assert got.grad.dtype == got.dtype
         assert linear_cases.relative_error(got.grad, want.grad) <= 3e-2
+
+
+@pytest.mark.parametrize("strategy", sorted(LAYOUTS))
+def test_process_subgroups(pools, strategy):
+    """Two groups of 2 out of 4 ranks, each its own problem (group-rank -> global-rank P2P)."""
+    cases = [dict(make_case(strategy, "contiguous", "data", varlen, 2), group_size=2)
+             for varlen in (False, True)]  # fmt: skip
+    assert_close(pools(4).run(linear_cases.linear_vs_reference, cases), cases, FP32_TOL)
