@@ -226,7 +226,8 @@ def bad_linear_call(rank, world, kind: str):
 
 
 def linear_comm_compute_order(rank, world, strategy: str) -> list[str]:
-    """'post' (a collective or P2P message issued) / 'forward' (the local kernel) events."""
+    """'post' (a collective or P2P message issued), 'forward'/'backward' (the local kernel)
+    events of one forward, '|', and one backward."""
     import os
 
     from distseq.kernels import linear_torch
@@ -234,7 +235,7 @@ def linear_comm_compute_order(rank, world, strategy: str) -> list[str]:
     events: list[str] = []
     originals = {"batch_isend_irecv": dist.batch_isend_irecv,
                  "all_gather_single": dist.all_gather_single}  # fmt: skip
-    kernel_forward = linear_torch.forward
+    kernels = {"forward": linear_torch.forward, "backward": linear_torch.backward}
 
     def posting(name):
         def wrapper(*args, **kwargs):
@@ -243,20 +244,27 @@ def linear_comm_compute_order(rank, world, strategy: str) -> list[str]:
 
         return wrapper
 
-    def forward(*args, **kwargs):
-        events.append("forward")
-        return kernel_forward(*args, **kwargs)
+    def computing(name):
+        def wrapper(*args, **kwargs):
+            events.append(name)
+            return kernels[name](*args, **kwargs)
+
+        return wrapper
 
     try:
         for name in originals:
             setattr(dist, name, posting(name))
-        linear_torch.forward = forward
+        for name in kernels:
+            setattr(linear_torch, name, computing(name))
         os.environ["DISTSEQ_CHECK_RANKS"] = "0"  # keep the agreement's all-gather out of the log
-        q, k, v = _linear_shards()
-        distseq.linear_attention(q, k, v, strategy=strategy, backend="torch")
+        q, k, v = (t.requires_grad_() for t in _linear_shards())
+        out = distseq.linear_attention(q, k, v, strategy=strategy, backend="torch")
+        events.append("|")
+        out.sum().backward()
     finally:
         for name, fn in originals.items():
             setattr(dist, name, fn)
-        linear_torch.forward = kernel_forward
+        for name, fn in kernels.items():
+            setattr(linear_torch, name, fn)
         os.environ.pop("DISTSEQ_CHECK_RANKS", None)
     return events

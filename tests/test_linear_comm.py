@@ -59,8 +59,9 @@ def test_conv_halo_bytes(pools, layout):
 
 @pytest.mark.parametrize("strategy", ("lasp2", "allscan"))
 def test_exchange_is_posted_before_the_local_kernel(pools, strategy):
-    """lasp2's all-gather, allscan's receives and its head's sends are in flight while the
-    local kernel runs."""
+    """lasp2's all-gathers, allscan's receives and its head's sends are in flight while the
+    local kernel runs, in the forward and in the backward."""
     for events in pools(3).run(linear_cases.linear_comm_compute_order, strategy):
-        assert "forward" in events and events.index("forward") > 0, events
-        assert events[0] == "post", events
+        split = events.index("|")
+        for phase, kernel in ((events[:split], "forward"), (events[split + 1 :], "backward")):
+            assert phase[0] == "post" and phase.count(kernel) == 1, events

@@ -11,8 +11,8 @@ Every strategy runs the same three steps; only the exchange differs:
 
 Backward is the mirror: the outputs' gradient reaching each piece's incoming state goes
 through the *reversed* scan (starting from the final state's gradient), giving every piece the
-gradient of its outgoing state; the kernel's backward with ``initial_state = S_in`` and
-``dfinal_state`` = that gradient then gives ``dq, dk, dv, dlog_decay``.
+gradient ``dS_out`` of its outgoing state, while the kernel's zero-state backward runs; the
+terms of ``S_in`` and ``dS_out`` are added afterwards (``linear_local.state_gradients``).
 """
 
 from __future__ import annotations
@@ -132,12 +132,18 @@ class SequenceParallelLinearAttention(torch.autograd.Function):
         end_grad = all_reduce_sum(dfinal.float(), ctx.info) if ctx.output_final_state else None
         reaching = linear_local.incoming_gradient(qk, dk_out, gk, segments, ctx.scale)
         pending = strategy.scan(reaching, log_decays, end_grad, ctx, reverse=True, need_end=False)
+        # The zero-state, zero-final-gradient backward needs nothing from other ranks.
+        grads = ctx.kernel.backward(dk_out, None, qk, kk, vk, gk, scale=ctx.scale, cu_seqlens=cu)
         outgoing, _ = pending.wait()
-        dq, dk, dv, dg, dincoming = ctx.kernel.backward(
-            dk_out, outgoing, qk, kk, vk, gk, scale=ctx.scale, initial_state=incoming,
-            cu_seqlens=cu,
-        )  # fmt: skip
-        dg = None if dg is None else ctx.from_kernel(dg).to(log_decay.dtype)
+        extra = linear_local.state_gradients(
+            qk, kk, vk, gk, dk_out, incoming, outgoing, segments, ctx.scale
+        )
+        dq, dk, dv, dg = (
+            None if g is None else (g + e).to(t.dtype)
+            for g, e, t in zip(grads[:4], extra, (q, k, v, log_decay))
+        )
+        dincoming = reaching + log_decays.exp()[..., None, None] * outgoing
+        dg = None if dg is None else ctx.from_kernel(dg)
         dinit = None
         if fctx.initial_dtype is not None:
             first = dincoming.view(ctx.docs, ctx.slots, *dincoming.shape[1:])[:, 0]

@@ -6,7 +6,9 @@ including token ``t`` and ``G_T`` its total:
 
 * memory ``M = Σ_t exp(G_T - G_t) k_tᵀ v_t`` — the segment's final state from a zero state;
 * incoming-state contribution to the output ``o_t += scale · exp(G_t) q_t S_in``;
-* its adjoint, the gradient reaching ``S_in`` from the outputs ``Σ_t scale · exp(G_t) q_tᵀ do_t``.
+* its adjoint, the gradient reaching ``S_in`` from the outputs ``Σ_t scale · exp(G_t) q_tᵀ do_t``;
+* the gradients that ``S_in`` and the outgoing state's gradient ``dS_out`` add to a zero-state
+  backward (:func:`state_gradients`).
 
 All exponents are ``<= 0`` (``g <= 0``); sums run in float32 (float64 for float64 inputs).
 """
@@ -89,6 +91,54 @@ def incoming_gradient(
         qq = _weighted_queries(qq, gg, scale)
         grads.append(torch.einsum("bshk,bshv->bhkv", qq, dd.to(qq.dtype)))
     return torch.cat(grads)
+
+
+def state_gradients(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    do: torch.Tensor,
+    incoming: torch.Tensor,
+    outgoing: torch.Tensor,
+    segments: Segments,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """What ``S_in`` and ``dS_out`` ``[N, H, Dk, Dv]`` add to ``dq, dk, dv, dg`` ``[B', S', ...]``.
+
+    ``dq_t += scale · exp(G_t) do_t S_inᵀ``; ``dk_t += exp(G_T - G_t) v_t dS_outᵀ``;
+    ``dv_t += exp(G_T - G_t) k_t dS_out``. For the decay, ``dL/dG_t = q_t·dq_t - k_t·dk_t``
+    (plus ``S_T·dS_out`` at the last token), which is linear, so these terms' share is the
+    reverse cumulative sum of ``q_t·Δdq_t - k_t·Δdk_t`` and ``(exp(G_T) S_in + M)·dS_out``.
+    """
+    parts: list[list[torch.Tensor]] = [[], [], [], []]
+    pieces = zip(
+        segments.split(q), segments.split(k), segments.split(v), segments.split(g),
+        segments.split(do), segments.split_states(incoming), segments.split_states(outgoing),
+    )  # fmt: skip
+    for qq, kk, vv, gg, dd, s_in, ds_out in pieces:
+        qq, kk, vv, dd = _work(qq), _work(kk), _work(vv), _work(dd)
+        big_g = _cumulative(gg, qq)
+        dq = torch.einsum("bshv,bhkv->bshk", dd, s_in.to(qq.dtype)) * scale
+        ds_out = ds_out.to(qq.dtype)
+        dk = torch.einsum("bshv,bhkv->bshk", vv, ds_out)
+        dv = torch.einsum("bshk,bhkv->bshv", kk, ds_out)
+        if big_g is not None and qq.shape[1] > 0:
+            total = big_g[:, -1:]
+            dq = dq * big_g.exp().unsqueeze(-1)
+            to_end = (total - big_g).exp().unsqueeze(-1)
+            dk, dv = dk * to_end, dv * to_end
+            dcum = (qq * dq).sum(-1) - (kk * dk).sum(-1)  # [n, L, H]
+            s_out = total.squeeze(1).exp()[..., None, None] * s_in.to(qq.dtype)
+            s_out = s_out + torch.einsum("bshk,bshv->bhkv", kk * to_end, vv)
+            dcum[:, -1] += (s_out * ds_out).sum((-1, -2))
+            parts[3].append(dcum.flip(1).cumsum(1).flip(1))
+        elif big_g is not None:
+            parts[3].append(big_g)
+        for index, t in enumerate((dq, dk, dv)):
+            parts[index].append(t)
+    joined = [segments.join_tokens(p) for p in parts[:3]]
+    return (*joined, segments.join_tokens(parts[3]) if g is not None else None)
 
 
 def _weighted_queries(q: torch.Tensor, g: torch.Tensor | None, scale: float) -> torch.Tensor:
