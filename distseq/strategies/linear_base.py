@@ -124,28 +124,28 @@ class SequenceParallelLinearAttention(torch.autograd.Function):
     def backward(fctx, dout, dfinal):
         q, k, v, log_decay, incoming, log_decays = fctx.saved_tensors
         strategy, ctx = fctx.strategy, fctx.ctx
-        qk, kk, vk, dk_out = (ctx.to_kernel(t) for t in (q, k, v, dout.contiguous()))
+        qk, kk, vk, do_k = (ctx.to_kernel(t) for t in (q, k, v, dout.contiguous()))
         gk = ctx.to_kernel(None if log_decay is None else log_decay.float())
         cu = ctx.kernel_cu_seqlens(q.device)
         segments = linear_local.Segments(cu)
         # Every rank returned the final state, so its gradient is the sum over ranks.
         end_grad = all_reduce_sum(dfinal.float(), ctx.info) if ctx.output_final_state else None
-        reaching = linear_local.incoming_gradient(qk, dk_out, gk, segments, ctx.scale)
+        reaching = linear_local.incoming_gradient(qk, do_k, gk, segments, ctx.scale)
         pending = strategy.scan(reaching, log_decays, end_grad, ctx, reverse=True, need_end=False)
         # The zero-state, zero-final-gradient backward needs nothing from other ranks.
-        grads = ctx.kernel.backward(dk_out, None, qk, kk, vk, gk, scale=ctx.scale, cu_seqlens=cu)
+        grads = ctx.kernel.backward(do_k, None, qk, kk, vk, gk, scale=ctx.scale, cu_seqlens=cu)
         outgoing, _ = pending.wait()
         extra = linear_local.state_gradients(
-            qk, kk, vk, gk, dk_out, incoming, outgoing, segments, ctx.scale
+            qk, kk, vk, gk, do_k, incoming, outgoing, segments, ctx.scale
         )
         dq, dk, dv, dg = (
             None if g is None else (g + e).to(t.dtype)
             for g, e, t in zip(grads[:4], extra, (q, k, v, log_decay))
         )
-        dincoming = reaching + log_decays.exp()[..., None, None] * outgoing
         dg = None if dg is None else ctx.from_kernel(dg)
         dinit = None
         if fctx.initial_dtype is not None:
+            dincoming = reaching + log_decays.exp()[..., None, None] * outgoing
             first = dincoming.view(ctx.docs, ctx.slots, *dincoming.shape[1:])[:, 0]
             dinit = first if ctx.info.rank == 0 else torch.zeros_like(first)
             dinit = dinit.to(fctx.initial_dtype)
