@@ -110,10 +110,14 @@ def count_linear_bytes(rank, world, strategy, case: dict) -> dict[str, int]:
     q, k = (torch.randn(b, s, h, dk, generator=gen).requires_grad_() for _ in range(2))
     v = torch.randn(b, s, h, dv, generator=gen).requires_grad_()
     g = (-torch.rand(b, s, h, generator=gen)).requires_grad_()
+    final = case.get("output_final_state", False)
     with distseq.CommCounter() as fwd:
-        o = distseq.linear_attention(q, k, v, log_decay=g, strategy=strategy)
+        out = distseq.linear_attention(
+            q, k, v, log_decay=g, strategy=strategy, output_final_state=final
+        )
+    loss = out[0].sum() + out[1].sum() if final else out.sum()
     with distseq.CommCounter() as bwd:
-        o.sum().backward()
+        loss.backward()
     return {"forward_sent": fwd.bytes_sent, "forward_received": fwd.bytes_received,
             "backward_sent": bwd.bytes_sent, "backward_received": bwd.bytes_received}  # fmt: skip
 

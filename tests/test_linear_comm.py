@@ -65,3 +65,20 @@ def test_exchange_is_posted_before_the_local_kernel(pools, strategy):
         split = events.index("|")
         for phase, kernel in ((events[:split], "forward"), (events[split + 1 :], "backward")):
             assert phase[0] == "post" and phase.count(kernel) == 1, events
+
+
+@pytest.mark.parametrize("strategy", ("allscan", "lasp2"))
+def test_final_state_costs_a_broadcast_and_an_all_reduce(pools, strategy):
+    """output_final_state: allscan broadcasts the final state (lasp2 has it already); the
+    backward all-reduces its gradient. Middle rank of 3, counted like CommCounter's formulas."""
+    world, one_state = 3, state_bytes(CASE)
+    case = dict(CASE, output_final_state=True)
+    middle = pools(world).run(linear_cases.count_linear_bytes, strategy, case)[1]
+    if strategy == "allscan":
+        forward = one_state + one_state * (world - 1) // world
+        backward = one_state + 2 * one_state * (world - 1) // world
+    else:
+        payload = CASE["batch"] * CASE["heads"] * (CASE["dk"] * CASE["dv"] + 1) * 4
+        forward = (world - 1) * payload
+        backward = forward + 2 * one_state * (world - 1) // world
+    assert middle["forward_sent"] == forward and middle["backward_sent"] == backward, middle
