@@ -1,4 +1,4 @@
-"""distseq: exact sequence-parallel attention for long-context training on PyTorch.
+"""distseq: exact sequence-parallel softmax and linear attention for long-context training.
 
 Public API (all tensors ``[batch, seq, heads, head_dim]``, ``q``/``k``/``v`` local shards)::
 
@@ -6,18 +6,27 @@ Public API (all tensors ``[batch, seq, heads, head_dim]``, ``q``/``k``/``v`` loc
     distseq.gather_sequence(x, group=None, dim=1, layout="zigzag", cu_seqlens=None)
     distseq.attention(q, k, v, strategy="ring", group=None, causal=True, layout="zigzag",
                       cu_seqlens=None, scale=None, backend="auto")
+    distseq.linear_attention(q, k, v, strategy="lasp2", group=None, log_decay=None,
+                             layout="contiguous", cu_seqlens=None, scale=None,
+                             initial_state=None, output_final_state=False, backend="auto")
+    distseq.causal_conv1d(x, weight, bias=None, group=None, layout="contiguous",
+                          cu_seqlens=None, activation=None)     # x [batch, seq, channels]
     distseq.available_strategies()
 """
 
 from distseq.attention import attention, available_strategies
 from distseq.comm import CommCounter
+from distseq.conv import causal_conv1d
+from distseq.linear_attention import linear_attention
 from distseq.sharding import gather_sequence, shard_sequence
 
 __all__ = [
     "CommCounter",
     "attention",
     "available_strategies",
+    "causal_conv1d",
     "gather_sequence",
+    "linear_attention",
     "shard_sequence",
 ]
 __version__ = "0.1.0"

@@ -7,7 +7,7 @@ import torch
 from distseq.comm import ProcessGroup, resolve_group
 from distseq.kernels import select_backend
 from distseq.layout import LAYOUTS, shard_layout
-from distseq.strategies import ATTENTION_STRATEGIES, get_attention_strategy
+from distseq.strategies import ATTENTION_STRATEGIES, LINEAR_STRATEGIES, get_attention_strategy
 from distseq.strategies.base import AttentionContext, SequenceParallelAttention
 from distseq.validation import (
     check_cu_seqlens,
@@ -77,4 +77,7 @@ def attention(
 
 def available_strategies() -> dict[str, list[str]]:
     """Registered strategy names per family: ``{"attention": [...], "linear_attention": [...]}``."""
-    return {"attention": sorted(ATTENTION_STRATEGIES), "linear_attention": []}
+    return {
+        "attention": sorted(ATTENTION_STRATEGIES),
+        "linear_attention": sorted(LINEAR_STRATEGIES),
+    }

@@ -89,6 +89,37 @@ class RingExchange:
         return self._received
 
 
+def post_p2p(
+    sends: list[tuple[torch.Tensor, int, int]],
+    recvs: list[tuple[torch.Tensor, int, int]],
+    info: GroupInfo,
+) -> list[dist.Work]:
+    """Post point-to-point messages at once; ``(tensor, group_rank, tag)`` each.
+
+    Returns the handles to wait on. Sent tensors must be contiguous and stay unmodified, and
+    received ones contiguous and unread, until their handles are waited on.
+    """
+    ops = [dist.P2POp(dist.isend, t, info.global_rank(r), info.group, tag) for t, r, tag in sends]
+    ops += [dist.P2POp(dist.irecv, t, info.global_rank(r), info.group, tag) for t, r, tag in recvs]
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
+def all_reduce_sum(x: torch.Tensor, info: GroupInfo) -> torch.Tensor:
+    """The sum of ``x`` over the ranks of the group (a new tensor)."""
+    out = x.contiguous().clone()
+    if info.world_size > 1:
+        dist.all_reduce(out, group=info.group)
+    return out
+
+
+def broadcast(x: torch.Tensor, source: int, info: GroupInfo) -> torch.Tensor:
+    """Group rank ``source``'s ``x`` on every rank (``x`` gives the shape elsewhere)."""
+    out = x.contiguous().clone()
+    if info.world_size > 1:
+        dist.broadcast(out, info.global_rank(source), group=info.group)
+    return out
+
+
 def all_gather_async(x: torch.Tensor, info: GroupInfo) -> tuple[torch.Tensor, dist.Work | None]:
     """Start gathering ``x`` from every rank into ``[world_size, *x.shape]``; wait on the handle."""
     if info.world_size == 1:
@@ -148,7 +179,8 @@ class CommCounter:
     Use as a context manager: it wraps the ``torch.distributed`` functions while active. For
     collectives it records what a bandwidth-optimal algorithm puts on this rank's wire
     (all-gather: ``(P-1)·shard``; reduce-scatter and all-to-all: ``(P-1)/P·input``), so numbers
-    compare directly with the strategies' formulas. Control-plane messages (input agreement)
+    compare directly with the strategies' formulas; all-reduce: ``2(P-1)/P·input``; broadcast:
+    ``(P-1)/P·input`` (scatter + all-gather). Control-plane messages (input agreement)
     are kept apart in ``control_bytes``.
     """
 
@@ -204,7 +236,19 @@ class CommCounter:
 
             return account
 
+        def all_reduce(tensor, *args, group=None, **_):
+            p = self._size(group)
+            n = 2 * _nbytes(tensor) * (p - 1) // p
+            self._record("all_reduce", n, n)
+
+        def broadcast(tensor, *args, group=None, **_):
+            p = self._size(group)
+            n = _nbytes(tensor) * (p - 1) // p
+            self._record("broadcast", n, n)
+
         self._wrap("batch_isend_irecv", p2p)
+        self._wrap("all_reduce", all_reduce)
+        self._wrap("broadcast", broadcast)
         self._wrap("all_gather_single", all_gather)
         self._wrap("reduce_scatter_single", scatter_like("reduce_scatter"))
         self._wrap("all_to_all_single", scatter_like("all_to_all"))

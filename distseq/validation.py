@@ -22,26 +22,27 @@ from distseq.layout import check_divisible, check_layout
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Shapes ``[B, S_local, Hq, D]`` / ``[B, S_local, Hkv, D]``, one dtype and device."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
+def check_tensors(named: dict[str, torch.Tensor], dims: int, shape_doc: str) -> None:
+    """Each is a floating tensor with ``dims`` dims; all share one dtype and one device."""
+    for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(
-                f"{name} has shape {tuple(t.shape)}; expected 4 dims [batch, seq, heads, head_dim]"
-            )
+        if t.dim() != dims:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {dims} dims {shape_doc}")
         if t.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"{name} has dtype {t.dtype}; use one of {list(_FLOAT_DTYPES)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(
-            f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one dtype"
-        )
-    if not (q.device == k.device == v.device):
-        raise ValueError(
-            f"q, k, v are on different devices ({q.device}, {k.device}, {v.device}); "
-            "move them to one device"
-        )
+    names, tensors = ", ".join(named), list(named.values())
+    if len({t.dtype for t in tensors}) > 1:
+        dtypes = ", ".join(str(t.dtype) for t in tensors)
+        raise ValueError(f"{names} dtypes differ ({dtypes}); cast them to one dtype")
+    if len({t.device for t in tensors}) > 1:
+        devices = ", ".join(str(t.device) for t in tensors)
+        raise ValueError(f"{names} are on different devices ({devices}); move them to one device")
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Shapes ``[B, S_local, Hq, D]`` / ``[B, S_local, Hkv, D]``, one dtype and device."""
+    check_tensors({"q": q, "k": k, "v": v}, 4, "[batch, seq, heads, head_dim]")
     if k.shape != v.shape:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
     (bq, sq, hq, dq), (bk, sk, hk, dk) = q.shape, k.shape

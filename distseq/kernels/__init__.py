@@ -1,4 +1,4 @@
-"""Local attention block kernels and the one backend selector.
+"""Local kernels (softmax attention blocks, linear attention) and their backend selectors.
 
 Every backend module (``attention_torch``, ``attention_flash``, ``attention_triton``) exposes
 the same three functions, so strategies never care which one runs:
@@ -22,6 +22,24 @@ the same three functions, so strategies never care which one runs:
     several blocks): ``P = exp(scale * q k^T - lse)``, ``dS = P * (dout v^T - rowsum(dout * out))``.
     ``dq`` ``[B, Sq, Hq, D]``, ``dk``/``dv`` ``[B, Sk, Hkv, D]`` (summed over each K/V head's query
     group), all in ``q.dtype``. ``out`` may be float32 while ``q`` is bf16.
+
+Linear attention backends (``linear_torch``, ``linear_triton``, ``linear_fla``) expose
+``is_available`` and:
+
+``forward(q, k, v, log_decay, *, scale, initial_state=None, cu_seqlens=None, chunk_size=64)
+-> (o, final_state)``
+    ``q``/``k`` ``[B, S, H, Dk]``, ``v`` ``[B, S, H, Dv]``, ``log_decay`` ``[B, S, H]`` float32
+    (``g_t <= 0``, natural log) or ``None``; ``initial_state`` ``[N, H, Dk, Dv]`` float32 or
+    ``None`` (zeros), ``N = B``, or the segment count with ``cu_seqlens`` (int32 ``[N + 1]``,
+    ``B == 1``; segments may be empty and need not be chunk-aligned). Computes
+    ``S_t = exp(g_t) S_{t-1} + k_tᵀ v_t``, ``o_t = scale · q_t S_t``, the state restarting from
+    ``initial_state[n]`` at every segment. Returns ``o`` ``[B, S, H, Dv]`` in ``q.dtype`` and
+    ``final_state`` ``[N, H, Dk, Dv]`` float32.
+
+``backward(do, dfinal_state, q, k, v, log_decay, *, scale, initial_state=None,
+cu_seqlens=None, chunk_size=64) -> (dq, dk, dv, dlog_decay, dinitial_state)``
+    ``dfinal_state`` may be ``None`` (zeros); ``dlog_decay`` is ``None`` iff ``log_decay`` is;
+    ``dinitial_state`` ``[N, H, Dk, Dv]`` float32 is always returned.
 """
 
 from __future__ import annotations
@@ -36,39 +54,55 @@ BACKENDS: dict[str, str] = {
     "flash": "distseq.kernels.attention_flash",
     "triton": "distseq.kernels.attention_triton",
 }
+LINEAR_BACKENDS: dict[str, str] = {
+    "torch": "distseq.kernels.linear_torch",
+    "fla": "distseq.kernels.linear_fla",
+    "triton": "distseq.kernels.linear_triton",
+}
 # "auto" tries these in order; the first that can run on the device wins.
 _AUTO_ORDER = {"cuda": ("flash", "triton", "torch"), "cpu": ("torch",)}
+_LINEAR_AUTO_ORDER = {"cuda": ("fla", "triton", "torch"), "cpu": ("torch",)}
 
 
-def _load(name: str) -> ModuleType:
-    return importlib.import_module(BACKENDS[name])
-
-
-def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why backend ``name`` cannot run on ``device``/``dtype``, or ``None`` when it can."""
+def unavailable_reason(
+    name: str, device: torch.device, dtype: torch.dtype, table: dict[str, str] = BACKENDS
+) -> str | None:
+    """Why backend ``name`` of ``table`` cannot run on ``device``/``dtype``, or ``None``."""
     try:
-        module = _load(name)
-    except ImportError as exc:  # an optional dependency is missing
+        module = importlib.import_module(table[name])
+    except ImportError as exc:  # an optional dependency (or module) is missing
         return f"import failed ({exc})"
     return module.is_available(device, dtype)
 
 
-def select_backend(name: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
-    """Return the kernel module for ``name`` (or the best available one for ``"auto"``)."""
+def _select(
+    what: str, table: dict[str, str], auto: dict[str, tuple[str, ...]], name: str,
+    device: torch.device, dtype: torch.dtype,
+) -> ModuleType:  # fmt: skip
     if name == "auto":
-        for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
-            if unavailable_reason(candidate, device, dtype) is None:
-                return _load(candidate)
-        raise ValueError(f"no attention backend can run on device {device} with dtype {dtype}")
-    if name not in BACKENDS:
+        for candidate in auto.get(device.type, ("torch",)):
+            if unavailable_reason(candidate, device, dtype, table) is None:
+                return importlib.import_module(table[candidate])
+        raise ValueError(f"no {what} backend can run on device {device} with dtype {dtype}")
+    if name not in table:
         raise ValueError(
-            f"unknown backend {name!r}; choose one of {['auto', *BACKENDS]} "
+            f"unknown backend {name!r}; choose one of {['auto', *table]} "
             '("auto" picks the fastest available)'
         )
-    reason = unavailable_reason(name, device, dtype)
+    reason = unavailable_reason(name, device, dtype, table)
     if reason is not None:
         raise ValueError(
             f"backend {name!r} cannot run on device {device} with dtype {dtype}: {reason}; "
             'use backend="auto" or "torch"'
         )
-    return _load(name)
+    return importlib.import_module(table[name])
+
+
+def select_backend(name: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
+    """Return the attention kernel module for ``name`` (or the best available for ``"auto"``)."""
+    return _select("attention", BACKENDS, _AUTO_ORDER, name, device, dtype)
+
+
+def select_linear_backend(name: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
+    """Return the linear-attention kernel module for ``name`` (``"auto"``: fastest available)."""
+    return _select("linear attention", LINEAR_BACKENDS, _LINEAR_AUTO_ORDER, name, device, dtype)

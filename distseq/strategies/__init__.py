@@ -1,6 +1,12 @@
 """Sequence-parallel strategies: one module each, registered by name on import."""
 
-from distseq.strategies import allgather, ring, ulysses  # noqa: F401  (registration)
+from distseq.strategies import allgather, allscan, lasp2, linear_ring, ring, ulysses  # noqa: F401
 from distseq.strategies.base import ATTENTION_STRATEGIES, get_attention_strategy
+from distseq.strategies.linear_base import LINEAR_STRATEGIES, get_linear_strategy
 
-__all__ = ["ATTENTION_STRATEGIES", "get_attention_strategy"]
+__all__ = [
+    "ATTENTION_STRATEGIES",
+    "LINEAR_STRATEGIES",
+    "get_attention_strategy",
+    "get_linear_strategy",
+]

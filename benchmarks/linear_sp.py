@@ -1,0 +1,150 @@
+"""Sequence-parallel linear attention (lasp2 / allscan / ring) vs the single-process kernel.
+
+    python benchmarks/linear_sp.py [--seqs 8192 32768 131072 --worlds 1 2 4 --heads 2 --dim 32]
+
+Baseline: one process, one thread, runs the chunked ``torch`` kernel forward+backward on the
+whole sequence (data-dependent decay). Then, for each world size ``P``, ``P`` processes with
+one thread each run every strategy on ``N / P`` tokens. Printed per (N, P, strategy): the
+best of ``--repeats`` forward+backward times of the slowest rank (best-of, because this is
+meant to run on shared machines), microseconds per token of the whole
+sequence, the ratio ``t_single / t_sp``, and the bytes each rank sends in the forward and in
+the backward (max over ranks; float32 states) next to the strategy's formula. Timings are
+taken in one invocation; on a machine with fewer cores than ``P`` the ranks share cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _inputs(n: int, heads: int, dim: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, n, heads, dim, generator=gen) * 0.3 for _ in range(3))
+    g = -torch.nn.functional.softplus(torch.randn(1, n, heads, generator=gen)) * 0.1
+    return q, k, v, g, torch.randn(1, n, heads, dim, generator=gen)
+
+
+def _timed(step, repeats: int, warm_up: bool = True) -> list[float]:
+    if warm_up:  # allocator, first-touch pages
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _baseline(args, results) -> None:
+    from distseq.kernels import linear_torch
+
+    torch.set_num_threads(1)
+    rows = {}
+    for n in args.seqs:
+        q, k, v, g, do = _inputs(n, args.heads, args.dim, 0)
+        scale = args.dim**-0.5
+
+        def step(q=q, k=k, v=v, g=g, do=do, scale=scale):
+            linear_torch.forward(q, k, v, g, scale=scale)
+            linear_torch.backward(do, None, q, k, v, g, scale=scale)
+
+        rows[n] = _timed(step, args.repeats)
+    results.put(("single", rows))
+
+
+def _worker(rank: int, world: int, args, init_file: str, results) -> None:
+    import distseq
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)  # fmt: skip
+    rows = {}
+    for n in args.seqs:
+        q, k, v, g, do = _inputs(n // world, args.heads, args.dim, rank)
+        leaves = [t.requires_grad_() for t in (q, k, v, g)]
+        for strategy in args.strategies:
+
+            def step(strategy=strategy, leaves=leaves, do=do):
+                o = distseq.linear_attention(*leaves[:3], log_decay=leaves[3], strategy=strategy)
+                o.backward(do)
+
+            dist.barrier()
+            # The counted step doubles as the warm-up.
+            with distseq.CommCounter() as fwd:
+                o = distseq.linear_attention(*leaves[:3], log_decay=leaves[3], strategy=strategy)
+            with distseq.CommCounter() as bwd:
+                o.backward(do)
+            times = _timed(step, args.repeats, warm_up=False)
+            rows[n, strategy] = (times, fwd.bytes_sent, bwd.bytes_sent)
+    results.put((rank, rows))
+    dist.destroy_process_group()
+
+
+def _formula(strategy: str, p: int, heads: int, dim: int) -> int:
+    """Bytes one rank sends per pass (max over ranks), float32 states."""
+    if p == 1:
+        return 0
+    if strategy == "lasp2":
+        return (p - 1) * heads * (dim * dim + 1) * 4
+    return heads * dim * dim * 4
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seqs", type=int, nargs="+", default=[8192, 32768, 131072])
+    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--dim", type=int, default=32)
+    parser.add_argument("--strategies", nargs="+", default=["lasp2", "allscan", "ring"])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=_baseline, args=(args, results))
+    proc.start()
+    _, single = results.get()
+    proc.join()
+    per_world = {}
+    for world in args.worlds:
+        with tempfile.TemporaryDirectory() as tmp:
+            init_file = os.path.join(tmp, "rendezvous")
+            procs = [ctx.Process(target=_worker, args=(r, world, args, init_file, results))
+                     for r in range(world)]  # fmt: skip
+            for p in procs:
+                p.start()
+            per_world[world] = dict(results.get() for _ in procs)
+            for p in procs:
+                p.join()
+
+    print(f"linear attention fwd+bwd, B=1, H={args.heads}, Dk=Dv={args.dim}, data-dependent "
+          f"decay, fp32, contiguous, torch kernel (chunk 64), 1 thread/rank; torch "
+          f"{torch.__version__}, {os.cpu_count()} CPUs")  # fmt: skip
+    print(f"{'N':>7} {'P':>2} {'strategy':<8} {'t (s)':>7} {'us/token':>9} {'t_single/t':>10} "
+          f"{'fwd B/rank':>10} {'bwd B/rank':>10} {'formula':>8}")  # fmt: skip
+    for n in args.seqs:
+        t_single = min(single[n])
+        print(f"{n:>7} {1:>2} {'kernel':<8} {t_single:>7.3f} {t_single / n * 1e6:>9.2f} "
+              f"{1.0:>10.2f} {0:>10} {0:>10} {0:>8}")  # fmt: skip
+        for world in args.worlds:
+            ranks = per_world[world]
+            for strategy in args.strategies:
+                steps = [max(ranks[r][n, strategy][0][i] for r in ranks)
+                         for i in range(args.repeats)]  # fmt: skip
+                t = min(steps)
+                fwd = max(ranks[r][n, strategy][1] for r in ranks)
+                bwd = max(ranks[r][n, strategy][2] for r in ranks)
+                formula = _formula(strategy, world, args.heads, args.dim)
+                print(f"{n:>7} {world:>2} {strategy:<8} {t:>7.3f} {t / n * 1e6:>9.2f} "
+                      f"{t_single / t:>10.2f} {fwd:>10} {bwd:>10} {formula:>8}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""``allscan``: ZeCO's All-Scan — the state travels rank to rank once, pipelined in blocks.
+
+Rank ``r`` receives the state entering its chunk from ``r - 1`` in ``K`` slices along ``Dk``,
+combines slice ``j`` with its own memory and forwards it to ``r + 1`` while slice ``j + 1`` is
+still arriving, so the chain's latency is about ``P + K - 1`` slice transfers instead of ``P``
+whole states, and each rank sends and receives one state's bytes in total, independent of
+``P``. Backward runs the reverse scan of the state gradients (``r + 1 → r``). Contiguous
+layout only (zigzag would need the chain twice).
+
+Bytes per rank (float32): at most ``docs·H·Dk·Dv·4`` sent and the same received, forward and
+backward (plus, with ``output_final_state``, a broadcast of the final state and an all-reduce
+of its gradient).
+"""
+
+from __future__ import annotations
+
+from distseq.strategies.linear_base import LinearContext, LinearStrategy, register_linear_strategy
+from distseq.strategies.state_chain import ChainScan
+
+BLOCKS = 4  # pipeline depth K (capped at Dk)
+
+
+@register_linear_strategy
+class AllScan(LinearStrategy):
+    name = "allscan"
+
+    def check(self, ctx: LinearContext) -> None:
+        if ctx.shard.layout != "contiguous":
+            raise ValueError(
+                f"allscan needs layout='contiguous' (got {ctx.shard.layout!r}); shard the "
+                "sequence contiguously or use strategy='lasp2', which supports zigzag"
+            )
+
+    def scan(self, states, log_decays, start, ctx, *, reverse, need_end):
+        return ChainScan(states, log_decays, start, ctx, reverse, need_end, blocks=BLOCKS)

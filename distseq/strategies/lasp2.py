@@ -1,0 +1,55 @@
+"""``lasp2``: one all-gather of every piece's memory state, then a local prefix combine.
+
+As in LASP-2, each rank packs its pieces' memories ``M`` (float32 ``[H, Dk, Dv]``) and total
+log decays into one buffer and all-gathers it, posted before the local chunked kernel runs so
+the gather overlaps the intra-chunk work; every rank then replays the scan over all ``P`` (or
+``2P``, zigzag) pieces locally, so it also has the final state without further traffic.
+Backward gathers the outputs' state gradients the same way and scans them in reverse. Works
+with both layouts.
+
+Bytes sent per rank, with ``n`` the local segment count (``batch`` or documents, twice that
+for zigzag) and float32 elements: forward ``(P-1)·n·H·(Dk·Dv + 1)·4``; backward the same
+(plus, with ``output_final_state``, an all-reduce of the final state's gradient). Independent
+of the sequence length; grows with ``P``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distseq.comm import all_gather_async
+from distseq.strategies.linear_base import LinearContext, LinearStrategy, register_linear_strategy
+
+
+class _GatheredScan:
+    def __init__(self, states, log_decays, start, ctx: LinearContext, reverse, need_end):
+        self.shape, self.ctx = states.shape, ctx
+        self.start, self.reverse, self.need_end = start, reverse, need_end
+        payload = torch.cat([states.flatten(1), log_decays], dim=1)
+        self.gathered, self.work = all_gather_async(payload, ctx.info)
+
+    def wait(self):
+        if self.work is not None:
+            self.work.wait()
+        ctx = self.ctx
+        _n, heads = self.shape[:2]
+        per_rank = self.gathered.view(ctx.info.world_size, ctx.docs, ctx.slots, -1)
+        states = per_rank[..., :-heads].unflatten(-1, self.shape[1:])
+        decays = per_rank[..., -heads:].exp()[..., None, None]
+        state = self.start
+        if state is None:
+            state = states.new_zeros(ctx.docs, *self.shape[1:])
+        incoming = states.new_empty(ctx.docs, ctx.slots, *self.shape[1:])
+        for rank, slot in ctx.order(self.reverse):
+            if rank == ctx.info.rank:
+                incoming[:, slot] = state
+            state = decays[rank, :, slot] * state + states[rank, :, slot]
+        return incoming.flatten(0, 1), state if self.need_end else None
+
+
+@register_linear_strategy
+class Lasp2(LinearStrategy):
+    name = "lasp2"
+
+    def scan(self, states, log_decays, start, ctx, *, reverse, need_end):
+        return _GatheredScan(states, log_decays, start, ctx, reverse, need_end)

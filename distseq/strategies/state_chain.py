@@ -1,0 +1,95 @@
+"""The point-to-point state scan shared by ``ring`` (LASP-1) and ``allscan`` (ZeCO All-Scan).
+
+The piece order of a document is a chain of ranks (``0 → 1 → … → P-1``; zigzag continues
+``P-1 → … → 0``). Each rank waits for the state entering its piece from the previous rank,
+combines ``X_out = exp(a) X_in + Y`` and sends ``X_out`` on. The state is cut into ``blocks``
+slices along ``Dk``; since the decay is a per-head scalar, each slice combines on its own, so
+with ``blocks > 1`` a rank forwards slice ``j`` while slice ``j + 1`` is still arriving (the
+All-Scan pipeline), and with ``blocks == 1`` the chain is fully sequential (LASP-1).
+When the scan is created (before the local kernel runs) every rank posts its receives and
+the chain's head sends its state at once.
+
+Bytes per rank: each piece boundary between two ranks moves one state ``docs·H·Dk·Dv·4`` once,
+whatever ``blocks`` and ``P`` are (contiguous: one state sent, one received; zigzag: two).
+The end state, when needed, is broadcast from the rank holding the last piece.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distseq.comm import broadcast, post_p2p
+from distseq.strategies.linear_base import LinearContext
+
+_TAG_BASE = 1000  # apart from RingExchange's tags
+
+
+class ChainScan:
+    def __init__(self, states, log_decays, start, ctx: LinearContext, reverse, need_end, blocks):
+        self.ctx, self.start, self.need_end = ctx, start, need_end
+        self.order = ctx.order(reverse)
+        self.states = states.view(ctx.docs, ctx.slots, *states.shape[1:])
+        self.decays = log_decays.view(ctx.docs, ctx.slots, -1).exp()[..., None, None]
+        dk = states.shape[2]
+        self.blocks = [(int(b[0]), int(b[-1]) + 1) for b in torch.arange(dk).tensor_split(blocks)]
+        self.blocks = [(lo, hi) for lo, hi in self.blocks if hi > lo]
+        me = ctx.info.rank
+        self.mine = [i for i, (rank, _) in enumerate(self.order) if rank == me]
+        self.received: dict[tuple[int, int], tuple[torch.Tensor, object]] = {}
+        for i in self.mine:
+            if i > 0 and self.order[i - 1][0] != me:
+                for j, (lo, hi) in enumerate(self.blocks):
+                    buf = self.states.new_empty(ctx.docs, states.shape[1], hi - lo, states.shape[3])
+                    (work,) = post_p2p([], [(buf, self.order[i - 1][0], self._tag(i, j))], ctx.info)
+                    self.received[i, j] = (buf, work)
+        self._incoming = torch.empty_like(self.states)
+        self._next, self._previous, self._end, self._sends = 0, None, None, []
+        # The chain's head (and pieces after it on the same rank) need nothing: send now.
+        self._advance(block=False)
+
+    def _tag(self, piece: int, block: int) -> int:
+        return _TAG_BASE + piece * len(self.blocks) + block
+
+    def _advance(self, block: bool) -> None:
+        """Scan the local pieces in order; without ``block``, stop at the first that waits."""
+        me = self.ctx.info.rank
+        while self._next < len(self.mine):
+            i = self.mine[self._next]
+            if not block and (i, 0) in self.received:
+                return
+            slot = self.order[i][1]
+            successor = self.order[i + 1][0] if i + 1 < len(self.order) else None
+            outs = []
+            for j, (lo, hi) in enumerate(self.blocks):
+                if (i, j) in self.received:
+                    x, work = self.received[i, j]
+                    work.wait()
+                elif self._previous is not None:
+                    x = self._previous[j]
+                elif self.start is not None:
+                    x = self.start[:, :, lo:hi]
+                else:
+                    x = self.states.new_zeros(self.states[:, slot, :, lo:hi].shape)
+                self._incoming[:, slot, :, lo:hi] = x
+                out = self.decays[:, slot] * x + self.states[:, slot, :, lo:hi]
+                outs.append(out)
+                if successor is not None and successor != me:
+                    self._sends += post_p2p(
+                        [(out, successor, self._tag(i + 1, j))], [], self.ctx.info
+                    )
+            self._previous = outs
+            if successor is None:
+                self._end = torch.cat(outs, dim=2)
+            self._next += 1
+
+    def wait(self):
+        self._advance(block=True)
+        for work in self._sends:
+            work.wait()
+        end = self._end
+        if self.need_end:
+            end = broadcast(
+                end if end is not None else self.states.new_zeros(self.states[:, 0].shape),
+                self.order[-1][0], self.ctx.info,
+            )  # fmt: skip
+        return self._incoming.flatten(0, 1), end
