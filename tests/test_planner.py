@@ -278,6 +278,23 @@ def test_memory_shrinks_with_degree_and_allgather_holds_full_kv():
     assert gather > 2 * ring64
 
 
+def test_activation_checkpointing_trades_time_for_memory():
+    cluster = Cluster(64, 8, parse_bytes("80GiB"))
+    plain, ckpt = (
+        CostModel(HYBRID, H100, cluster, activation_checkpointing=flag) for flag in (False, True)
+    )
+    for d, combo in (
+        (8, (("softmax", "ring"), ("linear", "lasp2"))),
+        (1, (("softmax", "ring"), ("linear", "lasp2"))),
+    ):
+        a, q = sums(np.array([65536]), d)
+        assert (
+            ckpt.group_cost(d, combo).bytes_per_token
+            < plain.group_cost(d, combo).bytes_per_token / 3
+        )
+        assert ckpt.group_cost(d, combo).time(a, q) > plain.group_cost(d, combo).time(a, q)
+
+
 # ----------------------------------------------------------------------- inputs and CLI
 def test_sizes_and_model_parsing(tmp_path):
     assert parse_bytes("80GiB") == 80 * 2**30 and parse_bytes("40 GB") == 40 * 10**9

@@ -12,7 +12,7 @@ from distseq.planner.lengths import LengthDistribution, load_lengths
 from distseq.planner.plan import Plan, write_plans
 from distseq.planner.profile import load_profile
 from distseq.planner.solver import plan_batch
-from distseq.planner.spec import Cluster, load_model
+from distseq.planner.spec import Cluster, config_flag, load_model
 from distseq.planner.units import format_bytes, parse_bytes, parse_count
 
 DEFAULT_PROFILE = "h100_nvlink_ib400"
@@ -44,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     dry.add_argument("--out", default=None, help="folder for plan.json and plan.png")
     dry.add_argument("--batches", type=_positive, default=1, help="batches to sample and plan")
     dry.add_argument("--seed", type=int, default=0)
+    dry.add_argument(
+        "--activation-checkpointing",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="auto: train.activation_checkpointing of the --model config",
+    )
     dry.add_argument("--time-limit", type=float, default=0.5, help="MILP seconds per micro-step")
     cal = sub.add_parser("calibrate", help="measure a profile on this machine")
     cal.add_argument("--out", required=True, help="profile JSON to write")
@@ -117,7 +123,21 @@ def dry_run(args: argparse.Namespace) -> list[Plan]:
     dist: LengthDistribution = load_lengths(args.lengths)
     rng = np.random.default_rng(args.seed)
     batches = [dist.sample(tokens, rng) for _ in range(args.batches)]
-    plans = [plan_batch(b, cluster, model, profile, time_limit=args.time_limit) for b in batches]
+    checkpointing = args.activation_checkpointing == "on" or (
+        args.activation_checkpointing == "auto"
+        and config_flag(args.model, "train.activation_checkpointing")
+    )
+    plans = [
+        plan_batch(
+            b,
+            cluster,
+            model,
+            profile,
+            time_limit=args.time_limit,
+            activation_checkpointing=checkpointing,
+        )
+        for b in batches
+    ]
     _table(plans)
     if args.out:
         from distseq.planner.plot import plot_plan

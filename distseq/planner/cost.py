@@ -129,7 +129,9 @@ class CostModel:
 
     ``bytes_per_param``: weights + grads + optimizer state per parameter (16 for bf16 weights
     and grads with fp32 Adam master/m/v); ``shard_states``: ZeRO-3/FSDP over all ranks (plus
-    two gathered layers of bf16 weights in flight) instead of a full replica per rank.
+    two gathered layers of bf16 weights in flight) instead of a full replica per rank;
+    ``activation_checkpointing``: keep only each layer's input and recompute the forward
+    (mixer communication included) during backward.
     """
 
     def __init__(
@@ -140,12 +142,14 @@ class CostModel:
         *,
         bytes_per_param: float = 16.0,
         shard_states: bool = True,
+        activation_checkpointing: bool = False,
         chunk_size: int = 64,
         scan_blocks: int = 8,
     ) -> None:
         self.model, self.profile, self.cluster = model, profile, cluster
         self.bytes_per_param = bytes_per_param
         self.shard_states = shard_states
+        self.checkpointing = activation_checkpointing
         self.chunk_size = chunk_size
         self.scan_blocks = scan_blocks
         self._cache: dict[tuple[int, Combo], GroupCost] = {}
@@ -187,6 +191,8 @@ class CostModel:
         if layer_type == "softmax":
             q_fwd = 2.0 * m.n_heads * m.head_dim / (d * pr.attention_flops)
             q_bwd = BWD_OVER_FWD * q_fwd
+            if self.checkpointing:
+                q_bwd += q_fwd  # the recomputed forward's blocks
             if d == 1:
                 ph.serial(q=q_fwd + q_bwd)
                 return ph
@@ -195,16 +201,23 @@ class CostModel:
                 c_f, a_f = link.time(d - 1, (d - 1) * kv * e)
                 c_b, a_b = link.time(d, (d - 1) * kv * e + d * kv * 4)
                 ph.overlap((0, q_fwd, 0), (a_f, 0, c_f))
-                ph.overlap((0, q_bwd, 0), (a_b, 0, c_b))
+                ph.overlap(
+                    (0, q_bwd, 0),
+                    (a_b + self.checkpointing * a_f, 0, c_b + self.checkpointing * c_f),
+                )
             elif strategy == "ulysses":
                 per_dir = (d - 1) / d / d * m.head_dim * (2 * m.n_heads + 2 * m.n_kv_heads) * e
                 c, a = link.time(2 * (d - 1), per_dir)
-                ph.serial(a=2 * a, q=q_fwd + q_bwd, c=2 * c)
+                passes = 3 if self.checkpointing else 2
+                ph.serial(a=passes * a, q=q_fwd + q_bwd, c=passes * c)
             elif strategy == "allgather":
                 c_g, a_g = link.time(d - 1, (d - 1) * kv * e)
                 c_rs, a_rs = link.time(d - 1, (d - 1) * kv * 4)
                 ph.overlap((0, q_fwd / d, 0), (a_g, 0, c_g))
-                ph.overlap((0, q_bwd / d, 0), (a_g, 0, c_g))
+                ph.overlap(
+                    (0, q_bwd / d, 0),
+                    (a_g * (1 + self.checkpointing), 0, c_g * (1 + self.checkpointing)),
+                )
                 ph.serial(a=a_rs, q=(q_fwd + q_bwd) * (d - 1) / d, c=c_rs)
             else:
                 raise ValueError(
@@ -218,7 +231,8 @@ class CostModel:
         intra_f = 2.0 * h * chunk * dh / rate  # per token: causal chunk-local scores and values
         inter_f = 4.0 * h * dh * dh / rate  # per token: q·S and the state update kᵀv
         state = h * dh * dh * 4.0  # fp32 H·Dk·Dv
-        for factor in (1.0, 2.0):  # forward, backward (twice the forward's FLOPs)
+        # Forward, (recomputed forward,) backward at twice the forward's FLOPs.
+        for factor in (1.0, 1.0, 2.0) if self.checkpointing else (1.0, 2.0):
             intra, inter = factor * intra_f, factor * inter_f
             if d == 1:
                 ph.serial(a=intra + inter)
@@ -251,7 +265,8 @@ class CostModel:
 
     def _dense_flops_per_token(self) -> float:
         m = self.model
-        return 3.0 * (2.0 * m.n_layers * m.layer_params() + 2.0 * m.vocab_size * m.d_model)
+        passes = 4.0 if self.checkpointing else 3.0
+        return passes * (2.0 * m.n_layers * m.layer_params() + 2.0 * m.vocab_size * m.d_model)
 
     def _build(self, degree: int, combo: Combo) -> GroupCost:
         m, pr = self.model, self.profile
@@ -278,10 +293,11 @@ class CostModel:
         kv = 2 * m.n_kv_heads * m.head_dim
         state = m.n_heads * m.head_dim**2 * 4.0
         per_token = 0.0
+        full: list[float] = []
         transient = [2.0 * m.vocab_size * 4 / d]  # fp32 logits and their gradient
         for layer_type, strategy in combo:
             if layer_type == "softmax":
-                per_token += m.count(layer_type) * (saved + 4 * m.n_heads) / d
+                full.append((saved + 4 * m.n_heads) / d)
                 transient.append(
                     {
                         "ring": 2 * kv * (e + 4) / d,  # K/V and fp32 dK/dV in flight
@@ -290,8 +306,13 @@ class CostModel:
                     }[strategy]
                 )
             else:
-                per_token += m.count(layer_type) * (saved + state / self.chunk_size) / d
+                full.append((saved + state / self.chunk_size) / d)
                 static += state * (d if strategy == "lasp2" else 2)
+        for (layer_type, _), layer in zip(combo, full):
+            kept = e * m.d_model / d if self.checkpointing else layer
+            per_token += m.count(layer_type) * kept
+        if self.checkpointing:
+            per_token += max(full)  # the layer being recomputed
         return static, per_token + max(transient)
 
     # ----------------------------------------------------------------- queries

@@ -197,9 +197,8 @@ class _StepSolver:
                             combos[d].append(kind.combo)
             n_single = min(len(order), 16)
             singles, rest = order[:n_single], order[n_single:]
-            n_buckets = min(len(rest), 12)
-            buckets = [list(b) for b in np.array_split(np.array(rest, dtype=np.int64), n_buckets)]
-            buckets = [[int(i) for i in b] for b in buckets if len(b)]
+            parts = np.array_split(np.array(rest, dtype=np.int64), min(len(rest), 12) or 1)
+            buckets = [[int(i) for i in b] for b in parts if len(b)]
         for d in sorted(slots, reverse=True):
             for combo in combos.get(d, []):
                 for k in range(slots[d]):
@@ -286,10 +285,12 @@ def plan_batch(
     node_limit: int | None = None,
     max_items: int = 160,
     use_milp: bool = True,
+    activation_checkpointing: bool = False,
 ) -> Plan:
     """Plan one training step for sequences of ``lengths`` (input order is kept in the plan).
 
-    ``time_limit``: seconds of MILP per step, shared by its micro-steps. Deterministic for a
+    ``cost`` overrides the default :class:`CostModel` (memory options) built from ``model``,
+    ``profile`` and ``cluster``. ``time_limit``: seconds of MILP per step, shared by its micro-steps. Deterministic for a
     given input as long as the MILP ends on optimality or finds nothing within its limit (the
     common cases); a solution found just before the limit can depend on timing, so a trainer
     should solve on one rank and broadcast ``plan.to_json()``. Raises ``ValueError`` on bad lengths or when a sequence
@@ -297,7 +298,9 @@ def plan_batch(
     """
     start = time.perf_counter()
     lengths = _check_lengths(lengths)
-    cost = cost or CostModel(model, profile, cluster)
+    cost = cost or CostModel(
+        model, profile, cluster, activation_checkpointing=activation_checkpointing
+    )
     _check_fits(lengths, cost)
     solver = _StepSolver(
         lengths,

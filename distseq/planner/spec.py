@@ -134,6 +134,14 @@ def load_model(path: str) -> ModelSpec:
     return model_from_dict(config["model"])
 
 
+def config_flag(path: str, key: str) -> bool:
+    """A boolean from elsewhere in the training config, e.g. ``train.activation_checkpointing``
+    (``False`` when absent)."""
+    from omegaconf import OmegaConf
+
+    return bool(OmegaConf.select(OmegaConf.load(path), key, default=False))
+
+
 def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
