@@ -50,7 +50,12 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto: train.activation_checkpointing of the --model config",
     )
-    dry.add_argument("--time-limit", type=float, default=0.5, help="MILP seconds per micro-step")
+    dry.add_argument(
+        "--time-limit",
+        type=float,
+        default=0.25,
+        help="MILP seconds per step (shared by its micro-steps)",
+    )
     cal = sub.add_parser("calibrate", help="measure a profile on this machine")
     cal.add_argument("--out", required=True, help="profile JSON to write")
     cal.add_argument("--world", type=_positive, default=2, help="processes to measure with")

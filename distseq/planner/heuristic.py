@@ -65,24 +65,11 @@ def make_items(lengths: np.ndarray, degrees: list[int], max_items: int) -> Items
 
 
 def _compile(kind: GroupCost, capacity: float):
-    """``kind.time`` as a plain-float closure: serial phases summed into one linear term."""
-    a0 = q0 = c0 = 0.0
-    pairs = []
-    for phase in kind.phases.tolist():
-        pieces = {tuple(p) for p in phase}
-        if len(pieces) == 1:
-            a, q, c = pieces.pop()
-            a0, q0, c0 = a0 + a, q0 + q, c0 + c
-        else:
-            pairs.append(tuple(sorted(pieces)))
+    """``kind.scalar_time``, infinite beyond the memory ``capacity`` (in padded tokens)."""
+    inner = kind.scalar_time
 
     def time(tokens: float, squares: float) -> float:
-        if tokens > capacity:
-            return math.inf
-        t = a0 * tokens + q0 * squares + c0
-        for pieces in pairs:
-            t += max(a * tokens + q * squares + c for a, q, c in pieces)
-        return t
+        return math.inf if tokens > capacity else inner(tokens, squares)
 
     return time
 
