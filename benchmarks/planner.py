@@ -2,7 +2,8 @@
 
     python benchmarks/planner.py [--reps 10 --batches 40 --skip-gloo --json out.json]
 
-1. Solve time p50/p99 of ``plan_batch`` for 256/1024/4096 sequences (drawn from the web
+1. Solve time p50/p99 (wall, and CPU time of the process, which a loaded machine distorts
+   less) of ``plan_batch`` for 256/1024/4096 sequences (drawn from the web
    fixture) on 8/64/256 ranks (8 per node, 80 GiB, the 7B config, the shipped H100 profile).
 2. Over ``--batches`` sampled batches of 1M tokens per fixture (web, code, books) on 64 ranks,
    predicted step time of: a fixed degree (the smallest that fits the corpus' longest
@@ -47,9 +48,11 @@ def solve_times(reps: int) -> list[dict]:
     for n in (256, 1024, 4096):
         for world in (8, 64, 256):
             cluster = Cluster(world, 8, MEMORY)
-            times, steps = [], []
+            times, cpu, steps = [], [], []
             for _ in range(reps):
+                start = time.process_time()
                 plan = plan_batch(rng.choice(web.lengths, size=n, p=p), cluster, MODEL, PROFILE)
+                cpu.append(time.process_time() - start)
                 times.append(plan.solve_time_s)
                 steps.append(len(plan.micro_steps))
             row = {
@@ -57,6 +60,8 @@ def solve_times(reps: int) -> list[dict]:
                 "ranks": world,
                 "p50_s": float(np.percentile(times, 50)),
                 "p99_s": float(np.percentile(times, 99)),
+                "cpu_p50_s": float(np.percentile(cpu, 50)),
+                "cpu_p99_s": float(np.percentile(cpu, 99)),
                 "micro_steps": float(np.mean(steps)),
             }
             rows.append(row)

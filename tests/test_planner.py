@@ -102,6 +102,15 @@ def test_bad_lengths_are_rejected(bad):
         plan_batch(bad, Cluster(8, 8, 2**36), MODEL_7B, H100)
 
 
+def test_broadcast_plan_gives_every_rank_rank_zeros_plan(pools):
+    from planner_cases import broadcast_case
+
+    results = pools(2).run(broadcast_case, [5000, 300, 20000, 64, 7000])
+    assert results[0]["calls"] == [0] and results[1]["calls"] == []
+    assert results[0]["plan"] == results[1]["plan"]
+    assert all("sequence 0 of length 1000000000 fits no group" in r["error"] for r in results)
+
+
 # ----------------------------------------------------------------------- brute force
 TOY = model_from_dict(
     {

@@ -11,6 +11,7 @@ from distseq.planner.plan import GroupPlan, MicroStep, Plan, StaticSummary, writ
 from distseq.planner.profile import Link, Profile, load_profile, shipped_profiles
 from distseq.planner.solver import plan_batch
 from distseq.planner.spec import Cluster, ModelSpec, load_model, model_from_dict
+from distseq.planner.sync import broadcast_plan
 from distseq.planner.units import parse_bytes, parse_count
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "Plan",
     "Profile",
     "StaticSummary",
+    "broadcast_plan",
     "load_model",
     "load_profile",
     "model_from_dict",
