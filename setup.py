@@ -48,8 +48,17 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["distseq", "distseq.*"]),
-    include_package_data=True,
-    install_requires=[TORCH_PIN, "numpy", "omegaconf>=2.3", "tqdm"],
+    package_data={"distseq.planner": ["profiles/*.json", "fixtures/*.csv"]},
+    install_requires=[
+        TORCH_PIN,
+        "numpy",
+        "scipy",
+        "matplotlib",
+        "omegaconf>=2.3",
+        "pyyaml",
+        "rich",
+        "tqdm",
+    ],
     extras_require={
         "gpu": ["flash-attn>=2.7", "triton"],
         # DS_BUILD_OPS=0 at install: its ops compile on first use instead.

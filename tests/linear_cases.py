@@ -170,9 +170,11 @@ def _one_conv_case(world, case):
         dist.all_reduce(dweight)
         dist.all_reduce(dbias)
     return {
-        "y": relative_error(y, shard(y_ref)), "dx": relative_error(mine[0].grad, shard(ref[0].grad)),
-        "dweight": relative_error(dweight, ref[1].grad), "dbias": relative_error(dbias, ref[2].grad),
-    }  # fmt: skip
+        "y": relative_error(y, shard(y_ref)),
+        "dx": relative_error(mine[0].grad, shard(ref[0].grad)),
+        "dweight": relative_error(dweight, ref[1].grad),
+        "dbias": relative_error(dbias, ref[2].grad),
+    }
 
 
 def count_conv_bytes(rank, world, case: dict) -> dict[str, int]:

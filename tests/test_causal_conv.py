@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import itertools
 
-import linear_cases
 import pytest
+
+import linear_cases
 
 FP32_TOL = 1e-5
 

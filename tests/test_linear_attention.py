@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import itertools
 
-import linear_cases
 import pytest
 
 import distseq
+import linear_cases
 
 WORLD_SIZES = (1, 2, 3, 4)
 FP32_TOL = 1e-4

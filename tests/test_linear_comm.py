@@ -3,8 +3,9 @@ torch.distributed calls, against the strategies' formulas."""
 
 from __future__ import annotations
 
-import linear_cases
 import pytest
+
+import linear_cases
 
 CASE = {"batch": 2, "seq_local": 8, "heads": 2, "dk": 8, "dv": 4}
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import linear_cases
 import pytest
+
+import linear_cases
 
 ALL_RANKS_BAD = {
     "unknown_strategy": ["unknown linear attention strategy 'lasp3'", "lasp2"],

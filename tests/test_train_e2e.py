@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 
 import pytest
-import train_cases
 
 import distseq
+import train_cases
 
 REL_TOL = 1e-5
 STEPS = 3

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 import train_cases
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -90,7 +90,8 @@ class _Chunks:
 
     ``mask`` ``[N|1, H|1, chunks|1, C, C]`` is ``exp(b_i - b_j)`` for ``j <= i`` (0 above the
     diagonal), ``b`` the in-chunk cumulative log decay; ``q_decay = exp(b) q``,
-    ``k_decay = exp(b_C - b) k`` (``to_end = b_C - b``) and ``chunk_decay = exp(b_C)`` ``[N, H, chunks]`` (``None``
+    ``k_decay = exp(b_C - b) k`` (``to_end = b_C - b``) and ``chunk_decay = exp(b_C)``
+    ``[N, H, chunks]`` (``None``
     without decay). ``incoming`` ``[N, H, chunks, Dk, Dv]`` are the states entering each chunk
     and ``final`` the state after the last one.
     """

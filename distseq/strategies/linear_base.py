@@ -31,7 +31,7 @@ from distseq.strategies import linear_local
 
 @dataclass(frozen=True)
 class LinearContext(Pieces):
-    """Everything a linear strategy needs besides the tensors (pieces: see :mod:`distseq.pieces`)."""
+    """Everything a linear strategy needs besides the tensors (see :mod:`distseq.pieces`)."""
 
     scale: float
     kernel: ModuleType
@@ -48,7 +48,7 @@ class LinearStrategy(ABC):
 
     name: ClassVar[str]
 
-    def check(self, ctx: LinearContext) -> None:
+    def check(self, ctx: LinearContext) -> None:  # noqa: B027
         """Raise ``ValueError`` for inputs this strategy cannot handle (no communication)."""
 
     @abstractmethod

@@ -1,0 +1,5 @@
+import sys
+
+from distseq.planner.cli import main
+
+sys.exit(main())

@@ -1,0 +1,373 @@
+"""Analytic cost model: time and memory per rank of one SP group running a set of sequences.
+
+A group of ``d`` ranks runs its sequences packed into one varlen batch (``cu_seqlens``), each
+document padded to a multiple of ``2d`` (zigzag). With ``A = Σ padded s`` and ``Q = Σ padded s²``
+its time is a sum of *phases*, each the max of linear *pieces* ``a·A + q·Q + c`` (one piece when
+nothing overlaps; compute vs communication when the strategy overlaps them), and its memory per
+rank is ``static + bytes_per_token · A``. Both are linear in ``(A, Q)`` inside a max, which the
+MILP can express exactly.
+
+Communication is α-β (``profile.intra`` inside a node, ``profile.inter`` when the group spans
+nodes), with the bytes each strategy's own docstring states, per rank and layer, ``n = A/d·Hkv·D``:
+
+- ``ring`` (softmax): fwd ``(d-1)·2n·e`` overlapped with the blocks; bwd ``(d-1)·2n·e + d·2n·4``.
+- ``ulysses``: fwd and bwd ``(d-1)/d·A/d·D·(2Hq+2Hkv)·e`` each, two all-to-alls, not overlapped.
+- ``allgather``: fwd ``(d-1)·2n·e`` hidden behind the local block (1/d of the work); bwd the same
+  plus a reduce-scatter of ``(d-1)·2n·4``, not overlapped.
+- ``lasp2`` (linear): one all-gather of per-rank ``H·Dk·Dv`` fp32 states per direction,
+  overlapped with the intra-chunk part; ``allscan``: each rank sends/receives one state,
+  pipelined in ``scan_blocks`` pieces along the ``d`` ranks; ``ring``: the state hops
+  sequentially rank to rank (LASP-1).
+
+Compute: causal softmax attention ``2·s²·Hq·D`` FLOPs forward (2.5x that backward), chunked
+linear attention ``H·(2·C·D + 4·D²)`` per token forward (3x fwd+bwd), projections and FFN
+``6·params`` per token; everything divided by ``d`` (zigzag balances causal work).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from distseq.planner.profile import Profile
+from distseq.planner.spec import Cluster, ModelSpec
+
+STRATEGIES: dict[str, tuple[str, ...]] = {
+    "softmax": ("ring", "ulysses", "allgather"),
+    "linear": ("lasp2", "allscan", "ring"),
+}
+BWD_OVER_FWD = 2.5  # flash-attention backward FLOPs relative to forward (recompute included)
+
+Combo = tuple[tuple[str, str], ...]  # ((layer_type, strategy), ...) in LAYER_TYPES order
+
+
+def padded(lengths: np.ndarray, degree: int) -> np.ndarray:
+    """Lengths padded to a multiple of ``2·degree`` (zigzag needs two chunks per rank)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if degree == 1:
+        return lengths
+    unit = 2 * degree
+    return -(-lengths // unit) * unit
+
+
+def sums(lengths: np.ndarray, degree: int) -> tuple[float, float]:
+    """``(A, Q)``: total padded tokens and total padded squared length."""
+    p = padded(lengths, degree).astype(np.float64)
+    return float(p.sum()), float((p * p).sum())
+
+
+def combo_name(combo: Combo) -> str:
+    return "+".join(strategy for _, strategy in combo)
+
+
+@dataclass(frozen=True)
+class GroupCost:
+    """Cost of a group of ``degree`` ranks running strategy ``combo``.
+
+    ``phases[p, k] = (a, q, c)``: time = Σ_p max_k (a·A + q·Q + c) for a non-empty group.
+    """
+
+    degree: int
+    combo: Combo
+    phases: np.ndarray
+    static_bytes: float
+    bytes_per_token: float
+
+    @property
+    def strategy(self) -> str:
+        return combo_name(self.combo)
+
+    @property
+    def strategies(self) -> dict[str, str]:
+        return dict(self.combo)
+
+    def time(self, tokens, squares):
+        """Predicted seconds for loads ``A`` (tokens) and ``Q`` (squares); 0 when empty."""
+        a = np.asarray(tokens, dtype=np.float64)[..., None, None]
+        q = np.asarray(squares, dtype=np.float64)[..., None, None]
+        t = (self.phases[..., 0] * a + self.phases[..., 1] * q + self.phases[..., 2]).max(-1)
+        return np.where(np.asarray(tokens) > 0, t.sum(-1), 0.0)
+
+    @cached_property
+    def scalar_time(self):
+        """:meth:`time` for one plain-float ``(A, Q)``, ~20x faster than the numpy path:
+        single-piece phases are summed into one linear term."""
+        a0 = q0 = c0 = 0.0
+        pairs = []
+        for phase in self.phases.tolist():
+            pieces = {tuple(p) for p in phase}
+            if len(pieces) == 1:
+                a, q, c = pieces.pop()
+                a0, q0, c0 = a0 + a, q0 + q, c0 + c
+            else:
+                pairs.append(tuple(sorted(pieces)))
+
+        def time(tokens: float, squares: float) -> float:
+            if tokens <= 0:
+                return 0.0
+            t = a0 * tokens + q0 * squares + c0
+            for pieces in pairs:
+                t += max(a * tokens + q * squares + c for a, q, c in pieces)
+            return t
+
+        return time
+
+    def memory(self, tokens) -> float:
+        return self.static_bytes + self.bytes_per_token * np.asarray(tokens, dtype=np.float64)
+
+    def capacity(self, memory_bytes: float) -> float:
+        """Most padded tokens the group can hold per step under ``memory_bytes`` per rank."""
+        return max(0.0, (memory_bytes - self.static_bytes) / self.bytes_per_token)
+
+
+class _Phases:
+    """Collects phases as lists of pieces ``(a, q, c)``; pads them into one array."""
+
+    def __init__(self) -> None:
+        self.items: list[list[tuple[float, float, float]]] = []
+
+    def serial(self, a: float = 0.0, q: float = 0.0, c: float = 0.0) -> None:
+        self.items.append([(a, q, c)])
+
+    def overlap(self, *pieces: tuple[float, float, float]) -> None:
+        self.items.append(list(pieces))
+
+    def scaled(self, factor: float) -> list[list[tuple[float, float, float]]]:
+        return [[(a * factor, q * factor, c * factor) for a, q, c in ph] for ph in self.items]
+
+
+def _pack(phases: list[list[tuple[float, float, float]]]) -> np.ndarray:
+    width = max(len(p) for p in phases)
+    out = np.zeros((len(phases), width, 3))
+    for i, pieces in enumerate(phases):
+        for k in range(width):
+            out[i, k] = pieces[min(k, len(pieces) - 1)]  # repeat a piece: max unchanged
+    return out
+
+
+class CostModel:
+    """Time and memory of SP groups for one model on one cluster and profile.
+
+    ``bytes_per_param``: weights + grads + optimizer state per parameter (16 for bf16 weights
+    and grads with fp32 Adam master/m/v); ``shard_states``: ZeRO-3/FSDP over all ranks (plus
+    two gathered layers of bf16 weights in flight) instead of a full replica per rank;
+    ``activation_checkpointing``: keep only each layer's input and recompute the forward
+    (mixer communication included) during backward.
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        profile: Profile,
+        cluster: Cluster,
+        *,
+        bytes_per_param: float = 16.0,
+        shard_states: bool = True,
+        activation_checkpointing: bool = False,
+        chunk_size: int = 64,
+        scan_blocks: int = 8,
+    ) -> None:
+        self.model, self.profile, self.cluster = model, profile, cluster
+        self.bytes_per_param = bytes_per_param
+        self.shard_states = shard_states
+        self.checkpointing = activation_checkpointing
+        self.chunk_size = chunk_size
+        self.scan_blocks = scan_blocks
+        self._cache: dict[tuple[int, Combo], GroupCost] = {}
+        self.memo: dict = {}  # derived per-model data other modules cache (e.g. fast closures)
+
+    # ----------------------------------------------------------------- strategies
+    def combos(self, degree: int) -> list[Combo]:
+        """Feasible strategy choices (one per layer type) for a group of ``degree`` ranks."""
+        m = self.model
+        per_type = []
+        for layer_type in m.layer_types:
+            names = STRATEGIES[layer_type]
+            if degree == 1:
+                names = names[:1]  # no communication: every strategy is the local kernel
+            elif layer_type == "softmax" and (m.n_heads % degree or m.n_kv_heads % degree):
+                names = tuple(n for n in names if n != "ulysses")
+            per_type.append([(layer_type, n) for n in names])
+        return list(itertools.product(*per_type))
+
+    def group_cost(self, degree: int, combo: Combo) -> GroupCost:
+        key = (degree, combo)
+        if key not in self._cache:
+            self._cache[key] = self._build(degree, combo)
+        return self._cache[key]
+
+    def kinds(self, degree: int) -> list[GroupCost]:
+        return [self.group_cost(degree, c) for c in self.combos(degree)]
+
+    # ----------------------------------------------------------------- time
+    def _link(self, degree: int):
+        return self.profile.inter if self.cluster.spans_nodes(degree) else self.profile.intra
+
+    def layer_phases(self, layer_type: str, strategy: str, degree: int) -> _Phases:
+        """Phases of one layer's mixer (attention or linear attention), forward + backward."""
+        m, pr, d = self.model, self.profile, degree
+        e = pr.elem_bytes
+        link = self._link(d)
+        ph = _Phases()
+        if layer_type == "softmax":
+            q_fwd = 2.0 * m.n_heads * m.head_dim / (d * pr.attention_flops)
+            q_bwd = BWD_OVER_FWD * q_fwd
+            if self.checkpointing:
+                q_bwd += q_fwd  # the recomputed forward's blocks
+            if d == 1:
+                ph.serial(q=q_fwd + q_bwd)
+                return ph
+            kv = 2.0 * m.n_kv_heads * m.head_dim / d  # K and V elements per token of A
+            if strategy == "ring":
+                c_f, a_f = link.time(d - 1, (d - 1) * kv * e)
+                c_b, a_b = link.time(d, (d - 1) * kv * e + d * kv * 4)
+                ph.overlap((0, q_fwd, 0), (a_f, 0, c_f))
+                ph.overlap(
+                    (0, q_bwd, 0),
+                    (a_b + self.checkpointing * a_f, 0, c_b + self.checkpointing * c_f),
+                )
+            elif strategy == "ulysses":
+                per_dir = (d - 1) / d / d * m.head_dim * (2 * m.n_heads + 2 * m.n_kv_heads) * e
+                c, a = link.time(2 * (d - 1), per_dir)
+                passes = 3 if self.checkpointing else 2
+                ph.serial(a=passes * a, q=q_fwd + q_bwd, c=passes * c)
+            elif strategy == "allgather":
+                c_g, a_g = link.time(d - 1, (d - 1) * kv * e)
+                c_rs, a_rs = link.time(d - 1, (d - 1) * kv * 4)
+                ph.overlap((0, q_fwd / d, 0), (a_g, 0, c_g))
+                ph.overlap(
+                    (0, q_bwd / d, 0),
+                    (a_g * (1 + self.checkpointing), 0, c_g * (1 + self.checkpointing)),
+                )
+                ph.serial(a=a_rs, q=(q_fwd + q_bwd) * (d - 1) / d, c=c_rs)
+            else:
+                raise ValueError(
+                    f"unknown softmax strategy {strategy!r}; use {STRATEGIES['softmax']}"
+                )
+            return ph
+        if layer_type != "linear":
+            raise ValueError(f"unknown layer type {layer_type!r}; use softmax or linear")
+        h, dh, chunk = m.n_heads, m.head_dim, self.chunk_size
+        rate = d * pr.linear_attention_flops
+        intra_f = 2.0 * h * chunk * dh / rate  # per token: causal chunk-local scores and values
+        inter_f = 4.0 * h * dh * dh / rate  # per token: q·S and the state update kᵀv
+        state = h * dh * dh * 4.0  # fp32 H·Dk·Dv
+        # Forward, (recomputed forward,) backward at twice the forward's FLOPs.
+        for factor in (1.0, 1.0, 2.0) if self.checkpointing else (1.0, 2.0):
+            intra, inter = factor * intra_f, factor * inter_f
+            if d == 1:
+                ph.serial(a=intra + inter)
+                continue
+            if strategy == "lasp2":
+                c, a = link.time(d - 1, (d - 1) * state)
+                comm = c + a
+            elif strategy == "allscan":
+                hops = d - 1 + self.scan_blocks - 1
+                c, a = link.time(hops, hops * state / self.scan_blocks)
+                comm = c + a
+            elif strategy == "ring":
+                c, a = link.time(d - 1, (d - 1) * state)
+                comm = c + a
+            else:
+                raise ValueError(
+                    f"unknown linear strategy {strategy!r}; use {STRATEGIES['linear']}"
+                )
+            ph.overlap((intra, 0, 0), (0, 0, comm))
+            ph.serial(a=inter)
+        return ph
+
+    def mixer_time(self, layer_type: str, strategy: str, degree: int, length: int) -> float:
+        """Seconds of one layer's mixer, forward + backward, for one sequence (plus the
+        per-layer overhead): what ``benchmarks/planner.py`` compares with measured runs."""
+        tokens, squares = sums(np.array([length]), degree)
+        phases = _pack(self.layer_phases(layer_type, strategy, degree).items)
+        t = (phases[..., 0] * tokens + phases[..., 1] * squares + phases[..., 2]).max(-1).sum()
+        return float(t) + self.profile.layer_overhead_s
+
+    def _dense_flops_per_token(self) -> float:
+        m = self.model
+        passes = 4.0 if self.checkpointing else 3.0
+        return passes * (2.0 * m.n_layers * m.layer_params() + 2.0 * m.vocab_size * m.d_model)
+
+    def _build(self, degree: int, combo: Combo) -> GroupCost:
+        m, pr = self.model, self.profile
+        phases: list[list[tuple[float, float, float]]] = []
+        for layer_type, strategy in combo:
+            phases += self.layer_phases(layer_type, strategy, degree).scaled(m.count(layer_type))
+        dense = self._dense_flops_per_token() / (degree * pr.matmul_flops)
+        phases.append([(dense, 0.0, m.n_layers * pr.layer_overhead_s)])
+        static, per_token = self._memory(degree, combo)
+        return GroupCost(degree, combo, _pack(phases), static, per_token)
+
+    # ----------------------------------------------------------------- memory
+    def _memory(self, degree: int, combo: Combo) -> tuple[float, float]:
+        m, e, d = self.model, self.profile.elem_bytes, degree
+        params = m.params()
+        if self.shard_states:
+            static = params * self.bytes_per_param / self.cluster.world_size
+            static += 2 * m.layer_params() * e  # the gathered layers in flight
+        else:
+            static = params * self.bytes_per_param
+        static += self.profile.reserved_bytes
+        saved = e * (4 * m.d_model + (2 * m.n_heads + 2 * m.n_kv_heads) * m.head_dim)
+        saved += e * 3 * m.ffn_hidden
+        kv = 2 * m.n_kv_heads * m.head_dim
+        state = m.n_heads * m.head_dim**2 * 4.0
+        per_token = 0.0
+        full: list[float] = []
+        transient = [2.0 * m.vocab_size * 4 / d]  # fp32 logits and their gradient
+        for layer_type, strategy in combo:
+            if layer_type == "softmax":
+                full.append((saved + 4 * m.n_heads) / d)
+                transient.append(
+                    {
+                        "ring": 2 * kv * (e + 4) / d,  # K/V and fp32 dK/dV in flight
+                        "ulysses": 2 * (2 * m.n_heads + 2 * m.n_kv_heads) * m.head_dim * e / d,
+                        "allgather": kv * (e + 4),  # the whole gathered K/V and fp32 dK/dV
+                    }[strategy]
+                )
+            else:
+                full.append((saved + state / self.chunk_size) / d)
+                static += state * (d if strategy == "lasp2" else 2)
+        for (layer_type, _), layer in zip(combo, full):
+            kept = e * m.d_model / d if self.checkpointing else layer
+            per_token += m.count(layer_type) * kept
+        if self.checkpointing:
+            per_token += max(full)  # the layer being recomputed
+        return static, per_token + max(transient)
+
+    # ----------------------------------------------------------------- queries
+    def best(self, degree: int, lengths) -> tuple[GroupCost | None, float]:
+        """Fastest memory-feasible strategy of a ``degree`` group holding ``lengths``."""
+        tokens, squares = sums(lengths, degree)
+        best, best_time = None, math.inf
+        for kind in self.kinds(degree):
+            if kind.static_bytes + kind.bytes_per_token * tokens > self.cluster.memory_bytes:
+                continue
+            t = kind.scalar_time(tokens, squares)
+            if t < best_time:
+                best, best_time = kind, t
+        return best, best_time
+
+    def min_memory(self, length: int) -> tuple[int, float]:
+        """Smallest per-rank memory of one sequence over all degrees: ``(degree, bytes)``."""
+        options = []
+        for d in self.cluster.degrees():
+            tokens = float(padded(np.array([length]), d)[0])
+            options.append((min(float(k.memory(tokens)) for k in self.kinds(d)), d))
+        need, degree = min(options)
+        return degree, need
+
+
+def work_floor(kind: GroupCost, tokens, squares):
+    """Rank-seconds a group of ``kind`` needs at least for loads ``(A, Q)``: ``d·Σ_p min_k (a·A +
+    q·Q)``. Additive over sequences (min is superadditive, constants dropped), so summing it
+    over a batch gives a valid lower bound on any plan's total rank-time."""
+    a = np.asarray(tokens, dtype=np.float64)[..., None, None]
+    q = np.asarray(squares, dtype=np.float64)[..., None, None]
+    per_piece = kind.phases[..., 0] * a + kind.phases[..., 1] * q
+    return kind.degree * per_piece.min(-1).sum(-1)
