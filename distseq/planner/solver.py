@@ -307,8 +307,9 @@ def plan_batch(
     ``profile`` and ``cluster``. ``time_limit``: seconds of MILP per step, shared by its
     micro-steps. Deterministic for a given input as long as the MILP ends on optimality or
     finds nothing within its limit (the common cases); a solution found just before the limit
-    can depend on timing, so a trainer should solve on one rank and broadcast ``plan.to_json()``. Raises ``ValueError`` on bad
-    lengths or when a sequence fits no group under the memory limit.
+    can depend on timing, so a trainer should solve on one rank and broadcast
+    ``plan.to_json()``. Raises ``ValueError`` on bad lengths or when a sequence fits no group
+    under the memory limit.
     """
     start = time.perf_counter()
     lengths = _check_lengths(lengths)
