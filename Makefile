@@ -33,6 +33,8 @@ test-slow: install
 
 bench: install
 	$(PY) benchmarks/attention_sp.py
+	$(PY) benchmarks/linear_sp.py
+	$(PY) benchmarks/planner.py --skip-gloo
 
 lint: install
 	$(VENV)/bin/ruff check .

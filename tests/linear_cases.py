@@ -88,7 +88,7 @@ def _one_linear_case(rank, world, case):
     o, h = distseq.linear_attention(
         local["q"], local["k"], local["v"], strategy=case["strategy"], log_decay=local.get("g"),
         layout=layout, cu_seqlens=cu, initial_state=local["h0"], output_final_state=True,
-        group=group,
+        group=group, backend=case.get("backend", "auto"),
     )  # fmt: skip
     ((o * shard(full["do"]).float()).sum() + (h * full["dh"].float()).sum() / size).backward()
     errors = {"o": relative_error(o, shard(ref_o)), "final": relative_error(h, ref_h)}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import torch
 
 import distseq
 import linear_cases
@@ -59,6 +60,22 @@ def test_several_kernel_chunks_per_shard(pools, strategy):
         {"strategy": strategy, "decay": "constant", "docs": [2 * 50, 2 * 33], "dk": 16, "dv": 16},
     ]
     assert_close(pools(2).run(linear_cases.linear_vs_reference, cases), cases, FP32_TOL)
+
+
+@pytest.mark.parametrize("world", (2, 3))
+def test_strategies_with_triton_kernels(pools, world):
+    """The strategies run unchanged on our Triton kernels (interpreted on CPU)."""
+    from distseq.kernels import unavailable_reason
+
+    if unavailable_reason("triton", torch.device("cpu"), torch.float32) is not None:
+        pytest.skip("triton cannot run here")
+    cases = [
+        {"strategy": "lasp2", "layout": "zigzag", "decay": "data", "seq": 2 * world * 5,
+         "backend": "triton"},
+        {"strategy": "allscan", "decay": "constant", "docs": [world * 3, world * 2],
+         "backend": "triton"},
+    ]  # fmt: skip
+    assert_close(pools(world).run(linear_cases.linear_vs_reference, cases), cases, FP32_TOL)
 
 
 def test_strategies_are_registered():
