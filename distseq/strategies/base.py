@@ -17,6 +17,7 @@ import torch
 
 from distseq.comm import GroupInfo
 from distseq.layout import ShardLayout
+from distseq.strategies.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -67,23 +68,9 @@ class AttentionStrategy(ABC):
         """Return ``dq`` ``[B, S_local, Hq, D]``, ``dk``/``dv`` ``[B, S_local, Hkv, D]``."""
 
 
-ATTENTION_STRATEGIES: dict[str, AttentionStrategy] = {}
-
-
-def register_attention_strategy(cls: type[AttentionStrategy]) -> type[AttentionStrategy]:
-    """Class decorator: make ``cls`` selectable as ``distseq.attention(strategy=cls.name)``."""
-    if cls.name in ATTENTION_STRATEGIES:
-        raise ValueError(f"attention strategy {cls.name!r} is registered twice")
-    ATTENTION_STRATEGIES[cls.name] = cls()
-    return cls
-
-
-def get_attention_strategy(name: str) -> AttentionStrategy:
-    if name not in ATTENTION_STRATEGIES:
-        raise ValueError(
-            f"unknown attention strategy {name!r}; choose one of {sorted(ATTENTION_STRATEGIES)}"
-        )
-    return ATTENTION_STRATEGIES[name]
+ATTENTION_STRATEGIES: Registry[AttentionStrategy] = Registry("attention")
+register_attention_strategy = ATTENTION_STRATEGIES.register
+get_attention_strategy = ATTENTION_STRATEGIES.get
 
 
 class SequenceParallelAttention(torch.autograd.Function):

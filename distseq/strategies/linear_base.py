@@ -27,6 +27,7 @@ import torch
 from distseq.comm import all_reduce_sum
 from distseq.pieces import Pieces
 from distseq.strategies import linear_local
+from distseq.strategies.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -73,23 +74,9 @@ class LinearStrategy(ABC):
         """
 
 
-LINEAR_STRATEGIES: dict[str, LinearStrategy] = {}
-
-
-def register_linear_strategy(cls: type[LinearStrategy]) -> type[LinearStrategy]:
-    """Class decorator: make ``cls`` selectable as ``distseq.linear_attention(strategy=...)``."""
-    if cls.name in LINEAR_STRATEGIES:
-        raise ValueError(f"linear attention strategy {cls.name!r} is registered twice")
-    LINEAR_STRATEGIES[cls.name] = cls()
-    return cls
-
-
-def get_linear_strategy(name: str) -> LinearStrategy:
-    if name not in LINEAR_STRATEGIES:
-        raise ValueError(
-            f"unknown linear attention strategy {name!r}; choose one of {sorted(LINEAR_STRATEGIES)}"
-        )
-    return LINEAR_STRATEGIES[name]
+LINEAR_STRATEGIES: Registry[LinearStrategy] = Registry("linear attention")
+register_linear_strategy = LINEAR_STRATEGIES.register
+get_linear_strategy = LINEAR_STRATEGIES.get
 
 
 class SequenceParallelLinearAttention(torch.autograd.Function):

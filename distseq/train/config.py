@@ -21,7 +21,6 @@ from distseq.models.config import ModelConfig, check_model_config, layer_mixers
 from distseq.train.data.sources import recall_vocab_size
 from distseq.train.data.tokenizer import load_tokenizer
 
-LINEAR_STRATEGIES = ("lasp2", "allscan", "ring")
 ENGINES = ("ddp", "fsdp", "deepspeed")
 PLANNERS = ("static",)
 DATA_SOURCES = ("recall", "text")
@@ -217,7 +216,8 @@ def _check_parallel(cfg: Config) -> None:
     _one_of("parallel.layout", par.layout, LAYOUTS)
     _one_of("parallel.attention_strategy", par.attention_strategy,
             distseq.available_strategies()["attention"])  # fmt: skip
-    _one_of("parallel.linear_strategy", par.linear_strategy, LINEAR_STRATEGIES)
+    _one_of("parallel.linear_strategy", par.linear_strategy,
+            distseq.available_strategies()["linear_attention"])  # fmt: skip
     _one_of("parallel.engine", par.engine, ENGINES)
     _one_of("parallel.zero_stage", par.zero_stage, (0, 1, 2, 3))
     _one_of("parallel.kernel_backend", par.kernel_backend, ("auto", "torch", "flash", "triton"))
