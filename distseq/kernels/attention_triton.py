@@ -19,28 +19,21 @@ run them on CPU tensors with Triton's interpreter (slow; meant for tests).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError as _exc:  # the backend is optional; is_available() reports why
-    triton = None
-    tl = None
-    _IMPORT_ERROR: str | None = f"triton is not installed ({_exc})"
-else:
-    _IMPORT_ERROR = None
+from distseq.kernels import triton_common
+from distseq.kernels.triton_common import (
+    jit,
+    launch,
+    precision,
+    rows_last_contiguous,
+    tl,
+    triton,
+)
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 _LOG2E = math.log2(math.e)
-
-
-def _jit(fn):
-    # Without triton the module must still import; the kernels are then never called.
-    return fn if triton is None else triton.jit(fn)
 
 
 # --------------------------------------------------------------------------------------------
@@ -48,7 +41,7 @@ def _jit(fn):
 # --------------------------------------------------------------------------------------------
 
 
-@_jit
+@jit
 def _segment_bounds(CU_Q, CU_K, pid_z, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
     """(batch, first q row, first k row, len_q, len_k) of the batch entry / segment ``pid_z``."""
     if VARLEN:
@@ -62,7 +55,7 @@ def _segment_bounds(CU_Q, CU_K, pid_z, seqlen_q, seqlen_k, VARLEN: tl.constexpr)
         return pid_z.to(tl.int64), 0, 0, seqlen_q, seqlen_k
 
 
-@_jit
+@jit
 def _fwd_inner(
     acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs,
     rows, offs_n, offs_d, lo, hi, len_k, diag, qk_scale,
@@ -94,7 +87,7 @@ def _fwd_inner(
     return acc, m_i, l_i
 
 
-@_jit
+@jit
 def _fwd_kernel(
     Q, K, V, O, LSE, CU_Q, CU_K,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
@@ -156,7 +149,7 @@ def _fwd_kernel(
         tl.store(lse_ptrs, lse, mask=row_mask)
 
 
-@_jit
+@jit
 def _bwd_preprocess_kernel(
     O, DO, LSE, DELTA, LSE2,
     stride_ob, stride_os, stride_oh, stride_db, stride_ds, stride_dh,
@@ -189,7 +182,7 @@ def _bwd_preprocess_kernel(
     tl.store(LSE2 + offs, lse2, mask=row_mask)
 
 
-@_jit
+@jit
 def _dkdv_inner(
     dk, dv, k, v, q_base, do_base, lse2_base, delta_base, stride_qs, stride_dos,
     cols, offs_d, lo, hi, len_q, diag, qk_scale,
@@ -219,7 +212,7 @@ def _dkdv_inner(
     return dk, dv
 
 
-@_jit
+@jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE2, DELTA, CU_Q, CU_K,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
@@ -294,7 +287,7 @@ def _bwd_dkdv_kernel(
         )  # fmt: skip
 
 
-@_jit
+@jit
 def _dq_inner(
     dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs,
     rows, offs_n, offs_d, lo, hi, len_k, diag, qk_scale,
@@ -323,7 +316,7 @@ def _dq_inner(
     return dq
 
 
-@_jit
+@jit
 def _bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE2, DELTA, CU_Q, CU_K,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
@@ -395,33 +388,12 @@ def _bwd_dq_kernel(
 
 
 def _kernels_interpreted() -> bool:
-    """Whether the kernels were built for Triton's CPU interpreter (decided at import time)."""
-    if triton is None:
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_fwd_kernel, InterpretedFunction)
+    return triton_common.interpreted(_fwd_kernel)
 
 
 def is_available(device: torch.device, dtype: torch.dtype) -> str | None:
     """``None`` when the Triton kernels can run on ``device`` with ``dtype``, else the reason."""
-    if _IMPORT_ERROR is not None:
-        return _IMPORT_ERROR
-    if dtype not in _SUPPORTED_DTYPES:
-        return f"unsupported dtype {dtype} (supported: float32, float16, bfloat16)"
-    device = torch.device(device)
-    if device.type == "cuda":
-        return None
-    if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            return "CPU tensors need Triton's interpreter (set TRITON_INTERPRET=1)"
-        if not _kernels_interpreted():
-            return (
-                "TRITON_INTERPRET=1 was not set when distseq.kernels.attention_triton was "
-                "imported, so its kernels were compiled for the GPU"
-            )
-        return None
-    return f"device type {device.type!r} is not supported (needs cuda)"
+    return triton_common.unavailable_reason(device, dtype, __name__, _fwd_kernel)
 
 
 def _tile_sizes(head_dim_padded: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
@@ -463,11 +435,6 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"head_dim {q.shape[3]} > {MAX_HEAD_DIM} is not supported")
 
 
-def _rows_last_contiguous(t: torch.Tensor) -> torch.Tensor:
-    # The kernels take any batch/seq/head strides but assume unit stride along head_dim.
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -499,16 +466,6 @@ class _Segments:
         self.max_k = int(lengths[1].max()) if self.count else 0
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # float32 inputs get true fp32 dots (not tf32) so the backend matches the fp32 contract.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _launch(kernel, grid: tuple[int, int, int], *args, **meta) -> None:
-    if all(g > 0 for g in grid):
-        kernel[grid](*args, **meta)
-
-
 def forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -534,7 +491,7 @@ def forward(
             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         )  # fmt: skip
         return out.to(q.dtype), lse
-    q, k, v = (_rows_last_contiguous(t) for t in (q, k, v))
+    q, k, v = (rows_last_contiguous(t) for t in (q, k, v))
     batch, seq_q, heads, dim = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
     scale = dim**-0.5 if scale is None else float(scale)
@@ -549,12 +506,12 @@ def forward(
     block_d = max(16, triton.next_power_of_2(dim))
     block_m, block_n, warps, stages = _tile_sizes(block_d, q.dtype)
     grid = (triton.cdiv(seg.max_q, block_m), seg.count, heads)
-    _launch(
+    launch(
         _fwd_kernel, grid, q, k, v, out, lse, seg.cu_q, seg.cu_k,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         seq_q, seq_k, heads, heads // kv_heads, scale * _LOG2E,
         CAUSAL=bool(causal), VARLEN=seg.varlen, HEAD_DIM=dim, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
+        BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision(q.dtype),
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out, lse
@@ -594,7 +551,7 @@ def backward(
         return tuple(g.to(q.dtype) for g in grads)
     # dout feeds tl.dot together with q/v, whose operands must share a dtype.
     dout = dout.to(q.dtype)
-    q, k, v, dout, out = (_rows_last_contiguous(t) for t in (q, k, v, dout, out))
+    q, k, v, dout, out = (rows_last_contiguous(t) for t in (q, k, v, dout, out))
     lse = lse.float()
     batch, seq_q, heads, dim = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
@@ -605,7 +562,7 @@ def backward(
 
     delta = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
-    _launch(
+    launch(
         _bwd_preprocess_kernel, (triton.cdiv(seq_q, 64), batch, heads),
         out, dout, lse, delta, lse2, *_strides(out), *_strides(dout),
         lse.stride(0), lse.stride(1), lse.stride(2), seq_q, heads,
@@ -616,17 +573,17 @@ def backward(
     dq, dk, dv = alloc(q), alloc(k), alloc(v)
     common = dict(
         CAUSAL=bool(causal), VARLEN=seg.varlen, HEAD_DIM=dim, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
+        BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision(q.dtype),
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     group = heads // kv_heads
-    _launch(
+    launch(
         _bwd_dkdv_kernel, (triton.cdiv(seg.max_k, block_n), seg.count, kv_heads),
         q, k, v, dout, dk, dv, lse2, delta, seg.cu_q, seg.cu_k,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk),
         *_strides(dv), seq_q, seq_k, heads, group, scale * _LOG2E, scale, **common,
     )  # fmt: skip
-    _launch(
+    launch(
         _bwd_dq_kernel, (triton.cdiv(seg.max_q, block_m), seg.count, heads),
         q, k, v, dout, dq, lse2, delta, seg.cu_q, seg.cu_k,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),

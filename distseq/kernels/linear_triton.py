@@ -40,12 +40,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from distseq.kernels import attention_triton
-from distseq.kernels.attention_triton import (
-    _jit,
-    _launch,
-    _precision,
-    _rows_last_contiguous,
+from distseq.kernels import triton_common
+from distseq.kernels.triton_common import (
+    jit,
+    launch,
+    precision,
+    rows_last_contiguous,
     tl,
     triton,
 )
@@ -58,7 +58,7 @@ MAX_HEAD_DIM = 256
 # --------------------------------------------------------------------------------------------
 
 
-@_jit
+@jit
 def _row_bounds(CU, CHUNK_OFFSETS, pid_n, seqlen, VARLEN: tl.constexpr):
     """(batch, first token, length, first global chunk) of batch row / segment ``pid_n``."""
     first_chunk = tl.load(CHUNK_OFFSETS + pid_n)
@@ -70,7 +70,7 @@ def _row_bounds(CU, CHUNK_OFFSETS, pid_n, seqlen, VARLEN: tl.constexpr):
         return pid_n.to(tl.int64), 0, seqlen, first_chunk
 
 
-@_jit
+@jit
 def _chunk_decay(g_base, stride_gs, rows, row_mask, HAS_DECAY: tl.constexpr, CHUNK: tl.constexpr):
     """Chunk-local inclusive cumulative log decay ``b`` ``[CHUNK]`` and the chunk total.
 
@@ -84,19 +84,19 @@ def _chunk_decay(g_base, stride_gs, rows, row_mask, HAS_DECAY: tl.constexpr, CHU
         return b, tl.sum(b, 0)
 
 
-@_jit
+@jit
 def _load_rows(base, stride_s, rows, row_mask, cols, col_mask):
     ptrs = base + rows.to(tl.int64)[:, None] * stride_s + cols[None, :]
     return tl.load(ptrs, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
 
 
-@_jit
+@jit
 def _store_rows(base, stride_s, rows, row_mask, cols, col_mask, value):
     ptrs = base + rows.to(tl.int64)[:, None] * stride_s + cols[None, :]
     tl.store(ptrs, value.to(base.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-@_jit
+@jit
 def _state_ptrs(base, index, head, n_heads, offs_k, offs_v, DK: tl.constexpr, DV: tl.constexpr):
     """Pointers and mask of the ``[offs_k, offs_v]`` block of state ``[index, head]`` of an
     ``[N, H, Dk, Dv]`` tensor."""
@@ -105,7 +105,7 @@ def _state_ptrs(base, index, head, n_heads, offs_k, offs_v, DK: tl.constexpr, DV
     return ptrs, (offs_k[:, None] < DK) & (offs_v[None, :] < DV)
 
 
-@_jit
+@jit
 def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """``a @ b (+ acc)`` accumulated in float32.
 
@@ -119,7 +119,7 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
-@_jit
+@jit
 def _chunk_bounds(
     CU, CHUNK_ROW, CHUNK_START, pid_c, seqlen, VARLEN: tl.constexpr, CHUNK: tl.constexpr
 ):
@@ -135,7 +135,7 @@ def _chunk_bounds(
     return batch, start.to(tl.int64), tl.minimum(end - start, CHUNK)
 
 
-@_jit
+@jit
 def _state_block_offsets(DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
     """Dk and Dv offsets of this program's state block (grid axis 0 enumerates the blocks)."""
     n_v = tl.cdiv(DV, BLOCK_V)
@@ -144,7 +144,7 @@ def _state_block_offsets(DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.co
     return offs_k, offs_v
 
 
-@_jit
+@jit
 def _states_kernel(
     K, V, G, H0, H_ALL, HT, CU, CHUNK_OFFSETS,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
@@ -188,7 +188,7 @@ def _states_kernel(
     tl.store(ht_ptrs, state, mask=state_mask)
 
 
-@_jit
+@jit
 def _dstates_kernel(
     Q, DO, G, DHT, DH_ALL, DH0, CU, CHUNK_OFFSETS,
     stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh,
@@ -235,7 +235,7 @@ def _dstates_kernel(
     tl.store(dh0_ptrs, dstate, mask=state_mask)
 
 
-@_jit
+@jit
 def _output_kernel(
     Q, K, V, G, H_ALL, O, CU, CHUNK_ROW, CHUNK_START,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
@@ -276,7 +276,7 @@ def _output_kernel(
     _store_rows(o_base, stride_os, rows, row_mask, offs_v, v_mask, out * scale)
 
 
-@_jit
+@jit
 def _grads_kernel(
     Q, K, V, G, DO, H_ALL, DH_ALL, DQ, DK_OUT, DV_OUT, DG, CU, CHUNK_ROW, CHUNK_START,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
@@ -355,24 +355,12 @@ def _grads_kernel(
 
 
 def _kernels_interpreted() -> bool:
-    """Whether the kernels were built for Triton's CPU interpreter (decided at import time)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_states_kernel, InterpretedFunction)
+    return triton_common.interpreted(_states_kernel)
 
 
 def is_available(device: torch.device, dtype: torch.dtype) -> str | None:
     """``None`` when the Triton kernels can run on ``device`` with ``dtype``, else the reason."""
-    # Same requirements as the attention kernels (triton, dtype, CUDA or the interpreter).
-    reason = attention_triton.is_available(device, dtype)
-    if reason is not None or torch.device(device).type != "cpu":
-        return reason
-    if not _kernels_interpreted():
-        return (
-            "TRITON_INTERPRET=1 was not set when distseq.kernels.linear_triton was imported, "
-            "so its kernels were compiled for the GPU"
-        )
-    return None
+    return triton_common.unavailable_reason(device, dtype, __name__, _states_kernel)
 
 
 def _tile_sizes(block_dk: int, dv: int) -> tuple[int, int, int]:
@@ -417,7 +405,7 @@ class _Problem:
                 f"initial_state has shape {tuple(initial_state.shape)}; expected {state_shape} "
                 f"([{what}, heads, Dk, Dv])"
             )
-        self.q, self.k, self.v = (_rows_last_contiguous(t) for t in (q, k, v))
+        self.q, self.k, self.v = (rows_last_contiguous(t) for t in (q, k, v))
         self.has_decay = log_decay is not None
         # A dummy pointer when there is no decay; HAS_DECAY=False never reads it.
         self.g = log_decay.float().contiguous() if self.has_decay else self.cu
@@ -433,7 +421,7 @@ class _Problem:
         self.row_grid = (n_kv, self.rows, heads)
         common = {
             "VARLEN": self.varlen, "DK": dk, "DV": dv, "CHUNK": chunk_size,
-            "BLOCK_V": self.block_v, "PRECISION": _precision(q.dtype), "num_warps": warps,
+            "BLOCK_V": self.block_v, "PRECISION": precision(q.dtype), "num_warps": warps,
             "UPCAST": q.dtype == torch.bfloat16 and _kernels_interpreted(),
         }  # fmt: skip
         self.row_meta = {**common, "BLOCK_K": block_k}
@@ -448,7 +436,7 @@ class _Problem:
             (self.n_chunks, *self.state_shape[1:]), dtype=self.q.dtype, device=self.q.device
         )
         final = torch.empty(self.state_shape, dtype=torch.float32, device=self.q.device)
-        _launch(
+        launch(
             _states_kernel, self.row_grid, self.k, self.v, self.g,
             self.h0 if self.h0 is not None else final, entering, final, self.cu,
             self.chunk_offsets, *_strides(self.k), *_strides(self.v), *self.g_strides(),
@@ -527,7 +515,7 @@ def forward(
     p = _Problem(q, k, v, log_decay, scale, initial_state, cu_seqlens, chunk_size)
     entering, final = p.states()
     out = torch.empty_like(p.v)
-    _launch(
+    launch(
         _output_kernel, (triton.cdiv(v.shape[3], p.block_v), p.n_chunks, q.shape[2]),
         p.q, p.k, p.v, p.g, entering, out, p.cu, p.chunk_row, p.chunk_start,
         *_strides(p.q), *_strides(p.k), *_strides(p.v), *p.g_strides(), *_strides(out),
@@ -565,12 +553,12 @@ def backward(
             f"dfinal_state has shape {tuple(dfinal_state.shape)}; expected {p.state_shape}"
         )
     # do meets v and k in tl.dot, whose operands must share a dtype.
-    do = _rows_last_contiguous(do.to(q.dtype))
+    do = rows_last_contiguous(do.to(q.dtype))
     dht = None if dfinal_state is None else dfinal_state.float().contiguous()
     entering, final = p.states()
     leaving_grad = torch.empty_like(entering)
     dh0 = torch.empty(p.state_shape, dtype=torch.float32, device=q.device)
-    _launch(
+    launch(
         _dstates_kernel, p.row_grid, p.q, do, p.g, dht if dht is not None else dh0,
         leaving_grad, dh0, p.cu, p.chunk_offsets, *_strides(p.q), *_strides(do),
         *p.g_strides(), q.shape[1], q.shape[2], p.scale, HAS_DECAY=p.has_decay,
@@ -578,7 +566,7 @@ def backward(
     )  # fmt: skip
     dq, dk, dv = torch.empty_like(p.q), torch.empty_like(p.k), torch.empty_like(p.v)
     token_dot = torch.empty_like(p.g)  # dL/dG_t without the final-state term
-    _launch(
+    launch(
         _grads_kernel, (p.n_chunks, q.shape[2]), p.q, p.k, p.v, p.g, do, entering,
         leaving_grad, dq, dk, dv, token_dot, p.cu, p.chunk_row, p.chunk_start,
         *_strides(p.q), *_strides(p.k), *_strides(p.v), *p.g_strides(), *_strides(do),
