@@ -24,7 +24,10 @@ def build_config(overrides: list[str], world: int):
 
 def train_run(rank: int, world: int, overrides: list[str]) -> dict:
     """Train with ``overrides``; losses and the last step's full gradients (rank 0 view)."""
-    trainer = Trainer(build_config(overrides, world))
+    return fit_and_collect(Trainer(build_config(overrides, world)))
+
+
+def fit_and_collect(trainer: Trainer) -> dict:
     history = trainer.fit()
     grads = {}
     for name, param in trainer.model.named_parameters():

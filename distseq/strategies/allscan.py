@@ -23,9 +23,10 @@ BLOCKS = 4  # pipeline depth K (capped at Dk)
 @register_linear_strategy
 class AllScan(LinearStrategy):
     name = "allscan"
+    layouts = ("contiguous",)  # the scan walks ranks 0 -> P-1 once: one segment per rank
 
     def check(self, ctx: LinearContext) -> None:
-        if ctx.shard.layout != "contiguous":
+        if ctx.shard.layout not in self.layouts:
             raise ValueError(
                 f"allscan needs layout='contiguous' (got {ctx.shard.layout!r}); shard the "
                 "sequence contiguously or use strategy='lasp2', which supports zigzag"

@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 
 from distseq.comm import GroupInfo
-from distseq.layout import ShardLayout
+from distseq.layout import LAYOUTS, ShardLayout
 from distseq.strategies.registry import Registry
 
 
@@ -51,6 +51,7 @@ class AttentionStrategy(ABC):
     """Sequence-parallel softmax attention over local shards ``[B, S_local, H, D]``."""
 
     name: ClassVar[str]
+    layouts: ClassVar[tuple[str, ...]] = LAYOUTS  # shard layouts the strategy handles
 
     def check(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> None:  # noqa: B027
         """Raise ``ValueError`` for inputs this strategy cannot handle (no communication)."""

@@ -25,6 +25,7 @@ from typing import ClassVar, Protocol
 import torch
 
 from distseq.comm import all_reduce_sum
+from distseq.layout import LAYOUTS
 from distseq.pieces import Pieces
 from distseq.strategies import linear_local
 from distseq.strategies.registry import Registry
@@ -48,6 +49,7 @@ class LinearStrategy(ABC):
     """Sequence-parallel linear attention; a strategy is its exchange."""
 
     name: ClassVar[str]
+    layouts: ClassVar[tuple[str, ...]] = LAYOUTS  # shard layouts the strategy handles
 
     def check(self, ctx: LinearContext) -> None:  # noqa: B027
         """Raise ``ValueError`` for inputs this strategy cannot handle (no communication)."""

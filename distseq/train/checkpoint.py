@@ -29,6 +29,7 @@ def layout_signature(cfg: Config) -> dict[str, object]:
     """What must not change between saving and resuming."""
     par, data = cfg.parallel, cfg.data
     return {
+        "planner": cfg.planner,
         "parallel.dp": par.dp,
         "parallel.sp": par.sp,
         "parallel.layout": par.layout,

@@ -22,7 +22,7 @@ from distseq.train.data.sources import recall_vocab_size
 from distseq.train.data.tokenizer import load_tokenizer
 
 ENGINES = ("ddp", "fsdp", "deepspeed")
-PLANNERS = ("static",)
+PLANNERS = ("static", "adaptive")
 DATA_SOURCES = ("recall", "text")
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -114,6 +114,22 @@ class LogConfig:
 
 
 @dataclass
+class AdaptiveConfig:
+    """Options of ``planner: adaptive`` (each step's batch is planned over all ranks by
+    :func:`distseq.planner.plan_batch`). ``profile``: a shipped profile name or a file from
+    ``python -m distseq.planner calibrate`` (``auto``: ``cpu_gloo`` on CPU,
+    ``h100_nvlink_ib400`` on CUDA); ``memory``: usable bytes per rank such as ``"60GiB"``
+    (null: the device's memory, or RAM / local ranks on CPU); ``gpus_per_node`` (null:
+    torchrun's local world size, rounded up to a power of two); ``time_limit``: MILP seconds
+    per step."""
+
+    profile: str = "auto"
+    memory: str | None = None
+    gpus_per_node: int | None = None
+    time_limit: float = 0.25
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -123,6 +139,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     out_dir: str = "runs/default"
     planner: str = "static"
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
 
 
 _SEXAGESIMAL = re.compile(r"^([\w.]+)=(\d+:\d+)$")
@@ -197,14 +214,12 @@ def resolve_world(cfg: Config, world_size: int) -> None:
 
 def validate_config(cfg: Config, world_size: int) -> Config:
     """Check every value (no process-group work); fills defaults that depend on the world."""
-    if cfg.planner not in PLANNERS:
-        raise ValueError(
-            f"planner={cfg.planner!r}: only 'static' is available (the strategy and layout "
-            "come from parallel.*); 'adaptive' is not implemented yet"
-        )
+    _one_of("planner", cfg.planner, PLANNERS)
     check_model_config(cfg.model)
     resolve_world(cfg, world_size)
     _check_parallel(cfg)
+    if cfg.planner == "adaptive":
+        _check_adaptive(cfg)
     _check_optim(cfg.train)
     _check_data(cfg)
     _positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
@@ -248,6 +263,37 @@ def _check_parallel(cfg: Config) -> None:
         )
 
 
+def _check_adaptive(cfg: Config) -> None:
+    """The planner forms its own SP groups over every rank and picks their strategies and
+    layouts, so ``parallel.dp``/``sp``/strategies/layout do not apply."""
+    par, opts = cfg.parallel, cfg.adaptive
+    if par.dp != 1:
+        raise ValueError(
+            f"planner=adaptive with parallel.dp={par.dp}: the planner splits all ranks into "
+            "groups itself; set parallel.dp=1 (or leave dp and sp null)"
+        )
+    if par.engine != "ddp":
+        raise ValueError(
+            f"planner=adaptive with parallel.engine={par.engine!r}: ranks run different "
+            "micro-batches per step, which only the replicated (ddp) engine supports; use ddp"
+        )
+    from distseq.planner.profile import load_profile
+    from distseq.planner.units import parse_bytes
+
+    checks = (("profile", load_profile, "auto"), ("memory", parse_bytes, None))
+    for key, parse, default in checks:
+        value = getattr(opts, key)
+        if value != default:
+            try:
+                parse(value)
+            except ValueError as exc:
+                raise ValueError(f"adaptive.{key}={value!r}: {exc}") from None
+    gpn = opts.gpus_per_node
+    if gpn is not None and (gpn < 1 or gpn & (gpn - 1)):
+        raise ValueError(f"adaptive.gpus_per_node={gpn} must be a power of two (1, 2, 4, ...)")
+    _positive("adaptive.time_limit", opts.time_limit)
+
+
 def _check_optim(opt: OptimConfig) -> None:
     _positive("train.steps", opt.steps)
     _positive("train.lr", opt.lr)
@@ -272,20 +318,9 @@ def layout_multiple(cfg: Config) -> int:
 def _check_data(cfg: Config) -> None:
     data, dp = cfg.data, cfg.parallel.dp
     _one_of("data.source", data.source, DATA_SOURCES)
-    need = layout_multiple(cfg)
-    if data.pad_multiple is None:
-        data.pad_multiple = need
-    if data.pad_multiple <= 0 or data.pad_multiple % need:
-        raise ValueError(
-            f"data.pad_multiple={data.pad_multiple} must be a positive multiple of {need} "
-            f"(parallel.layout={cfg.parallel.layout} over parallel.sp={cfg.parallel.sp})"
-        )
     _positive("data.seq_len", data.seq_len)
-    if data.seq_len % data.pad_multiple:
-        raise ValueError(
-            f"data.seq_len={data.seq_len} is not a multiple of data.pad_multiple="
-            f"{data.pad_multiple}; use {-(-data.seq_len // data.pad_multiple) * data.pad_multiple}"
-        )
+    if cfg.planner == "static":
+        _check_packing(cfg)
     if cfg.train.global_batch % dp:
         raise ValueError(
             f"train.global_batch={cfg.train.global_batch} is not divisible by parallel.dp={dp}"
@@ -307,6 +342,25 @@ def _check_data(cfg: Config) -> None:
                 f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                 f"{size} ids (data.tokenizer={data.tokenizer!r})"
             )
+
+
+def _check_packing(cfg: Config) -> None:
+    """Static packing: fixed ``seq_len`` sequences whose documents are padded for the layout
+    (the adaptive planner pads per group instead)."""
+    data = cfg.data
+    need = layout_multiple(cfg)
+    if data.pad_multiple is None:
+        data.pad_multiple = need
+    if data.pad_multiple <= 0 or data.pad_multiple % need:
+        raise ValueError(
+            f"data.pad_multiple={data.pad_multiple} must be a positive multiple of {need} "
+            f"(parallel.layout={cfg.parallel.layout} over parallel.sp={cfg.parallel.sp})"
+        )
+    if data.seq_len % data.pad_multiple:
+        raise ValueError(
+            f"data.seq_len={data.seq_len} is not a multiple of data.pad_multiple="
+            f"{data.pad_multiple}; use {-(-data.seq_len // data.pad_multiple) * data.pad_multiple}"
+        )
 
 
 def _check_recall(rc: RecallConfig, seq_len: int, vocab: int) -> None:

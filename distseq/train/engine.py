@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -150,6 +151,34 @@ class DeepSpeedEngine(Engine):
         return float(norm) if norm is not None else float("nan")
 
 
+class ReplicatedEngine(Engine):
+    """Replicated parameters whose gradients are all-reduced once, after every micro-batch of
+    the step: for the adaptive planner, where ranks run different numbers of micro-batches in
+    different groups (or none), which DDP's per-backward hooks cannot express. Parameters
+    start from rank 0's values."""
+
+    def __init__(self, cfg: Config, model: nn.Module, mesh: Mesh) -> None:
+        super().__init__(cfg, model, mesh)
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(tensor, src=0)
+
+    def step(self, lr: float) -> float:
+        self.average_gradients()
+        return super().step(lr)
+
+    def average_gradients(self) -> None:
+        """Mean of every rank's gradients (a rank that ran nothing contributes zeros), in one
+        flat all-reduce."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.mesh.world_size
+        for param, chunk in zip(self._params, flat.split([g.numel() for g in grads])):
+            param.grad = chunk.view_as(param)
+
+
 ENGINES: dict[str, type[Engine]] = {
     "ddp": DDPEngine,
     "fsdp": FSDPEngine,
@@ -158,4 +187,8 @@ ENGINES: dict[str, type[Engine]] = {
 
 
 def build_engine(cfg: Config, model: nn.Module, mesh: Mesh) -> Engine:
+    """``parallel.engine``; under ``planner: adaptive`` (``ddp`` only) the same replicated
+    data-parallel semantics come from :class:`ReplicatedEngine`."""
+    if cfg.planner == "adaptive":
+        return ReplicatedEngine(cfg, model, mesh)
     return ENGINES[cfg.parallel.engine](cfg, model, mesh)

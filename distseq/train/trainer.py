@@ -3,7 +3,10 @@
 Loss is the mean over all real (unmasked) tokens of the global batch: every rank sums the
 token losses of its shards, divides by the global real-token count (known to every rank from
 the deterministic loader), and scales by the world size because the engines average
-gradients over the ``dp x sp`` ranks. The result equals a single-process run.
+gradients over all ranks. The result equals a single-process run. With ``planner: static``
+each rank runs its data-parallel share of packed sequences on the ``sp`` group; with
+``planner: adaptive`` each step's documents are planned over SP groups of different sizes
+(:mod:`distseq.train.adaptive`) and each rank runs its groups' sequences.
 """
 
 from __future__ import annotations
@@ -18,11 +21,14 @@ import torch.nn.functional as F
 
 from distseq.models import Decoder, SequenceContext
 from distseq.train import checkpoint
+from distseq.train.adaptive import AdaptiveScheduler, plan_summary
 from distseq.train.config import Config
-from distseq.train.data import PackedSequence, StepLoader
+from distseq.train.data import DocumentLoader, PackedSequence, StepLoader
 from distseq.train.engine import build_engine, learning_rate
 from distseq.train.mesh import build_mesh, init_distributed, pick_device
 from distseq.train.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_bytes
+
+Work = tuple[PackedSequence, SequenceContext]  # a sequence this rank runs, and its sharding
 
 
 class Trainer:
@@ -43,7 +49,12 @@ class Trainer:
         self.model = Decoder(cfg.model).to(self.device)
         self.model.checkpoint_blocks = cfg.train.activation_checkpointing
         self.engine = build_engine(cfg, self.model, self.mesh)
-        self.loader = StepLoader(cfg, self.mesh.dp_rank, self.mesh.dp)
+        self.scheduler: AdaptiveScheduler | None = None
+        if cfg.planner == "adaptive":
+            self.loader = DocumentLoader(cfg)
+            self.scheduler = AdaptiveScheduler(cfg, self.device, cfg.parallel.kernel_backend)
+        else:
+            self.loader = StepLoader(cfg, self.mesh.dp_rank, self.mesh.dp)
         self.step = 0
         if resume is not None:
             path, meta = resume
@@ -64,21 +75,35 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def train_step(self) -> tuple[float, float, int]:
-        """One optimizer step; returns (global mean loss, grad norm, real tokens)."""
+    def _static_work(self) -> tuple[list[Work], int, dict]:
         sequences, real_tokens = self.loader.next_step()
+        tokens = self.cfg.train.global_batch * self.cfg.data.seq_len
+        return [(seq, self._context(seq)) for seq in sequences], real_tokens, {"tokens": tokens}
+
+    def _adaptive_work(self) -> tuple[list[Work], int, dict]:
+        docs, real_tokens = self.loader.next_step()
+        upcoming = self.loader.peek() if self.step + 1 < self.cfg.train.steps else None
+        plan = self.scheduler.plan(docs, upcoming)
+        stats = {"tokens": sum(len(tokens) for tokens, _ in docs), **plan_summary(plan)}
+        return self.scheduler.work(plan, docs), real_tokens, stats
+
+    def train_step(self) -> dict:
+        """One optimizer step; returns its ``loss`` (global mean), ``grad_norm``,
+        ``real_tokens``, ``tokens`` and, when adaptive, the plan's summary."""
+        work, real_tokens, stats = (
+            self._adaptive_work() if self.scheduler is not None else self._static_work()
+        )
         if real_tokens == 0:
             raise ValueError(f"step {self.step + 1}: the global batch has no token in the loss")
         scale = self.mesh.world_size / real_tokens
         self.engine.zero_grad()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for index, seq in enumerate(sequences):
-            ctx = self._context(seq)
+        for index, (seq, ctx) in enumerate(work):
             tokens, targets, mask = (
                 ctx.shard_tokens(t[None].to(self.device))
                 for t in (seq.tokens, seq.targets, seq.loss_mask)
             )
-            with self.engine.accumulate(sync=index == len(sequences) - 1):
+            with self.engine.accumulate(sync=index == len(work) - 1):
                 with self._autocast():
                     logits = self.engine.module(tokens, ctx)
                 token_loss = F.cross_entropy(
@@ -89,36 +114,34 @@ class Trainer:
             loss_sum += local.detach().double()
         grad_norm = self.engine.step(learning_rate(self.cfg, self.step + 1))
         dist.all_reduce(loss_sum)
-        return float(loss_sum) / real_tokens, grad_norm, real_tokens
+        loss = float(loss_sum) / real_tokens
+        return {"loss": loss, "grad_norm": grad_norm, "real_tokens": real_tokens, **stats}
 
     def fit(self) -> list[dict]:
         cfg = self.cfg
         is_main = dist.get_rank() == 0
         logger = MetricsLogger(cfg.out_dir, cfg.train.steps, self.step, is_main, cfg.log.progress)
         world = self.mesh.world_size
-        tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
         peak = peak_flops(self.device, cfg.log.peak_flops)
         per_token_flops = flops_per_token(cfg.model, cfg.data.seq_len)
         try:
             while self.step < cfg.train.steps:
                 start = time.perf_counter()
-                loss, grad_norm, real_tokens = self.train_step()
+                result = self.train_step()
                 self.step += 1
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 elapsed = time.perf_counter() - start
                 memory = torch.tensor([peak_memory_bytes(self.device)], device=self.device)
                 dist.all_reduce(memory, op=dist.ReduceOp.MAX)
+                tokens = result["tokens"]
                 record = {
                     "step": self.step,
-                    "loss": loss,
-                    "grad_norm": grad_norm,
                     "lr": learning_rate(cfg, self.step),
-                    "tokens": tokens_per_step,
-                    "real_tokens": real_tokens,
+                    **result,
                     "step_time_s": elapsed,
-                    "tokens_per_s": tokens_per_step / elapsed,
-                    "tokens_per_s_per_rank": tokens_per_step / elapsed / world,
+                    "tokens_per_s": tokens / elapsed,
+                    "tokens_per_s_per_rank": tokens / elapsed / world,
                     "peak_mem_bytes": int(memory.item()),
                 }
                 if peak:
@@ -127,6 +150,8 @@ class Trainer:
                 self._maybe_save()
         finally:
             logger.close()
+            if self.scheduler is not None:
+                self.scheduler.close()
         return logger.history
 
     def _maybe_save(self) -> None:

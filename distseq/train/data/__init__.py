@@ -1,17 +1,25 @@
 """Data: tokenizers, document sources, varlen packing, and the per-step loader."""
 
-from distseq.train.data.loader import StepLoader
-from distseq.train.data.packing import PackedSequence, pack_documents, padded_length
+from distseq.train.data.loader import DocumentLoader, StepLoader, real_tokens
+from distseq.train.data.packing import (
+    PackedSequence,
+    pack_documents,
+    pack_group,
+    padded_length,
+)
 from distseq.train.data.sources import recall_document, recall_vocab_size
 from distseq.train.data.tokenizer import ByteTokenizer, load_tokenizer
 
 __all__ = [
     "ByteTokenizer",
+    "DocumentLoader",
     "PackedSequence",
     "StepLoader",
     "load_tokenizer",
     "pack_documents",
+    "pack_group",
     "padded_length",
+    "real_tokens",
     "recall_document",
     "recall_vocab_size",
 ]

@@ -69,6 +69,13 @@ def _assemble(docs: list[Document], seq_len: int, multiple: int) -> PackedSequen
     return PackedSequence(tokens, targets, loss_mask, tuple(lengths))
 
 
+def pack_group(documents: list[Document], multiple: int) -> PackedSequence:
+    """All of ``documents`` in one sequence, each padded to ``multiple`` and nothing after
+    them: what one adaptive-planner group runs (``multiple`` = its layout's divisor)."""
+    total = sum(padded_length(len(tokens), multiple) for tokens, _ in documents)
+    return _assemble(documents, total, multiple)
+
+
 def pack_documents(
     documents: Iterable[Document], seq_len: int, multiple: int
 ) -> Iterator[PackedSequence]:

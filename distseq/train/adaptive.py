@@ -1,0 +1,186 @@
+"""``planner: adaptive``: plan every step's batch over all ranks and run this rank's share.
+
+Each step, :func:`distseq.planner.plan_batch` splits the ranks into SP groups of different
+sizes, gives every document of the batch to one group and picks each group's strategies.
+Only global rank 0 solves (a MILP stopped by its time limit is timing-dependent) and
+broadcasts the plan; it solves step ``k + 1`` in a background thread while step ``k``
+trains. Every group the plans use is created once, by all ranks together, and cached.
+A group runs its documents packed into one varlen sequence, each padded to what its layout
+needs, as the planner's cost model assumes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+
+from distseq.layout import chunks_per_rank
+from distseq.models import SequenceContext
+from distseq.planner import Cluster, CostModel, Plan, load_profile, plan_batch
+from distseq.planner.plan import GroupPlan
+from distseq.planner.spec import model_from_dict
+from distseq.planner.sync import broadcast_plan
+from distseq.planner.units import parse_bytes
+from distseq.strategies import get_attention_strategy, get_linear_strategy
+from distseq.train.config import Config
+from distseq.train.data import PackedSequence, pack_group
+from distseq.train.data.sources import Document
+
+STRATEGY_LOOKUP = {"softmax": get_attention_strategy, "linear": get_linear_strategy}
+
+
+def group_layout(group: GroupPlan) -> str:
+    """``zigzag`` (balanced causal work) unless a strategy of the group handles only
+    ``contiguous`` (e.g. ``allscan``); a one-rank group needs no balancing or padding."""
+    if group.degree == 1:
+        return "contiguous"
+    handled = {"contiguous", "zigzag"}
+    for layer_type, name in group.strategies.items():
+        handled &= set(STRATEGY_LOOKUP[layer_type](name).layouts)
+    return "zigzag" if "zigzag" in handled else "contiguous"
+
+
+def _usable_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // local
+
+
+def planner_cost(cfg: Config, world_size: int, device: torch.device) -> CostModel:
+    """The cost model of this run: the config's model on ``world_size`` ranks of ``device``,
+    with the ``adaptive.*`` profile, memory and node size (see :class:`AdaptiveConfig`)."""
+    opts = cfg.adaptive
+    profile = opts.profile
+    if profile == "auto":
+        profile = "h100_nvlink_ib400" if device.type == "cuda" else "cpu_gloo"
+    memory = parse_bytes(opts.memory) if opts.memory is not None else _usable_memory(device)
+    per_node = opts.gpus_per_node
+    if per_node is None:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        per_node = 1 << (local - 1).bit_length()
+    cluster = Cluster(world_size, per_node, memory)
+    # DDP-style replicas: fp32 weights, gradients and Adam moments on every rank.
+    return CostModel(
+        model_from_dict(asdict(cfg.model)),
+        load_profile(profile),
+        cluster,
+        bytes_per_param=16.0,
+        shard_states=False,
+        activation_checkpointing=cfg.train.activation_checkpointing,
+    )
+
+
+class GroupCache:
+    """Process groups by their ranks. :meth:`ensure` must be called by every rank with the
+    same plan: ``new_group`` is collective over the whole world, in one order everywhere."""
+
+    def __init__(self) -> None:
+        self._groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
+
+    def ensure(self, plan: Plan) -> None:
+        wanted = {g.ranks for step in plan.micro_steps for g in step.groups}
+        for ranks in sorted(wanted - self._groups.keys()):
+            self._groups[ranks] = dist.new_group(list(ranks))
+
+    def __getitem__(self, ranks: tuple[int, ...]) -> dist.ProcessGroup:
+        return self._groups[ranks]
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+
+def check_plan(plan: Plan, lengths: Sequence[int], world_size: int) -> None:
+    """Refuse a plan that would drop or repeat a document or use ranks twice (a planner bug
+    would otherwise train on a wrong batch silently)."""
+    seen = sorted(s for step in plan.micro_steps for g in step.groups for s in g.sequences)
+    if seen != list(range(len(lengths))) or list(plan.lengths) != list(lengths):
+        raise RuntimeError(f"planner bug: plan covers documents {seen} of {len(lengths)}")
+    for step in plan.micro_steps:
+        ranks = [r for g in step.groups for r in g.ranks]
+        if len(set(ranks)) != len(ranks) or not all(0 <= r < world_size for r in ranks):
+            raise RuntimeError(f"planner bug: micro-step ranks {ranks} on {world_size} ranks")
+
+
+class AdaptiveScheduler:
+    """Plans steps (one ahead, on rank 0) and hands each rank its work.
+
+    ``plan(docs, upcoming)`` returns the step's plan on every rank and starts solving
+    ``upcoming`` (the next step's documents); ``work(plan, docs)`` is this rank's
+    ``(packed sequence, context)`` per micro-step it takes part in.
+    """
+
+    def __init__(self, cfg: Config, device: torch.device, backend: str = "auto") -> None:
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.cost = planner_cost(cfg, self.world_size, device)
+        self.time_limit = cfg.adaptive.time_limit
+        self.backend = backend
+        self.groups = GroupCache()
+        self._executor = ThreadPoolExecutor(1, "distseq-planner") if self.rank == 0 else None
+        self._pending: tuple[list[int], Future[Plan]] | None = None
+        self.prefetched = 0  # plans (on rank 0) that were solved while the previous step ran
+
+    def solve(self, lengths: list[int]) -> Plan:
+        """The plan of one batch (tests substitute fixed plans here)."""
+        return plan_batch(
+            lengths, self.cost.cluster, self.cost.model, self.cost.profile, cost=self.cost,
+            time_limit=self.time_limit,
+        )  # fmt: skip
+
+    def _solve_pending(self, lengths: list[int]) -> Plan:
+        if self._pending is not None and self._pending[0] == lengths:
+            self.prefetched += 1
+            return self._pending[1].result()
+        return self.solve(lengths)
+
+    def plan(self, docs: list[Document], upcoming: list[Document] | None) -> Plan:
+        lengths = [len(tokens) for tokens, _ in docs]
+        plan = broadcast_plan(lambda: self._solve_pending(lengths))
+        check_plan(plan, lengths, self.world_size)
+        self.groups.ensure(plan)
+        if self._executor is not None and upcoming is not None:
+            nxt = [len(tokens) for tokens, _ in upcoming]
+            self._pending = (nxt, self._executor.submit(self.solve, nxt))
+        return plan
+
+    def work(
+        self, plan: Plan, docs: list[Document]
+    ) -> list[tuple[PackedSequence, SequenceContext]]:
+        out = []
+        for step in plan.micro_steps:
+            group = step.group_of(self.rank)
+            if group is None:
+                continue
+            layout = group_layout(group)
+            seq = pack_group([docs[i] for i in group.sequences],
+                             group.degree * chunks_per_rank(layout))  # fmt: skip
+            ctx = SequenceContext.build(
+                seq.doc_lengths, group=self.groups[group.ranks], layout=layout,
+                attention_strategy=group.strategies.get("softmax", "ring"),
+                linear_strategy=group.strategies.get("linear", "lasp2"), backend=self.backend,
+            )  # fmt: skip
+            out.append((seq, ctx))
+        return out
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def plan_summary(plan: Plan) -> dict:
+    """The metrics a step logs about its plan."""
+    shapes = [
+        "+".join(f"{g.degree}:{g.strategy}" for g in step.groups) for step in plan.micro_steps
+    ]
+    return {
+        "plan_groups": " | ".join(shapes),
+        "plan_method": plan.method,
+        "plan_predicted_s": plan.predicted_step_time_s,
+        "plan_static_best_s": plan.static_best.predicted_step_time_s,
+        "plan_solve_s": plan.solve_time_s,
+    }
