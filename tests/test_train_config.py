@@ -49,7 +49,7 @@ def check(overrides, world=2):
         ("data.recall.n_pairs=40", "data.recall.n_pairs"),
         ("data.recall.max_len=512", "data.recall.max_len"),
         ("data.tokenizer=/no/such/dir", "data.tokenizer"),
-        ("planner=adaptive", "planner"),
+        ("planner=dynamic", "planner"),
     ],
 )
 def test_bad_value_names_key(override, key):
