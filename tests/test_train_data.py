@@ -12,7 +12,15 @@ from distseq.models import SequenceContext
 from distseq.models.context import document_positions
 from distseq.train import load_config, validate_config
 from distseq.train.config import RecallConfig
-from distseq.train.data import ByteTokenizer, StepLoader, pack_documents, recall_document
+from distseq.train.data import (
+    ByteTokenizer,
+    DocumentLoader,
+    StepLoader,
+    pack_documents,
+    pack_group,
+    recall_document,
+)
+from distseq.train.data.loader import document_stream
 from distseq.train.data.sources import PAD_ID, SEPARATOR_ID, text_documents
 
 
@@ -83,6 +91,31 @@ def test_loader_splits_the_global_batch_over_dp_and_resumes():
     expected, _ = ranks[0].next_step()
     got, _ = fresh.next_step()
     assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(got, expected))
+
+
+def test_document_loader_fills_the_token_budget_in_stream_order_and_resumes():
+    cfg = _cfg(3, "planner=adaptive", "data.recall.min_len=40", "data.recall.max_len=200")
+    loader = DocumentLoader(cfg)
+    budget = 4 * 256
+    upcoming = loader.peek()
+    assert loader.peek() is upcoming  # peeking twice consumes nothing
+    stream = document_stream(cfg)
+    for _ in range(4):
+        docs, real = loader.next_step()
+        lengths = [len(tokens) for tokens, _ in docs]
+        assert sum(lengths) <= budget < sum(lengths) + 200  # the next one would not fit
+        assert real == sum(sum(mask[1:]) for _, mask in docs) > 0
+        assert docs == [next(stream) for _ in docs]  # whole documents, none skipped
+    fresh = DocumentLoader(cfg)
+    fresh.load_state_dict(loader.state_dict())
+    assert fresh.next_step() == loader.next_step()
+
+
+def test_pack_group_pads_each_document_and_adds_no_tail():
+    docs = [doc([5, 6, 7]), doc([8, 9, 10, 11, 12])]
+    seq = pack_group(docs, 4)
+    assert seq.doc_lengths == (4, 8) and seq.tokens.numel() == 12
+    assert seq.real_tokens == 2 + 4
 
 
 def test_text_and_jsonl_sources(tmp_path):
