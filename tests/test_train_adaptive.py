@@ -8,6 +8,8 @@ import pytest
 
 import adaptive_cases
 import train_cases
+from distseq.planner import GroupPlan
+from distseq.train.adaptive import check_plan, group_layout
 from test_train_e2e import STEPS, assert_same
 
 # Documents of 24..320 tokens; 4 MiB per rank holds about 200 tokens on one rank of the tiny
@@ -131,3 +133,22 @@ def test_sequence_that_fits_nowhere_is_refused_on_every_rank(pools, tmp_path):
 def test_bad_adaptive_config_names_key(override, key):
     with pytest.raises(ValueError, match=key):
         train_cases.build_config(["planner=adaptive", override], 4)
+
+
+def test_a_plan_that_drops_or_repeats_work_is_refused():
+    steps = [[((0, 1), {"softmax": "ring"}), ((2,), SOFTMAX)]]
+    good = adaptive_cases.fixed_plan(steps, 4, [30, 40, 50])
+    check_plan(good, [30, 40, 50], 4)
+    with pytest.raises(RuntimeError, match="covers documents"):
+        check_plan(good, [30, 40, 50, 60], 4)  # document 3 is in no group
+    with pytest.raises(RuntimeError, match="ranks"):
+        check_plan(good, [30, 40, 50], 2)  # rank 2 does not exist
+
+
+def test_group_layout_follows_the_strategies():
+    def group(ranks, strategies):
+        return GroupPlan(ranks, "", strategies, (0,), 1, 0.0, 0.0)
+
+    assert group_layout(group((0, 1), {"softmax": "ring", "linear": "lasp2"})) == "zigzag"
+    assert group_layout(group((0, 1), {"softmax": "ring", "linear": "allscan"})) == "contiguous"
+    assert group_layout(group((3,), {"softmax": "ring"})) == "contiguous"
