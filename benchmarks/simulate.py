@@ -75,10 +75,18 @@ def combo_of(model, strategies: dict[str, str]):
     return tuple((t, strategies.get(t, STRATEGIES[t][0])) for t in model.layer_types)
 
 
-def cost_model(model, profile: Profile, world: int, gpus_per_node: int, memory: int, ckpt: bool):
-    return CostModel(
-        model, profile, Cluster(world, gpus_per_node, memory), activation_checkpointing=ckpt
-    )
+def layout_of(mixer: str) -> str:
+    """distseq runs one layout per model: zigzag balances causal softmax work (hybrid, as in
+    configs/hybrid_1b_128k_8gpu.yaml, which rules out allscan), contiguous for linear only."""
+    return "contiguous" if mixer == "linear" else "zigzag"
+
+
+def cost_model(
+    model, profile: Profile, world: int, gpus_per_node: int, memory: int, ckpt: bool,
+    layout: str = "contiguous",
+) -> CostModel:  # fmt: skip
+    cluster = Cluster(world, gpus_per_node, memory)
+    return CostModel(model, profile, cluster, activation_checkpointing=ckpt, linear_layout=layout)
 
 
 def point(cost: CostModel, combo, lengths: list[int]) -> dict:
@@ -119,13 +127,16 @@ def sweep(args, profile: Profile) -> tuple[list[dict], list[dict]]:
         for mixer in MIXERS:
             model = with_mixer(section, mixer)
             for world in args.gpus:
-                cost = cost_model(model, profile, world, args.gpus_per_node, args.memory, ckpt)
+                cost = cost_model(
+                    model, profile, world, args.gpus_per_node, args.memory, ckpt, layout_of(mixer)
+                )
                 for combo in cost.combos(world):
                     base = {
                         "config": config,
                         "mixer": mixer,
                         "strategy": combo_name(combo),
                         "strategies": dict(combo),
+                        "layout": layout_of(mixer),
                         "world": world,
                         "nnodes": max(1, world // args.gpus_per_node),
                         "activation_checkpointing": ckpt,
@@ -351,7 +362,13 @@ def predict_row(row: dict, profile: Profile) -> dict:
     world = int(row["world"])
     degree = int(row.get("sp", world))
     cluster = validation_cluster(world, int(row.get("nnodes", 1)))
-    cost = CostModel(model, profile, cluster, activation_checkpointing=bool(ckpt))
+    cost = CostModel(
+        model,
+        profile,
+        cluster,
+        activation_checkpointing=bool(ckpt),
+        linear_layout=row.get("layout", "contiguous"),
+    )
     strategies = row.get("strategies") or {t: row["strategy"] for t in LAYER_TYPES}
     combo = combo_of(model, strategies)
     per_group = max(1, int(row.get("batch", 1)) * degree // world)

@@ -208,3 +208,26 @@ def test_efficiency_is_none_when_nothing_fits():
     ]  # fmt: skip
     simulate.add_efficiency(rows)
     assert [r["efficiency"] for r in rows] == [None, None]
+
+
+def test_zigzag_linear_layers_move_two_pieces_per_rank():
+    model = model_from_dict(
+        {"vocab_size": 8, "d_model": 64, "n_layers": 1, "n_heads": 2, "ffn_hidden": 8,
+         "mixers": "linear"}
+    )  # fmt: skip
+    state = 2 * 32 * 32 * 4
+    d = 4
+    zigzag = CostModel(model, _profile(), Cluster(d, d, 2**40), linear_layout="zigzag")
+    contiguous = CostModel(model, _profile(), Cluster(d, d, 2**40))
+    for cost, pieces in ((contiguous, 1), (zigzag, 2)):
+        sent = {s: cost.bytes_sent(d, (("linear", s),), [4096]) for s in ("lasp2", "ring")}
+        assert sent == {"lasp2": 2 * (d - 1) * pieces * state, "ring": 2 * pieces * state}
+    assert [c[0][1] for c in zigzag.combos(d)] == ["lasp2", "ring"]
+    with pytest.raises(ValueError, match="allscan"):
+        zigzag.group_cost(d, (("linear", "allscan"),))
+    # The zigzag chain 0 -> d-1 -> 0 has twice the hops on its critical path.
+    comm = {
+        name: cost.breakdown(d, (("linear", "ring"),), [4096])["comm"]
+        for name, cost in (("contiguous", contiguous), ("zigzag", zigzag))
+    }
+    assert comm["zigzag"] == pytest.approx(2 * comm["contiguous"])

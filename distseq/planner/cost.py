@@ -176,7 +176,9 @@ class CostModel:
     and grads with fp32 Adam master/m/v); ``shard_states``: ZeRO-3/FSDP over all ranks (plus
     two gathered layers of bf16 weights in flight) instead of a full replica per rank;
     ``activation_checkpointing``: keep only each layer's input and recompute the forward
-    (mixer communication included) during backward.
+    (mixer communication included) during backward. ``linear_layout``: the layout linear layers
+    run under; ``zigzag`` gives each rank two pieces, so ``lasp2`` gathers two states per rank,
+    the ``ring`` chain runs ``0 → d-1 → 0`` (``2(d-1)`` hops) and ``allscan`` is unavailable.
     """
 
     def __init__(
@@ -190,13 +192,17 @@ class CostModel:
         activation_checkpointing: bool = False,
         chunk_size: int = 64,
         scan_blocks: int = 8,
+        linear_layout: str = "contiguous",
     ) -> None:
+        if linear_layout not in ("contiguous", "zigzag"):
+            raise ValueError(f"linear_layout = {linear_layout!r}; use 'contiguous' or 'zigzag'")
         self.model, self.profile, self.cluster = model, profile, cluster
         self.bytes_per_param = bytes_per_param
         self.shard_states = shard_states
         self.checkpointing = activation_checkpointing
         self.chunk_size = chunk_size
         self.scan_blocks = scan_blocks
+        self.linear_layout = linear_layout
         self._cache: dict[tuple[int, Combo], GroupCost] = {}
         self.memo: dict = {}  # derived per-model data other modules cache (e.g. fast closures)
 
@@ -211,6 +217,8 @@ class CostModel:
                 names = names[:1]  # no communication: every strategy is the local kernel
             elif layer_type == "softmax" and (m.n_heads % degree or m.n_kv_heads % degree):
                 names = tuple(n for n in names if n != "ulysses")
+            elif layer_type == "linear" and self.linear_layout == "zigzag":
+                names = tuple(n for n in names if n != "allscan")  # contiguous only
             per_type.append([(layer_type, n) for n in names])
         return list(itertools.product(*per_type))
 
@@ -280,6 +288,9 @@ class CostModel:
         rate = d * pr.linear_attention_flops
         intra_f = 2.0 * h * chunk * dh / rate  # per token: causal chunk-local scores and values
         inter_f = 4.0 * h * dh * dh / rate  # per token: q·S and the state update kᵀv
+        pieces = 2 if self.linear_layout == "zigzag" else 1  # per rank and document
+        if strategy == "allscan" and pieces == 2:
+            raise ValueError("linear strategy 'allscan' needs linear_layout='contiguous'")
         state = h * dh * dh * 4.0  # fp32 H·Dk·Dv
         # Forward, (recomputed forward,) backward at twice the forward's FLOPs.
         for factor in (1.0, 1.0, 2.0) if self.checkpointing else (1.0, 2.0):
@@ -288,13 +299,15 @@ class CostModel:
                 ph.serial(a=intra + inter)
                 continue
             if strategy == "lasp2":
-                ph.overlap((intra, 0, 0), (0, 0, sum(ph.message(link, d - 1, (d - 1) * state))))
+                gathered = (d - 1) * pieces * state
+                ph.overlap((intra, 0, 0), (0, 0, sum(ph.message(link, d - 1, gathered))))
             elif strategy in ("allscan", "ring"):
                 # A chain: the head's send (all its blocks) overlaps the local kernel; the
                 # other ranks forward after theirs, one hop (block) after another.
                 blocks = self.scan_blocks if strategy == "allscan" else 1
+                hops = pieces * (d - 1) - 1  # after the head's
                 head = sum(link.time(blocks, state))
-                rest = sum(ph.message(link, d - 2, (d - 2) * state / blocks, sent=state))
+                rest = sum(ph.message(link, hops, hops * state / blocks, sent=pieces * state))
                 ph.overlap((intra, 0, 0), (0, 0, head))
                 ph.serial(c=rest)
             else:
@@ -415,6 +428,7 @@ class CostModel:
                 activation_checkpointing=self.checkpointing,
                 chunk_size=self.chunk_size,
                 scan_blocks=self.scan_blocks,
+                linear_layout=self.linear_layout,
             )
         return self.memo[key]
 
