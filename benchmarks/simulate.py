@@ -9,8 +9,10 @@ size P (one sequence-parallel group of all P GPUs, 8 per node, ``--memory`` per 
 
 - strong scaling: one sequence of 32k ... 8M tokens; weak scaling: ``--tokens-per-rank`` x P;
 - per point: step time (forward + backward of one sequence), tokens/s, efficiency (tokens/s
-  per GPU relative to the smallest P where the point fits), compute time, communication on
-  the critical path, exposed communication, bytes sent per rank, memory per rank;
+  per GPU relative to the smallest P where the point fits; under weak scaling softmax work
+  per token grows with P, so also ``compute_fraction`` = compute / step), compute time,
+  communication on the critical path, exposed communication, bytes sent per rank, memory per
+  rank;
 - the longest sequence that fits the per-GPU memory, per strategy and P;
 - sanity checks of the model against published qualitative results (printed and returned).
 
@@ -103,6 +105,7 @@ def point(cost: CostModel, combo, lengths: list[int]) -> dict:
         "compute_s": parts["compute"],
         "comm_s": parts["comm"],
         "exposed_comm_s": parts["exposed_comm"],
+        "compute_fraction": parts["compute"] / parts["total"],
         "hidden_comm_fraction": 1 - parts["exposed_comm"] / parts["comm"] if parts["comm"] else 1,
         "bytes_sent_per_rank": cost.bytes_sent(d, combo, lengths),
         "memory_per_rank": memory,
@@ -564,7 +567,9 @@ def plot_all(out: str, rows: list[dict], longest: list[dict], checks: dict, args
                         continue
                     x = [r["world"] for r in pts]
                     axes[0, j].plot(x, [r["step_time_s"] for r in pts], "o-", label=strategy)
-                    axes[1, j].plot(x, [r["efficiency"] for r in pts], "o-", label=strategy)
+                    (line,) = axes[1, j].plot(x, [r["efficiency"] for r in pts], "o-")
+                    axes[1, j].plot(x, [r["compute_fraction"] for r in pts], ":",
+                                    color=line.get_color())  # fmt: skip
                 what = (
                     f"seq {seq_shown // 1024}k"
                     if mode == "strong"
@@ -577,7 +582,7 @@ def plot_all(out: str, rows: list[dict], longest: list[dict], checks: dict, args
                     ax.grid(alpha=0.3)
                 axes[0, j].set_yscale("log")
                 axes[0, j].set_ylabel("step time (s)")
-                axes[1, j].set_ylabel("efficiency (tokens/s/GPU vs smallest P)")
+                axes[1, j].set_ylabel("tokens/s/GPU vs smallest P (dotted: compute/step)")
                 if axes[0, j].lines:
                     axes[0, j].legend(fontsize=7)
             save(fig, f"{mode}_{short}.png")
@@ -635,23 +640,31 @@ def plot_all(out: str, rows: list[dict], longest: list[dict], checks: dict, args
             ax.legend(fontsize=7)
     save(fig, "bytes_per_rank.png")
 
-    # Longest sequence that fits.
-    fig, axes = plt.subplots(1, len(args.configs), figsize=(6 * len(args.configs), 4.5))
-    for ax, config in zip(np.atleast_1d(axes), args.configs):
-        sel = [r for r in longest if r["config"] == config]
-        for key in sorted({(r["mixer"], r["strategy"]) for r in sel}):
-            pts = sorted((r for r in sel if (r["mixer"], r["strategy"]) == key),
-                         key=lambda r: r["world"])  # fmt: skip
-            ax.plot([r["world"] for r in pts], [max(r["max_seq_len"], 1) for r in pts], "o-",
-                    label=f"{key[0]}: {key[1]}", lw=1)  # fmt: skip
-        ax.plot(args.gpus, [16384 * g for g in args.gpus], "k--", lw=0.8, label="linear in P")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log", base=2)
-        ax.set_xlabel("GPUs")
-        ax.set_ylabel(f"longest sequence in {format_bytes(args.memory)}/GPU")
-        ax.set_title(os.path.basename(config))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
+    # Longest sequence that fits: one panel per mixer, lines per strategy, against P·L(P0)/P0.
+    fig, axes = plt.subplots(
+        len(args.configs), len(MIXERS), figsize=(14, 4 * len(args.configs)), squeeze=False
+    )
+    for i, config in enumerate(args.configs):
+        for j, mixer in enumerate(MIXERS):
+            ax = axes[i, j]
+            sel = [r for r in longest if r["config"] == config and r["mixer"] == mixer]
+            for strategy in sorted({r["strategy"] for r in sel}):
+                pts = sorted((r for r in sel if r["strategy"] == strategy),
+                             key=lambda r: r["world"])  # fmt: skip
+                ax.plot([r["world"] for r in pts], [max(r["max_seq_len"], 1) for r in pts],
+                        "o-", label=strategy, lw=1)  # fmt: skip
+            best0 = max((r for r in sel if r["world"] == args.gpus[0]),
+                        key=lambda r: r["max_seq_len"], default=None)  # fmt: skip
+            if best0 is not None and best0["max_seq_len"] > 0:
+                ax.plot(args.gpus, [best0["max_seq_len"] * g / args.gpus[0] for g in args.gpus],
+                        "k--", lw=0.8, label="linear in P")  # fmt: skip
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log", base=2)
+            ax.set_xlabel("GPUs")
+            ax.set_ylabel(f"longest sequence, {format_bytes(args.memory)}/GPU")
+            ax.set_title(f"{os.path.basename(config)}: {mixer}", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
     save(fig, "max_seq.png")
     return files
 
