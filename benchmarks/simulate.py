@@ -453,12 +453,16 @@ def print_validation(result: dict) -> None:
     print(f"validation against {result['real_run']} ({result['real_command']})")
     header = (
         f"{'mode':6s} {'P':>2s} {'n':>2s} {'mixer':7s} {'strategy':15s} {'seq':>7s} "
-        f"{'meas s':>8s} {'pred s':>8s} {'err':>7s} {'meas B':>10s} {'pred B':>10s} {'err':>7s}"
+        f"{'meas s':>8s} {'pred s':>8s} {'err':>7s} {'meas B':>10s} {'pred B':>10s} {'err':>7s} "
+        f"hidden meas/pred"
     )
     print(header)
 
     def pct(x):
         return f"{100 * x:+6.1f}%" if x is not None else "     - "
+
+    def frac(x):
+        return f"{x:.2f}" if x is not None else "-"
 
     for r in result["rows"]:
         meas_bytes = r["measured_bytes_sent_per_rank"]
@@ -467,7 +471,9 @@ def print_validation(result: dict) -> None:
             f"{r['strategy']:15s} {r['seq_len']:7d} {r['measured_step_time_s']:8.4f} "
             f"{r['predicted_step_time_s']:8.4f} {pct(r['step_time_error'])} "
             f"{meas_bytes if meas_bytes is not None else '-':>10} "
-            f"{r['predicted_bytes_sent_per_rank']:10.0f} {pct(r['bytes_error'])}"
+            f"{r['predicted_bytes_sent_per_rank']:10.0f} {pct(r['bytes_error'])} "
+            f"{frac(r['measured_hidden_comm_fraction'])}/"
+            f"{frac(r['predicted_hidden_comm_fraction'])}"
         )
     for key, s in result["summary"].items():
         by_world = ", ".join(
