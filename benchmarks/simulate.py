@@ -749,7 +749,7 @@ def main(argv=None) -> dict:
         "sanity": checks,
     }
     with open(os.path.join(args.out, "simulate.json"), "w") as f:
-        json.dump(result, f, indent=1, default=float)
+        json.dump(result, f, default=float)  # compact: ~2k points
     write_csv(os.path.join(args.out, "simulate.csv"), rows)
     write_csv(os.path.join(args.out, "max_seq.csv"), longest)
     if not args.no_plots:
