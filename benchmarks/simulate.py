@@ -399,7 +399,10 @@ def validate(path: str, profiles: dict[int, Profile]) -> dict:
     with open(path) as f:
         real = json.load(f)
     rows = []
-    for row in real.get("rows", []):
+    for i, row in enumerate(real.get("rows", [])):
+        missing = [k for k in ("world", "model", "seq_len", "step_time_s") if k not in row]
+        if missing:
+            raise ValueError(f"{path}: row {i} lacks {missing}; is it benchmarks/scaling.py JSON?")
         world = int(row["world"])
         profile = profiles.get(world, profiles[0])
         pred = predict_row(row, profile)

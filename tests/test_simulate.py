@@ -231,3 +231,9 @@ def test_zigzag_linear_layers_move_two_pieces_per_rank():
         for name, cost in (("contiguous", contiguous), ("zigzag", zigzag))
     }
     assert comm["zigzag"] == pytest.approx(2 * comm["contiguous"])
+
+
+def test_validate_rejects_rows_without_measurements(tmp_path):
+    path = _real_run(tmp_path, [{"world": 2, "model": SMALL, "seq_len": 64}])
+    with pytest.raises(ValueError, match=r"row 0 lacks \['step_time_s'\]"):
+        simulate.validate(path, {0: _profile()})
