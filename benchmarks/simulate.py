@@ -278,7 +278,7 @@ def check_bytes(section: dict, profile: Profile, gpus_per_node: int, memory: int
     model = with_mixer(section, "linear")
     seq = 2**20
     sent: dict[str, list[float]] = {"allscan": [], "lasp2": [], "ring": []}
-    worlds = (2, *GPUS)
+    worlds = (4, *GPUS)  # at P = 2 each rank sends in one direction only
     for world in worlds:
         cost = cost_model(model, profile, world, gpus_per_node, memory, ckpt=True)
         for s in sent:

@@ -223,6 +223,9 @@ def test_zigzag_linear_layers_move_two_pieces_per_rank():
         sent = {s: cost.bytes_sent(d, (("linear", s),), [4096]) for s in ("lasp2", "ring")}
         assert sent == {"lasp2": 2 * (d - 1) * pieces * state, "ring": 2 * pieces * state}
     assert [c[0][1] for c in zigzag.combos(d)] == ["lasp2", "ring"]
+    # Contiguous on 2 ranks: rank 0 sends only forward, rank 1 only backward (as counted).
+    pair = CostModel(model, _profile(), Cluster(2, 2, 2**40))
+    assert pair.bytes_sent(2, (("linear", "allscan"),), [4096]) == state
     with pytest.raises(ValueError, match="allscan"):
         zigzag.group_cost(d, (("linear", "allscan"),))
     # The zigzag chain 0 -> d-1 -> 0 has twice the hops on its critical path.

@@ -294,6 +294,7 @@ class CostModel:
         state = h * dh * dh * 4.0  # fp32 H·Dk·Dv
         # Forward, (recomputed forward,) backward at twice the forward's FLOPs.
         for factor in (1.0, 1.0, 2.0) if self.checkpointing else (1.0, 2.0):
+            backward = factor == 2.0
             intra, inter = factor * intra_f, factor * inter_f
             if d == 1:
                 ph.serial(a=intra + inter)
@@ -307,7 +308,11 @@ class CostModel:
                 blocks = self.scan_blocks if strategy == "allscan" else 1
                 hops = pieces * (d - 1) - 1  # after the head's
                 head = sum(link.time(blocks, state))
-                rest = sum(ph.message(link, hops, hops * state / blocks, sent=pieces * state))
+                # Contiguous on 2 ranks, rank 0 sends only forward and rank 1 only backward:
+                # the most loaded rank is rank 0.
+                alone = pieces == 1 and d == 2 and backward
+                sent = 0.0 if alone else pieces * state
+                rest = sum(ph.message(link, hops, hops * state / blocks, sent=sent))
                 ph.overlap((intra, 0, 0), (0, 0, head))
                 ph.serial(c=rest)
             else:
