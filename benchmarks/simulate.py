@@ -2,6 +2,7 @@
 
     python benchmarks/simulate.py [--profile h100_nvlink_ib400] [--out benchmarks/results/simulate]
     python benchmarks/simulate.py --validate scaling.json [--profile P.json | --calibrate-per-world]
+    python benchmarks/simulate.py --validate scaling.json --profile 2=P2.json --profile 8=P8.json
 
 Default run: for each model config (``--configs``) and layer type (softmax / linear / hybrid:
 the config's ``model:`` section with ``mixers`` replaced), each feasible strategy and each world
@@ -489,8 +490,10 @@ def print_validation(result: dict) -> None:
 
 
 def validation_profiles(args, path: str) -> dict[int, Profile]:
-    if args.profile_given:
-        return {0: load_profile(args.profile)}
+    if args.profiles:
+        profiles = {world: load_profile(path) for world, path in args.profiles.items()}
+        profiles.setdefault(0, profiles[min(profiles)])
+        return profiles
     from distseq.planner.calibrate import calibrate
 
     with open(path) as f:
@@ -695,7 +698,13 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", default=None, help="profile JSON or shipped name")
+    parser.add_argument(
+        "--profile",
+        action="append",
+        default=[],
+        help="profile JSON or shipped name; with --validate also WORLD=PATH, repeated, for a "
+        "profile per world size (the smallest one serves the other worlds)",
+    )
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
     parser.add_argument("--gpus", type=_ints, default=GPUS, help="world sizes, e.g. 8,64,512")
     parser.add_argument("--seqs", type=_ints, default=SEQS, help="strong-scaling lengths")
@@ -712,8 +721,15 @@ def parse_args(argv=None):
         "(rates under that many processes' contention) instead of once at P=2",
     )
     args = parser.parse_args(argv)
-    args.profile_given = args.profile is not None
-    args.profile = args.profile or "h100_nvlink_ib400"
+    args.profiles = {}
+    for entry in args.profile:
+        world, sep, path = entry.partition("=")
+        if sep and not world.isdigit():
+            parser.error(f"--profile {entry!r}: write WORLD=PATH with an integer WORLD")
+        args.profiles[int(world) if sep else 0] = path if sep else entry
+    if len(args.profiles) > 1 and not args.validate:
+        parser.error("several --profile values need --validate; the sweep uses one profile")
+    args.profile = args.profiles.get(0) or next(iter(args.profiles.values()), "h100_nvlink_ib400")
     return args
 
 

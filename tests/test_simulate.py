@@ -240,3 +240,12 @@ def test_validate_rejects_rows_without_measurements(tmp_path):
     path = _real_run(tmp_path, [{"world": 2, "model": SMALL, "seq_len": 64}])
     with pytest.raises(ValueError, match=r"row 0 lacks \['step_time_s'\]"):
         simulate.validate(path, {0: _profile()})
+
+
+def test_profile_per_world_size_only_for_validation():
+    args = simulate.parse_args(["--validate", "x.json", "--profile", "2=a.json", "--profile", "b"])
+    assert args.profiles == {2: "a.json", 0: "b"}
+    with pytest.raises(SystemExit):
+        simulate.parse_args(["--profile", "a.json", "--profile", "4=b.json"])
+    with pytest.raises(SystemExit):
+        simulate.parse_args(["--validate", "x.json", "--profile", "two=a.json"])
