@@ -17,7 +17,11 @@ nodes), with the bytes each strategy's own docstring states, per rank and layer,
 - ``lasp2`` (linear): one all-gather of per-rank ``H·Dk·Dv`` fp32 states per direction,
   overlapped with the intra-chunk part; ``allscan``: each rank sends/receives one state,
   pipelined in ``scan_blocks`` pieces along the ``d`` ranks; ``ring``: the state hops
-  sequentially rank to rank (LASP-1).
+  sequentially rank to rank (LASP-1). Both chains forward a state only once the rank's local
+  kernel is done (``strategies/state_chain.py`` advances in ``wait()``; on a GPU the combine is
+  stream-ordered after the kernel), so only the head's send overlaps the intra-chunk part and
+  the remaining hops are serial. Their critical path is ``d-1`` (``+ scan_blocks-1``) hops,
+  while each rank *sends* one state per pass (:meth:`CostModel.bytes_sent`).
 
 Compute: causal softmax attention ``2·s²·Hq·D`` FLOPs forward (2.5x that backward), chunked
 linear attention ``H·(2·C·D + 4·D²)`` per token forward (3x fwd+bwd), projections and FFN
@@ -28,12 +32,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
 
-from distseq.planner.profile import Profile
+from distseq.planner.profile import Link, Profile
 from distseq.planner.spec import Cluster, ModelSpec
 
 STRATEGIES: dict[str, tuple[str, ...]] = {
@@ -125,10 +129,26 @@ class GroupCost:
 
 
 class _Phases:
-    """Collects phases as lists of pieces ``(a, q, c)``; pads them into one array."""
+    """Collects phases as lists of pieces ``(a, q, c)``; pads them into one array. ``sent``:
+    bytes each rank sends, ``(per token of A, fixed)``, recorded by :meth:`message`."""
 
     def __init__(self) -> None:
         self.items: list[list[tuple[float, float, float]]] = []
+        self.sent = [0.0, 0.0]
+
+    def message(
+        self,
+        link: Link,
+        hops: float,
+        nbytes: float,
+        *,
+        per_token: bool = False,
+        sent: float | None = None,
+    ) -> tuple[float, float]:
+        """``link.time(hops, nbytes)`` of a message on the critical path, recording ``sent``
+        bytes per rank (default ``nbytes``; a chain's path is longer than what one rank sends)."""
+        self.sent[0 if per_token else 1] += nbytes if sent is None else sent
+        return link.time(hops, nbytes)
 
     def serial(self, a: float = 0.0, q: float = 0.0, c: float = 0.0) -> None:
         self.items.append([(a, q, c)])
@@ -156,7 +176,9 @@ class CostModel:
     and grads with fp32 Adam master/m/v); ``shard_states``: ZeRO-3/FSDP over all ranks (plus
     two gathered layers of bf16 weights in flight) instead of a full replica per rank;
     ``activation_checkpointing``: keep only each layer's input and recompute the forward
-    (mixer communication included) during backward.
+    (mixer communication included) during backward. ``linear_layout``: the layout linear layers
+    run under; ``zigzag`` gives each rank two pieces, so ``lasp2`` gathers two states per rank,
+    the ``ring`` chain runs ``0 → d-1 → 0`` (``2(d-1)`` hops) and ``allscan`` is unavailable.
     """
 
     def __init__(
@@ -170,13 +192,17 @@ class CostModel:
         activation_checkpointing: bool = False,
         chunk_size: int = 64,
         scan_blocks: int = 8,
+        linear_layout: str = "contiguous",
     ) -> None:
+        if linear_layout not in ("contiguous", "zigzag"):
+            raise ValueError(f"linear_layout = {linear_layout!r}; use 'contiguous' or 'zigzag'")
         self.model, self.profile, self.cluster = model, profile, cluster
         self.bytes_per_param = bytes_per_param
         self.shard_states = shard_states
         self.checkpointing = activation_checkpointing
         self.chunk_size = chunk_size
         self.scan_blocks = scan_blocks
+        self.linear_layout = linear_layout
         self._cache: dict[tuple[int, Combo], GroupCost] = {}
         self.memo: dict = {}  # derived per-model data other modules cache (e.g. fast closures)
 
@@ -191,6 +217,8 @@ class CostModel:
                 names = names[:1]  # no communication: every strategy is the local kernel
             elif layer_type == "softmax" and (m.n_heads % degree or m.n_kv_heads % degree):
                 names = tuple(n for n in names if n != "ulysses")
+            elif layer_type == "linear" and self.linear_layout == "zigzag":
+                names = tuple(n for n in names if n != "allscan")  # contiguous only
             per_type.append([(layer_type, n) for n in names])
         return list(itertools.product(*per_type))
 
@@ -222,9 +250,11 @@ class CostModel:
                 ph.serial(q=q_fwd + q_bwd)
                 return ph
             kv = 2.0 * m.n_kv_heads * m.head_dim / d  # K and V elements per token of A
+            fwd_passes = 2 if self.checkpointing else 1  # the recomputed forward resends
             if strategy == "ring":
-                c_f, a_f = link.time(d - 1, (d - 1) * kv * e)
-                c_b, a_b = link.time(d, (d - 1) * kv * e + d * kv * 4)
+                fwd = (d - 1) * kv * e
+                c_f, a_f = ph.message(link, d - 1, fwd, per_token=True, sent=fwd_passes * fwd)
+                c_b, a_b = ph.message(link, d, (d - 1) * kv * e + d * kv * 4, per_token=True)
                 ph.overlap((0, q_fwd, 0), (a_f, 0, c_f))
                 ph.overlap(
                     (0, q_bwd, 0),
@@ -232,12 +262,15 @@ class CostModel:
                 )
             elif strategy == "ulysses":
                 per_dir = (d - 1) / d / d * m.head_dim * (2 * m.n_heads + 2 * m.n_kv_heads) * e
-                c, a = link.time(2 * (d - 1), per_dir)
-                passes = 3 if self.checkpointing else 2
-                ph.serial(a=passes * a, q=q_fwd + q_bwd, c=passes * c)
+                passes = fwd_passes + 1
+                c, a = ph.message(link, 2 * (d - 1) * passes, passes * per_dir, per_token=True)
+                ph.serial(a=a, q=q_fwd + q_bwd, c=c)
             elif strategy == "allgather":
-                c_g, a_g = link.time(d - 1, (d - 1) * kv * e)
-                c_rs, a_rs = link.time(d - 1, (d - 1) * kv * 4)
+                gather = (d - 1) * kv * e  # once forward, again (each pass) in backward
+                c_g, a_g = ph.message(
+                    link, d - 1, gather, per_token=True, sent=(1 + fwd_passes) * gather
+                )
+                c_rs, a_rs = ph.message(link, d - 1, (d - 1) * kv * 4, per_token=True)
                 ph.overlap((0, q_fwd / d, 0), (a_g, 0, c_g))
                 ph.overlap(
                     (0, q_bwd / d, 0),
@@ -255,28 +288,37 @@ class CostModel:
         rate = d * pr.linear_attention_flops
         intra_f = 2.0 * h * chunk * dh / rate  # per token: causal chunk-local scores and values
         inter_f = 4.0 * h * dh * dh / rate  # per token: q·S and the state update kᵀv
+        pieces = 2 if self.linear_layout == "zigzag" else 1  # per rank and document
+        if strategy == "allscan" and pieces == 2:
+            raise ValueError("linear strategy 'allscan' needs linear_layout='contiguous'")
         state = h * dh * dh * 4.0  # fp32 H·Dk·Dv
         # Forward, (recomputed forward,) backward at twice the forward's FLOPs.
         for factor in (1.0, 1.0, 2.0) if self.checkpointing else (1.0, 2.0):
+            backward = factor == 2.0
             intra, inter = factor * intra_f, factor * inter_f
             if d == 1:
                 ph.serial(a=intra + inter)
                 continue
             if strategy == "lasp2":
-                c, a = link.time(d - 1, (d - 1) * state)
-                comm = c + a
-            elif strategy == "allscan":
-                hops = d - 1 + self.scan_blocks - 1
-                c, a = link.time(hops, hops * state / self.scan_blocks)
-                comm = c + a
-            elif strategy == "ring":
-                c, a = link.time(d - 1, (d - 1) * state)
-                comm = c + a
+                gathered = (d - 1) * pieces * state
+                ph.overlap((intra, 0, 0), (0, 0, sum(ph.message(link, d - 1, gathered))))
+            elif strategy in ("allscan", "ring"):
+                # A chain: the head's send (all its blocks) overlaps the local kernel; the
+                # other ranks forward after theirs, one hop (block) after another.
+                blocks = self.scan_blocks if strategy == "allscan" else 1
+                hops = pieces * (d - 1) - 1  # after the head's
+                head = sum(link.time(blocks, state))
+                # Contiguous on 2 ranks, rank 0 sends only forward and rank 1 only backward:
+                # the most loaded rank is rank 0.
+                alone = pieces == 1 and d == 2 and backward
+                sent = 0.0 if alone else pieces * state
+                rest = sum(ph.message(link, hops, hops * state / blocks, sent=sent))
+                ph.overlap((intra, 0, 0), (0, 0, head))
+                ph.serial(c=rest)
             else:
                 raise ValueError(
                     f"unknown linear strategy {strategy!r}; use {STRATEGIES['linear']}"
                 )
-            ph.overlap((intra, 0, 0), (0, 0, comm))
             ph.serial(a=inter)
         return ph
 
@@ -341,6 +383,60 @@ class CostModel:
         return static, per_token + max(transient)
 
     # ----------------------------------------------------------------- queries
+    def bytes_sent(self, degree: int, combo: Combo, lengths) -> float:
+        """Bytes each rank sends through the mixers of one forward + backward (every layer,
+        recomputation included) of a ``degree`` group holding ``lengths``: what
+        ``distseq.CommCounter`` counts (most loaded rank), not the critical path's bytes."""
+        tokens, _ = sums(lengths, degree)
+        total = 0.0
+        for layer_type, strategy in combo:
+            per_token, fixed = self.layer_phases(layer_type, strategy, degree).sent
+            total += self.model.count(layer_type) * (per_token * tokens + fixed)
+        return total
+
+    def breakdown(self, degree: int, combo: Combo, lengths) -> dict[str, float]:
+        """Seconds of a ``degree`` group's step on ``lengths``: ``total`` (as
+        :meth:`GroupCost.time`), ``compute`` (the same model with free links), ``comm`` (with
+        free compute and no overheads: the communication on the critical path) and
+        ``exposed_comm = total - compute``, the communication that overlap does not hide."""
+        tokens, squares = sums(lengths, degree)
+        out = {
+            key: float(model.group_cost(degree, combo).time(tokens, squares))
+            for key, model in (
+                ("total", self),
+                ("compute", self._variant("compute")),
+                ("comm", self._variant("comm")),
+            )
+        }
+        out["exposed_comm"] = max(0.0, out["total"] - out["compute"])
+        return out
+
+    def _variant(self, keep: str) -> CostModel:
+        """This model with only compute (free links) or only communication (free compute)."""
+        key = ("breakdown", keep)
+        if key not in self.memo:
+            pr = self.profile
+            if keep == "compute":
+                free = Link(0.0, math.inf)
+                profile = replace(pr, intra=free, inter=free)
+            else:
+                fast = dict.fromkeys(
+                    ("matmul_flops", "attention_flops", "linear_attention_flops"), math.inf
+                )
+                profile = replace(pr, layer_overhead_s=0.0, **fast)
+            self.memo[key] = CostModel(
+                self.model,
+                profile,
+                self.cluster,
+                bytes_per_param=self.bytes_per_param,
+                shard_states=self.shard_states,
+                activation_checkpointing=self.checkpointing,
+                chunk_size=self.chunk_size,
+                scan_blocks=self.scan_blocks,
+                linear_layout=self.linear_layout,
+            )
+        return self.memo[key]
+
     def best(self, degree: int, lengths) -> tuple[GroupCost | None, float]:
         """Fastest memory-feasible strategy of a ``degree`` group holding ``lengths``."""
         tokens, squares = sums(lengths, degree)
