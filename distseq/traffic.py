@@ -13,14 +13,16 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Traffic:
-    """Bytes one rank sends in the forward and in the backward pass."""
+    """The most bytes a rank sends in the forward, in the backward, and in both together
+    (``both``; default ``forward + backward``, less when no rank sends in both passes)."""
 
     forward: int
     backward: int
+    both: int | None = None
 
     @property
     def total(self) -> int:
-        return self.forward + self.backward
+        return self.forward + self.backward if self.both is None else self.both
 
 
 def ring_bytes(p: int, s_local: int, hkv: int, head_dim: int, elem: int) -> Traffic:
@@ -50,15 +52,21 @@ def lasp2_bytes(p: int, segments: int, heads: int, dk: int, dv: int) -> Traffic:
     return Traffic(per_pass, per_pass)
 
 
-def allscan_bytes(p: int, pieces: int, heads: int, dk: int, dv: int) -> Traffic:
-    """One float32 state per local piece (document) per pass, whatever ``P``."""
-    per_pass = pieces * heads * dk * dv * 4 if p > 1 else 0
-    return Traffic(per_pass, per_pass)
+def allscan_bytes(p: int, docs: int, heads: int, dk: int, dv: int) -> Traffic:
+    """One float32 state per document per pass, whatever ``P`` (contiguous layout). The
+    forward chain runs ``0 → P-1`` and the backward ``P-1 → 0``, so at ``P = 2`` no rank
+    sends in both passes."""
+    if p == 1:
+        return Traffic(0, 0)
+    state = docs * heads * dk * dv * 4
+    return Traffic(state, state, state * min(2, p - 1))
 
 
 def linear_ring_bytes(p: int, pieces: int, heads: int, dk: int, dv: int) -> Traffic:
-    """LASP-1: the same single state per piece per pass as All-Scan, unpipelined."""
-    return allscan_bytes(p, pieces, heads, dk, dv)
+    """LASP-1: at most one float32 state per local piece (document; two per document with
+    the zigzag layout) per pass, unpipelined."""
+    per_pass = pieces * heads * dk * dv * 4 if p > 1 else 0
+    return Traffic(per_pass, per_pass)
 
 
 ATTENTION = {"ring": ring_bytes, "allgather": allgather_bytes, "ulysses": ulysses_bytes}
@@ -79,8 +87,10 @@ def linear_traffic(
 ) -> Traffic:
     """Per-rank traffic of one ``distseq.linear_attention`` call over ``docs`` documents
     (no final state)."""
-    if strategy == "allscan" and layout != "contiguous":
-        raise ValueError(f"linear strategy 'allscan' needs layout='contiguous', got {layout!r}")
+    if strategy == "allscan":
+        if layout != "contiguous":
+            raise ValueError(f"linear strategy 'allscan' needs layout='contiguous', not {layout!r}")
+        return allscan_bytes(p, docs, heads, dk, dv)
     # zigzag: each rank holds two pieces of every document
     pieces = docs * (2 if layout == "zigzag" else 1)
     return LINEAR[strategy](p, pieces, heads, dk, dv)
