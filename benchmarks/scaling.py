@@ -113,7 +113,21 @@ class _Step:
         self.optimizer = build_optimizer(cfg, self.model)
         self.params = list(self.model.parameters())
         self.cfg = cfg
+        self._allocate_optimizer_state()
         self.set_length(seq_len)
+
+    def _allocate_optimizer_state(self) -> None:
+        """One AdamW step at learning rate 0 on zero gradients (parameters unchanged), so
+        every measured step, the first included, finds the same optimizer state resident."""
+        for p in self.params:
+            p.grad = torch.zeros_like(p)
+        rates = [group["lr"] for group in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["lr"] = 0.0
+        self.optimizer.step()
+        for group, lr in zip(self.optimizer.param_groups, rates):
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
 
     def set_length(self, seq_len: int) -> None:
         par = self.cfg.parallel
@@ -172,12 +186,13 @@ def step_memory(step: _Step) -> tuple[int, int]:
             _peak_tensor_bytes(step, step.update))  # fmt: skip
 
 
-def measure(args, entry, seq_len: int, memory_lengths: tuple[int, ...]) -> dict:
+def measure(args, entry, seq_len: int, memory_lengths: tuple[int, ...] = ()) -> dict:
     """This rank's measurements of one row (see the module docstring)."""
     world = dist.get_world_size()
     cfg = _config(args, entry, world, seq_len)
     step = _Step(cfg, seq_len)
-    step.timed_step()  # warm-up: allocator, AdamW state, first-touch pages
+    # The measured step doubles as the warm-up (allocator, AdamW state, first-touch pages).
+    memory = {seq_len: step_memory(step)}
     reset_peak_rss()
     real = [step.timed_step() for _ in range(args.repeats)]
     peak_rss = peak_rss_since_reset()
@@ -204,10 +219,10 @@ def measure(args, entry, seq_len: int, memory_lengths: tuple[int, ...]) -> dict:
         "theory": theory_bytes(cfg, world, seq_len), "model": _model_dict(args, cfg),
     }  # fmt: skip
     del recorder
-    memory = {}
     for length in memory_lengths:
-        step.set_length(length)
-        memory[length] = step_memory(step)
+        if length not in memory:
+            step.set_length(length)
+            memory[length] = step_memory(step)
     result["memory"] = memory
     return result
 
@@ -440,15 +455,16 @@ def parse_args(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/bench_small.yaml")
     parser.add_argument("--out", default="benchmarks/results/scaling")
-    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--worlds", type=int, nargs="+",
+                        help="single-node world sizes (default 1 2 4 8; --quick: 1 2)")  # fmt: skip
     parser.add_argument("--two-node-worlds", type=int, nargs="*", default=[4],
                         help="worlds also run as two torchrun agents on 127.0.0.1")  # fmt: skip
     parser.add_argument("--modes", nargs="+", default=["weak", "strong"],
                         choices=["weak", "strong"])  # fmt: skip
     parser.add_argument("--strategies", nargs="+", default=STRATEGY_LABELS,
                         choices=STRATEGY_LABELS)  # fmt: skip
-    parser.add_argument("--tokens-per-rank", type=int, default=1024, help="weak scaling")
-    parser.add_argument("--total-tokens", type=int, default=4096, help="strong scaling")
+    parser.add_argument("--tokens-per-rank", type=int, default=512, help="weak scaling")
+    parser.add_argument("--total-tokens", type=int, default=2048, help="strong scaling")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads-per-rank", type=int, default=1)
     parser.add_argument("--budget", default="256MiB", help="per-rank memory for max_seq")
@@ -458,8 +474,10 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--part", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
-        args.worlds, args.two_node_worlds, args.repeats = [1, 2], [], 1
+        args.two_node_worlds, args.repeats = [], 1
         args.tokens_per_rank, args.total_tokens = 128, 256
+    if args.worlds is None:
+        args.worlds = [1, 2] if args.quick else [1, 2, 4, 8]
     for w in args.two_node_worlds:
         if w % 2:
             raise SystemExit(f"--two-node-worlds {w}: needs an even world (two agents)")
