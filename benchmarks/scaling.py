@@ -193,24 +193,24 @@ def measure(args, entry, seq_len: int, memory_lengths: tuple[int, ...] = ()) -> 
     step = _Step(cfg, seq_len)
     # The measured step doubles as the warm-up (allocator, AdamW state, first-touch pages).
     memory = {seq_len: step_memory(step)}
-    reset_peak_rss()
-    real = [step.timed_step() for _ in range(args.repeats)]
-    peak_rss = peak_rss_since_reset()
     with CommCounter() as counter, CommRecorder() as recorder:
         step.forward_backward()
     with CommCounter() as grad_counter:
         step.update()
-    replay = []
+    # Real, replayed and communication-only runs interleaved, so that each repeat's three
+    # timings see the same machine load.
+    reset_peak_rss()
+    real, replay, alone = [], [], []
     for _ in range(args.repeats):
+        real.append(step.timed_step())
         dist.barrier()
         with recorder.recording.replay():
             start = time.perf_counter()
             step.forward_backward()
             replay.append(time.perf_counter() - start)
-    alone = []
-    for _ in range(args.repeats):
         dist.barrier()
         alone.append(recorder.recording.run_alone())
+    peak_rss = peak_rss_since_reset()
     result = {
         "fwd_bwd": [r[0] for r in real], "step": [r[1] for r in real],
         "replay": replay, "alone": alone, "peak_rss": peak_rss,
@@ -284,7 +284,7 @@ def worker(args) -> None:
                 "peak_rss_bytes": max(r["peak_rss"] for r in everyone),
             })  # fmt: skip
             if mode == "weak":
-                memory.append({"world": world, "strategy": label, "points": {
+                memory.append({"world": world, "nnodes": nnodes, "strategy": label, "points": {
                     str(n): max(r["memory"][n][0] for r in everyone) for n in lengths
                 }})  # fmt: skip
     if rank == 0:
@@ -359,7 +359,8 @@ def max_sequences(memory: list[dict], budget: int) -> list[dict]:
         multiple = 2 * entry["world"]
         longest = int((budget - intercept) / slope) // multiple * multiple if slope > 0 else 0
         out.append({
-            "world": entry["world"], "strategy": entry["strategy"], "budget_bytes": budget,
+            "world": entry["world"], "nnodes": entry["nnodes"], "strategy": entry["strategy"],
+            "budget_bytes": budget,
             "max_seq_len": max(0, longest), "bytes_per_token": slope,
             "fixed_bytes": intercept, "measured": {str(n1): m1, str(n2): m2},
         })  # fmt: skip
@@ -401,8 +402,10 @@ def print_table(report: dict) -> None:
               f"{r['bytes_theory_per_rank'] / 1024:>9.1f} {hidden:>6} "
               f"{r['peak_mem_bytes'] / 2**20:>8.0f}")  # fmt: skip
     for m in report["max_seq"]:
-        print(f"max_seq P={m['world']} {m['strategy']:<10} {m['max_seq_len']:>8} tokens "
-              f"under {m['budget_bytes'] / 2**20:.0f} MiB")  # fmt: skip
+        print(
+            f"max_seq P={m['world']} nnodes={m['nnodes']} {m['strategy']:<10} "
+            f"{m['max_seq_len']:>8} tokens under {m['budget_bytes'] / 2**20:.0f} MiB"
+        )
 
 
 def driver(args) -> None:

@@ -63,7 +63,7 @@ def plot_all(report: dict, out: Path) -> list[Path]:
     _figure(rows, "peak_mem_bytes", "peak RSS per rank (MiB)", paths[3], scale=2**-20)
     fig, ax = plt.subplots(figsize=(6, 4.2))
     by_strategy: dict[str, list] = {}
-    for m in report["max_seq"]:
+    for m in (m for m in report["max_seq"] if m["nnodes"] == 1):
         by_strategy.setdefault(m["strategy"], []).append((m["world"], m["max_seq_len"]))
     for strategy, points in by_strategy.items():
         worlds, lengths = zip(*sorted(points))
