@@ -408,6 +408,35 @@ def print_table(report: dict) -> None:
         )
 
 
+def markdown(report: dict) -> str:
+    """The README tables of a report: one row per (mode, P, nodes, strategy), then max_seq."""
+    lines = [
+        "| mode | P | nodes | strategy | seq | step (s) | tokens/s | eff | KiB sent/rank "
+        "(formula) | hidden (raw) | peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        eff = "-" if r["efficiency"] is None else f"{r['efficiency']:.2f}"
+        h = r["hidden_comm_fraction"]
+        hidden = "-" if h is None else f"{min(1.0, max(0.0, h)):.2f} ({h:+.2f})"
+        lines.append(
+            f"| {r['mode']} | {r['world']} | {r['nnodes']} | {r['strategy']} | {r['seq_len']} "
+            f"| {r['step_time_s']:.3f} | {r['tokens_per_s']:.0f} | {eff} "
+            f"| {r['bytes_sent_per_rank'] / 1024:.1f} ({r['bytes_theory_per_rank'] / 1024:.1f}) "
+            f"| {hidden} | {r['peak_mem_bytes'] / 2**20:.1f} |"
+        )
+    single = [m for m in report["max_seq"] if m["nnodes"] == 1]
+    worlds = sorted({m["world"] for m in single})
+    budget = single[0]["budget_bytes"] / 2**20 if single else 0
+    lines += ["", f"| longest sequence under {budget:.0f} MiB/rank | "
+              + " | ".join(f"P={w}" for w in worlds) + " |",
+              "|---|" + "---|" * len(worlds)]  # fmt: skip
+    for strategy in dict.fromkeys(m["strategy"] for m in single):
+        cells = {m["world"]: m["max_seq_len"] for m in single if m["strategy"] == strategy}
+        lines.append(f"| {strategy} | " + " | ".join(str(cells.get(w, "-")) for w in worlds) + " |")
+    return "\n".join(lines)
+
+
 def driver(args) -> None:
     started = time.perf_counter()
     out = Path(args.out)
@@ -473,6 +502,8 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--budget", default="256MiB", help="per-rank memory for max_seq")
     parser.add_argument("--quick", action="store_true",
                         help="P <= 2, tiny shapes, 1 repeat, no two-node run")  # fmt: skip
+    parser.add_argument("--markdown", metavar="JSON",
+                        help="print the README tables of a scaling.json and exit")  # fmt: skip
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--part", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -489,7 +520,9 @@ def parse_args(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.worker:
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+    elif args.worker:
         worker(args)
     else:
         driver(args)

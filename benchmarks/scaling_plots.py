@@ -44,8 +44,9 @@ def _figure(rows, key, ylabel, path, scale=1.0, theory_key=None, logy=False):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, mode in zip(axes, MODES):
         _panel(ax, rows, mode, key, ylabel, scale, theory_key)
-        if logy:
+        if logy:  # symlog: P = 1 sends 0 bytes
             ax.set_yscale("symlog", linthresh=1.0)
+            ax.set_ylim(bottom=0)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -60,7 +61,8 @@ def plot_all(report: dict, out: Path) -> list[Path]:
     _figure(rows, "efficiency", "scaling efficiency vs P = 1", paths[1])
     _figure(rows, "bytes_sent_per_rank", "KiB sent per rank, fwd+bwd (dashed: formula)",
             paths[2], scale=1 / 1024, theory_key="bytes_theory_per_rank", logy=True)  # fmt: skip
-    _figure(rows, "peak_mem_bytes", "peak RSS per rank (MiB)", paths[3], scale=2**-20)
+    _figure(rows, "peak_mem_bytes", "peak tensor memory per rank (MiB, MemTracker)", paths[3],
+            scale=2**-20)  # fmt: skip
     fig, ax = plt.subplots(figsize=(6, 4.2))
     by_strategy: dict[str, list] = {}
     for m in (m for m in report["max_seq"] if m["nnodes"] == 1):
