@@ -1,7 +1,7 @@
 """Weak and strong scaling of one training step, per strategy, over 1..8 processes (real runs).
 
     python benchmarks/scaling.py [--quick] [--out benchmarks/results/scaling]     # driver
-    torchrun --nproc_per_node P benchmarks/scaling.py --worker --part FILE        # one world
+    torchrun --nproc-per-node P benchmarks/scaling.py [--out DIR]                 # one world
 
 The driver launches one ``torchrun`` per world size (``--standalone``), plus, for each of
 ``--two-node-worlds``, two ``torchrun`` agents on 127.0.0.1 that meet through the c10d
@@ -242,6 +242,9 @@ def _slowest(per_rank: list[dict], key: str) -> float:
 
 
 def worker(args) -> None:
+    """Every row on this torchrun's world; rank 0 writes them to ``--part`` for the driver,
+    or, when launched by hand without ``--part``, the outputs of this world alone."""
+    started = time.perf_counter()
     torch.set_num_threads(args.threads_per_rank)
     dist.init_process_group("gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -287,8 +290,14 @@ def worker(args) -> None:
                 memory.append({"world": world, "nnodes": nnodes, "strategy": label, "points": {
                     str(n): max(r["memory"][n][0] for r in everyone) for n in lengths
                 }})  # fmt: skip
-    if rank == 0:
+    if rank == 0 and args.part:
         Path(args.part).write_text(json.dumps({"rows": rows, "memory": memory}))
+    elif rank == 0:  # torchrun's own flags are not visible here: rebuilt from its environment
+        local = os.environ.get("LOCAL_WORLD_SIZE", str(world))
+        command = shlex.join(
+            ["torchrun", f"--nnodes={nnodes}", f"--nproc-per-node={local}", *sys.argv]
+        )
+        finish(args, rows, memory, command, [], [world], started)
     dist.destroy_process_group()
 
 
@@ -439,8 +448,6 @@ def markdown(report: dict) -> str:
 
 def driver(args) -> None:
     started = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     rows, memory, commands = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for cmds, part in launches(args, tmp):
@@ -451,13 +458,18 @@ def driver(args) -> None:
             data = json.loads(Path(part).read_text())
             rows += data["rows"]
             memory += data["memory"]
+    command = shlex.join(["python", *sys.argv])
+    finish(args, rows, memory, command, commands, [*args.worlds, *args.two_node_worlds], started)
+
+
+def finish(args, rows, memory, command: str, commands, worlds, started: float) -> None:
+    """Efficiency and max_seq, then the JSON / CSV / plots and the table on stdout."""
     add_efficiency(rows)
-    worlds = sorted(set(args.worlds) | set(args.two_node_worlds))
     env = environment("gloo", args.threads_per_rank)
     env.update({
-        "oversubscribed_worlds": [
-            w for w in worlds if w * args.threads_per_rank > env["cpu_count"]
-        ],
+        "oversubscribed_worlds": sorted(
+            {w for w in worlds if w * args.threads_per_rank > env["cpu_count"]}
+        ),
         "peak_mem_kind": "peak bytes of live CPU tensors of the rank during one step "
                          "(torch.distributed._tools.mem_tracker.MemTracker: parameters, "
                          "gradients, AdamW state, activations, temporaries, communication "
@@ -469,15 +481,15 @@ def driver(args) -> None:
                           "(MemTracker) at the weak length and a quarter of it, per world "
                           "and strategy, solved for the budget",
         "torchrun_commands": commands,
-        "wall_s": None,
     })  # fmt: skip
     report = {
-        "command": shlex.join(["python", *sys.argv]),
+        "command": command,
         "env": env,
         "rows": rows,
         "max_seq": max_sequences(memory, parse_bytes(args.budget)),
     }
     env["wall_s"] = round(time.perf_counter() - started, 1)
+    out = Path(args.out)
     write_outputs(report, out)
     print_table(report)
     print(f"[scaling] wrote {out}/scaling.json, scaling.csv, *.png in {env['wall_s']:.0f} s")
@@ -522,7 +534,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.markdown:
         print(markdown(json.loads(Path(args.markdown).read_text())))
-    elif args.worker:
+    elif args.worker or "TORCHELASTIC_RUN_ID" in os.environ:  # launched by torchrun
         worker(args)
     else:
         driver(args)

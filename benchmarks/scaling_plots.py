@@ -47,7 +47,8 @@ def _figure(rows, key, ylabel, path, scale=1.0, theory_key=None, logy=False):
         if logy:  # symlog: P = 1 sends 0 bytes
             ax.set_yscale("symlog", linthresh=1.0)
             ax.set_ylim(bottom=0)
-    axes[0].legend(fontsize=7)
+    if axes[0].get_legend_handles_labels()[0]:  # empty e.g. for efficiency without P = 1
+        axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
