@@ -416,7 +416,8 @@ class CommRecorder:
     the same step again without any communication: each op's output buffers are filled with
     the recorded data and asynchronous ops return handles that are already complete. The
     replayed step must issue the same ops in the same order with the same shapes (the same
-    code on the same input shapes); a mismatch raises ``RuntimeError``.
+    code on the same input shapes); a mismatch raises ``RuntimeError``. The recording holds a
+    copy of every received buffer (for a long step, as much memory as all its messages).
 
     Replay removes the time spent *in* communication and waiting for peers while keeping all
     compute (including buffer packing). With ``t_real`` a step's time, ``t_replay`` the replayed
