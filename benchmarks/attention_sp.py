@@ -15,39 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import tempfile
-import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _common import peak_rss_bytes, timed
 
-
-def _expected_bytes(strategy: str, p: int, s_local: int, hq: int, hkv: int, d: int, elem: int):
-    kv = 2 * s_local * hkv * d
-    if strategy == "ring":
-        return (p - 1) * kv * elem + (p - 1) * kv * elem + p * kv * 4
-    if strategy == "allgather":
-        return 2 * (p - 1) * kv * elem + (p - 1) * kv * 4
-    if strategy == "ulysses":
-        return 2 * (p - 1) * s_local * d * elem * (2 * hq + 2 * hkv) // p
-    return None
-
-
-def _time_fwd_bwd(step, repeats: int) -> list[float]:
-    step()  # warm-up: allocator, thread pools, first-touch pages
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from distseq.traffic import attention_traffic
 
 
 def _worker(rank: int, world: int, args, init_file: str, results) -> None:
@@ -73,11 +49,11 @@ def _worker(rank: int, world: int, args, init_file: str, results) -> None:
             out.backward(dout)
 
         dist.barrier()
-        times = _time_fwd_bwd(step, args.repeats)
+        times = timed(step, args.repeats)
         with distseq.CommCounter() as counter:
             step()
         rows[strategy] = {"times": times, "bytes_sent": counter.bytes_sent}
-    rows["peak_rss_bytes"] = _peak_rss_bytes()
+    rows["peak_rss_bytes"] = peak_rss_bytes()
     results.put((rank, rows))
     dist.destroy_process_group()
 
@@ -98,8 +74,8 @@ def _baseline(args, results) -> None:
         out, lse = kernel.forward(q, k, v, scale=scale, causal=True)
         kernel.backward(dout, q, k, v, out, lse, scale=scale, causal=True)
 
-    results.put(("single", {"times": _time_fwd_bwd(step, args.repeats),
-                            "peak_rss_bytes": _peak_rss_bytes()}))  # fmt: skip
+    results.put(("single", {"times": timed(step, args.repeats),
+                            "peak_rss_bytes": peak_rss_bytes()}))  # fmt: skip
 
 
 def main() -> None:
@@ -151,8 +127,8 @@ def main() -> None:
                  for i in range(args.repeats)]  # fmt: skip
         t_sp = statistics.median(steps)
         sent = max(per_rank[r][strategy]["bytes_sent"] for r in per_rank)
-        formula = _expected_bytes(strategy, args.world, s_local, args.heads, args.kv_heads,
-                                  args.head_dim, elem)  # fmt: skip
+        formula = attention_traffic(strategy, args.world, s_local, args.heads, args.kv_heads,
+                                    args.head_dim, elem).total  # fmt: skip
         rss = max(per_rank[r]["peak_rss_bytes"] for r in per_rank)
         print(f"{strategy:<10} {args.world:>2} {t_sp:>9.3f} {t_single / t_sp:>14.2f} "
               f"{sent / 2**20:>14.1f} {formula / 2**20:>9.1f} {rss / 2**20:>18.0f}")  # fmt: skip

@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _common import timed
+
+from distseq.traffic import linear_traffic
 
 
 def _inputs(n: int, heads: int, dim: int, seed: int):
@@ -29,17 +31,6 @@ def _inputs(n: int, heads: int, dim: int, seed: int):
     q, k, v = (torch.randn(1, n, heads, dim, generator=gen) * 0.3 for _ in range(3))
     g = -torch.nn.functional.softplus(torch.randn(1, n, heads, generator=gen)) * 0.1
     return q, k, v, g, torch.randn(1, n, heads, dim, generator=gen)
-
-
-def _timed(step, repeats: int, warm_up: bool = True) -> list[float]:
-    if warm_up:  # allocator, first-touch pages
-        step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def _baseline(args, results) -> None:
@@ -55,7 +46,7 @@ def _baseline(args, results) -> None:
             linear_torch.forward(q, k, v, g, scale=scale)
             linear_torch.backward(do, None, q, k, v, g, scale=scale)
 
-        rows[n] = _timed(step, args.repeats)
+        rows[n] = timed(step, args.repeats)
     results.put(("single", rows))
 
 
@@ -81,19 +72,10 @@ def _worker(rank: int, world: int, args, init_file: str, results) -> None:
                 o = distseq.linear_attention(*leaves[:3], log_decay=leaves[3], strategy=strategy)
             with distseq.CommCounter() as bwd:
                 o.backward(do)
-            times = _timed(step, args.repeats, warm_up=False)
+            times = timed(step, args.repeats, warm_up=False)
             rows[n, strategy] = (times, fwd.bytes_sent, bwd.bytes_sent)
     results.put((rank, rows))
     dist.destroy_process_group()
-
-
-def _formula(strategy: str, p: int, heads: int, dim: int) -> int:
-    """Bytes one rank sends per pass (max over ranks), float32 states."""
-    if p == 1:
-        return 0
-    if strategy == "lasp2":
-        return (p - 1) * heads * (dim * dim + 1) * 4
-    return heads * dim * dim * 4
 
 
 def main() -> None:
@@ -141,7 +123,9 @@ def main() -> None:
                 t = min(steps)
                 fwd = max(ranks[r][n, strategy][1] for r in ranks)
                 bwd = max(ranks[r][n, strategy][2] for r in ranks)
-                formula = _formula(strategy, world, args.heads, args.dim)
+                formula = linear_traffic(
+                    strategy, world, 1, args.heads, args.dim, args.dim, "contiguous"
+                ).forward
                 print(f"{n:>7} {world:>2} {strategy:<8} {t:>7.3f} {t / n * 1e6:>9.2f} "
                       f"{t_single / t:>10.2f} {fwd:>10} {bwd:>10} {formula:>8}")  # fmt: skip
 
