@@ -31,10 +31,14 @@ test: install
 test-slow: install
 	$(PY) -m pytest -m slow
 
+# The CPU suite (under 20 minutes on 2 cores); results and plots in benchmarks/results/.
 bench: install
 	$(PY) benchmarks/attention_sp.py
 	$(PY) benchmarks/linear_sp.py
-	$(PY) benchmarks/planner.py --skip-gloo
+	$(PY) benchmarks/planner.py --json benchmarks/results/planner.json
+	$(PY) benchmarks/scaling.py
+	$(PY) benchmarks/simulate.py
+	$(PY) benchmarks/simulate.py --validate benchmarks/results/scaling/scaling.json --calibrate-per-world
 
 lint: install
 	$(VENV)/bin/ruff check .
