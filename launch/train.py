@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         Trainer(cfg).fit()
+    except ValueError as exc:  # bad input found while running (e.g. a document that fits nowhere)
+        print(f"launch/train.py: error on rank {dist.get_rank()}: {exc}", file=sys.stderr)
+        return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

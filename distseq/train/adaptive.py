@@ -173,9 +173,10 @@ class AdaptiveScheduler:
 
 
 def plan_summary(plan: Plan) -> dict:
-    """The metrics a step logs about its plan."""
+    """The metrics a step logs about its plan; ``plan_groups`` lists ``degree:strategy`` per
+    group, micro-steps separated by ``|`` (e.g. ``2:ring+lasp2 1:ring+lasp2 | 4:ring+lasp2``)."""
     shapes = [
-        "+".join(f"{g.degree}:{g.strategy}" for g in step.groups) for step in plan.micro_steps
+        " ".join(f"{g.degree}:{g.strategy}" for g in step.groups) for step in plan.micro_steps
     ]
     return {
         "plan_groups": " | ".join(shapes),
