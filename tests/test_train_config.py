@@ -102,6 +102,8 @@ def test_world_size_fills_null_dims():
     "name, world, mixers",
     [
         ("tiny.yaml", 2, None),
+        ("tiny_adaptive.yaml", 3, None),
+        ("bench_small.yaml", 4, None),
         ("hybrid_1b_128k_8gpu.yaml", 8, "linear"),
         ("llama_7b_512k_64gpu.yaml", 64, None),
     ],

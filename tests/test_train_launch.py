@@ -113,3 +113,14 @@ def test_deepspeed_zero_matches_ddp(pools, tmp_path, stage):
         )  # fmt: skip
         _check(proc)
         _assert_losses(_metrics(tmp_path), expected[2:])
+
+
+def test_adaptive_document_that_fits_nowhere_exits_with_one_line(tmp_path):
+    overrides = ["planner=adaptive", "adaptive.memory=1MiB"]
+    proc = subprocess.run(
+        [sys.executable, TRAIN, *_args(tmp_path, overrides)],
+        check=False, capture_output=True, text=True, env=_env(), timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "launch/train.py: error on rank 0: sequence" in proc.stderr, proc.stderr[-3000:]
+    assert "fits no group" in proc.stderr and "Traceback" not in proc.stderr
