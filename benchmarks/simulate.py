@@ -39,9 +39,10 @@ import time
 import numpy as np
 
 from distseq.planner import Cluster, CostModel, Profile, load_profile, model_from_dict
-from distseq.planner.cost import STRATEGIES, combo_name
+from distseq.planner.cost import combo_name
 from distseq.planner.spec import LAYER_TYPES, config_flag
 from distseq.planner.units import format_bytes, parse_bytes
+from distseq.strategies import REGISTRY_BY_MIXER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ("configs/llama_7b_512k_64gpu.yaml", "configs/hybrid_1b_128k_8gpu.yaml")
@@ -75,7 +76,7 @@ def with_mixer(section: dict, mixer: str):
 
 def combo_of(model, strategies: dict[str, str]):
     """The cost model's strategy choice for the model's layer types."""
-    return tuple((t, strategies.get(t, STRATEGIES[t][0])) for t in model.layer_types)
+    return tuple((t, strategies.get(t, REGISTRY_BY_MIXER[t].default)) for t in model.layer_types)
 
 
 def layout_of(mixer: str) -> str:
@@ -264,11 +265,14 @@ def check_lasp2_vs_ring(section: dict, profile: Profile, gpus_per_node: int, mem
             }
         )
     # Where the all-gather outgrows the intra-chunk work (large P) both expose the same
-    # (P-1)-hop critical path, so the claim can only hold as "never slower".
+    # (P-1)-hop critical path, so the claim can only hold as "never slower" — up to the log
+    # decays LASP-2 gathers beside its states (1/(Dk·Dv) more bytes).
+    floor = 1 / (1 + 1 / model.head_dim**2)
     return {
         "claim": "LASP-2 is faster than LASP-1's ring for linear attention at long sequence",
         "points": out,
-        "passed": all(r["lasp2_speedup_vs_ring"] >= 1 - 1e-9 for r in out)
+        "speedup_floor": floor,
+        "passed": all(r["lasp2_speedup_vs_ring"] >= floor - 1e-9 for r in out)
         and all(r["lasp2_speedup_vs_ring"] > 1 for r in out if r["world"] <= 64),
     }
 
@@ -285,10 +289,11 @@ def check_bytes(section: dict, profile: Profile, gpus_per_node: int, memory: int
         for s in sent:
             sent[s].append(cost.bytes_sent(world, (("linear", s),), [seq]))
     scan, lasp2 = np.array(sent["allscan"]), np.array(sent["lasp2"])
+    decays = 1 + 1 / model.head_dim**2  # LASP-2 gathers each head's log decay beside its state
     passed = bool(
         np.allclose(scan, scan[0], rtol=1e-12)
         and np.all(np.diff(lasp2) > 0)
-        and np.allclose(lasp2 / scan, np.array(worlds) - 1, rtol=1e-9)
+        and np.allclose(lasp2 / scan, (np.array(worlds) - 1) * decays, rtol=1e-9)
     )
     return {
         "claim": "All-Scan's per-rank traffic is independent of P; LASP-2's grows with P",

@@ -6,8 +6,8 @@ import torch
 
 from distseq.comm import ProcessGroup, resolve_group
 from distseq.kernels import select_backend
-from distseq.layout import LAYOUTS, shard_layout
-from distseq.strategies import ATTENTION_STRATEGIES, LINEAR_STRATEGIES, get_attention_strategy
+from distseq.layout import check_layout, shard_layout
+from distseq.strategies import ATTENTION_STRATEGIES, LINEAR_STRATEGIES
 from distseq.strategies.base import AttentionContext, SequenceParallelAttention
 from distseq.validation import (
     check_cu_seqlens,
@@ -50,10 +50,9 @@ def attention(
     built: dict[str, object] = {}
 
     def check() -> list[int]:
-        impl = get_attention_strategy(strategy)
-        if layout not in LAYOUTS:
-            raise ValueError(f"unknown layout {layout!r}; choose one of {list(LAYOUTS)}")
+        check_layout(layout)
         check_qkv(q, k, v)
+        impl = ATTENTION_STRATEGIES.check(strategy, info.world_size, q.shape[2], k.shape[2], layout)
         lengths = check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1], info.world_size, layout)
         ctx = AttentionContext(
             info=info,
@@ -63,7 +62,6 @@ def attention(
             scale=check_scale(scale, q.shape[-1]),
             kernel=select_backend(backend, q.device, q.dtype),
         )
-        impl.check(q, k, ctx)
         built.update(impl=impl, ctx=ctx)
         return [
             *q.shape[:3], k.shape[2], q.shape[3], signature_code(str(q.dtype)),

@@ -6,8 +6,8 @@ import torch
 
 from distseq.comm import ProcessGroup, resolve_group
 from distseq.kernels import select_linear_backend
-from distseq.layout import LAYOUTS, shard_layout
-from distseq.strategies import get_linear_strategy
+from distseq.layout import check_layout, shard_layout
+from distseq.strategies import LINEAR_STRATEGIES
 from distseq.strategies.linear_base import LinearContext, SequenceParallelLinearAttention
 from distseq.validation import (
     check_cu_seqlens,
@@ -100,9 +100,8 @@ def linear_attention(
     built: dict[str, object] = {}
 
     def check() -> list[int]:
-        impl = get_linear_strategy(strategy)
-        if layout not in LAYOUTS:
-            raise ValueError(f"unknown layout {layout!r}; choose one of {list(LAYOUTS)}")
+        check_layout(layout)
+        impl = LINEAR_STRATEGIES.check(strategy, info.world_size, layout)
         _check_qkv(q, k, v)
         _check_log_decay(log_decay, q)
         lengths = check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1], info.world_size, layout)
@@ -116,7 +115,6 @@ def linear_attention(
             output_final_state=bool(output_final_state),
         )
         _check_initial_state(initial_state, q, v, ctx.docs)
-        impl.check(ctx)
         built.update(impl=impl, ctx=ctx)
         return [
             *q.shape, v.shape[3], signature_code(str(q.dtype)), signature_code(strategy),

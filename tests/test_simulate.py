@@ -66,7 +66,8 @@ def test_lasp2_never_slower_than_linear_ring_and_faster_while_hidden(checks):
     b = checks["lasp2_faster_than_ring"]
     assert b["passed"]
     speedup = {r["world"]: r["lasp2_speedup_vs_ring"] for r in b["points"]}
-    assert all(s >= 1 - 1e-9 for s in speedup.values())
+    assert 1 - 1e-4 < b["speedup_floor"] < 1
+    assert all(s >= b["speedup_floor"] - 1e-9 for s in speedup.values())
     assert speedup[8] > 1 and speedup[64] > 1
 
 
@@ -77,16 +78,18 @@ def test_allscan_traffic_flat_in_p_and_lasp2_grows(checks):
     lasp2 = c["bytes_sent_per_rank"]["lasp2"]
     hybrid = model_from_dict(simulate.model_section(simulate.CONFIGS[1]))
     state = hybrid.n_heads * hybrid.head_dim**2 * 4
+    decays = hybrid.n_heads * 4  # lasp2 gathers each head's log decay beside its state
     passes = 3 * hybrid.n_layers  # fwd, recomputed fwd (activation checkpointing), bwd
     assert scan == [passes * state] * len(scan)
-    assert lasp2 == [passes * state * (w - 1) for w in c["worlds"]]
+    assert lasp2 == [passes * (state + decays) * (w - 1) for w in c["worlds"]]
 
 
 def test_breakdown_is_consistent_and_bytes_match_measured_counts():
     # benchmarks/attention_sp.py measured 128.0 MiB sent per rank (CommCounter) for ring at
     # P=2, N=16k, H=8, D=64, fp32; allgather 96.0 MiB, ulysses 64.0 MiB (README).
     model = model_from_dict(
-        {"vocab_size": 8, "d_model": 512, "n_layers": 1, "n_heads": 8, "ffn_hidden": 8}
+        {"vocab_size": 8, "d_model": 512, "n_layers": 1, "n_heads": 8, "n_kv_heads": 8,
+         "ffn_hidden": 8}
     )
     cost = CostModel(model, _profile(), Cluster(2, 2, 2**40))
     measured = {"ring": 128.0, "allgather": 96.0, "ulysses": 64.0}
@@ -105,8 +108,8 @@ def test_chain_forwards_after_the_local_kernel():
     """lasp2 hides its all-gather under a long intra-chunk part; LASP-1's ring only the head's
     send: the other P-2 hops are serial, per pass (forward, backward)."""
     model = model_from_dict(
-        {"vocab_size": 8, "d_model": 64, "n_layers": 1, "n_heads": 1, "ffn_hidden": 8,
-         "mixers": "linear"}
+        {"vocab_size": 8, "d_model": 64, "n_layers": 1, "n_heads": 1, "n_kv_heads": 1,
+         "ffn_hidden": 8, "mixers": "linear"}
     )  # fmt: skip
     link = Link(1e-5, 1e9)
     profile = _profile(linear_attention_flops=1e6, intra=link, inter=link)
@@ -165,7 +168,7 @@ def test_validate_reports_errors_against_real_rows(tmp_path):
     for world, strategy, mixer, factor in (
         (1, "ring", "softmax", 1.0),
         (2, "ring", "softmax", 1.25),
-        (4, "ulysses", "softmax", 0.8),
+        (2, "ulysses", "softmax", 0.8),  # SMALL has 2 K/V heads: ulysses runs on 2
         (2, "lasp2", "linear", 1.0),
     ):
         model = {**SMALL, "mixers": mixer}
@@ -215,17 +218,23 @@ def test_zigzag_linear_layers_move_two_pieces_per_rank():
         {"vocab_size": 8, "d_model": 64, "n_layers": 1, "n_heads": 2, "ffn_hidden": 8,
          "mixers": "linear"}
     )  # fmt: skip
-    state = 2 * 32 * 32 * 4
+    state, decays = 2 * 32 * 32 * 4, 2 * 4  # two heads' states and log decays
     d = 4
     zigzag = CostModel(model, _profile(), Cluster(d, d, 2**40), linear_layout="zigzag")
     contiguous = CostModel(model, _profile(), Cluster(d, d, 2**40))
     for cost, pieces in ((contiguous, 1), (zigzag, 2)):
         sent = {s: cost.bytes_sent(d, (("linear", s),), [4096]) for s in ("lasp2", "ring")}
-        assert sent == {"lasp2": 2 * (d - 1) * pieces * state, "ring": 2 * pieces * state}
+        assert sent == {
+            "lasp2": 2 * (d - 1) * pieces * (state + decays),
+            "ring": 2 * pieces * state,
+        }
     assert [c[0][1] for c in zigzag.combos(d)] == ["lasp2", "ring"]
     # Contiguous on 2 ranks: rank 0 sends only forward, rank 1 only backward (as counted).
     pair = CostModel(model, _profile(), Cluster(2, 2, 2**40))
     assert pair.bytes_sent(2, (("linear", "allscan"),), [4096]) == state
+    # Zigzag on 2 ranks: each rank hands one piece on per pass (0 -> 1, then 1 -> 0).
+    pair = CostModel(model, _profile(), Cluster(2, 2, 2**40), linear_layout="zigzag")
+    assert pair.bytes_sent(2, (("linear", "ring"),), [4096]) == 2 * state
     with pytest.raises(ValueError, match="allscan"):
         zigzag.group_cost(d, (("linear", "allscan"),))
     # The zigzag chain 0 -> d-1 -> 0 has twice the hops on its critical path.

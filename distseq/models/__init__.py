@@ -6,9 +6,11 @@ sequence described by ``ctx`` (:class:`SequenceContext`); returns logits ``[B, S
 
 from distseq.models.config import (
     ModelConfig,
+    block_parameters,
     check_model_config,
     count_parameters,
     layer_mixers,
+    model_config_from_dict,
 )
 from distseq.models.context import SequenceContext
 from distseq.models.decoder import Decoder, DecoderBlock
@@ -18,7 +20,9 @@ __all__ = [
     "DecoderBlock",
     "ModelConfig",
     "SequenceContext",
+    "block_parameters",
     "check_model_config",
     "count_parameters",
     "layer_mixers",
+    "model_config_from_dict",
 ]

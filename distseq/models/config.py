@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import Any
 
 MIXERS = ("softmax", "linear")
@@ -79,8 +80,10 @@ def check_model_config(cfg: ModelConfig) -> None:
     """Raise ``ValueError`` naming the ``model.*`` key of the first invalid value."""
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden"):
         value = getattr(cfg, key)
-        if value <= 0:
-            raise ValueError(f"model.{key}={value} must be a positive integer")
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"model.{key}={value!r} must be a positive integer")
+    if cfg.head_dim is not None and (not isinstance(cfg.head_dim, int) or cfg.head_dim <= 0):
+        raise ValueError(f"model.head_dim={cfg.head_dim!r} must be a positive integer or null")
     if cfg.n_heads % cfg.n_kv_heads:
         raise ValueError(
             f"model.n_heads={cfg.n_heads} must be a multiple of model.n_kv_heads="
@@ -106,8 +109,19 @@ def check_model_config(cfg: ModelConfig) -> None:
     layer_mixers(cfg)
 
 
-def count_parameters(cfg: ModelConfig) -> int:
-    """Parameter count of :class:`distseq.models.Decoder` for ``cfg`` (no tensors built)."""
+def model_config_from_dict(section: Mapping[str, Any]) -> ModelConfig:
+    """A checked :class:`ModelConfig` from a ``model:`` mapping (as a YAML file gives it)."""
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise ValueError(f"model section has unknown keys {unknown}; known keys: {sorted(known)}")
+    cfg = ModelConfig(**section)
+    check_model_config(cfg)
+    return cfg
+
+
+def block_parameters(cfg: ModelConfig) -> list[int]:
+    """Parameters of every :class:`~distseq.models.DecoderBlock` (mixer, SwiGLU, two norms)."""
     d, hd = cfg.d_model, cfg.resolved_head_dim
     softmax = d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
     linear = (
@@ -115,7 +129,12 @@ def count_parameters(cfg: ModelConfig) -> int:
         + (d * cfg.n_heads + cfg.n_heads) * (cfg.linear_decay == "data")
         + hd
     )
-    mlp = 3 * d * cfg.ffn_hidden
-    mixers = sum(softmax if m == "softmax" else linear for m in layer_mixers(cfg))
-    embed = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
-    return embed + mixers + cfg.n_layers * (mlp + 2 * d) + d
+    mixer = {"softmax": softmax, "linear": linear}
+    rest = 3 * d * cfg.ffn_hidden + 2 * d
+    return [mixer[m] + rest for m in layer_mixers(cfg)]
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    """Parameter count of :class:`distseq.models.Decoder` for ``cfg`` (no tensors built)."""
+    embed = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+    return embed + sum(block_parameters(cfg)) + cfg.d_model

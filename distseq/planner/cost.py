@@ -8,20 +8,24 @@ rank is ``static + bytes_per_token · A``. Both are linear in ``(A, Q)`` inside 
 MILP can express exactly.
 
 Communication is α-β (``profile.intra`` inside a node, ``profile.inter`` when the group spans
-nodes), with the bytes each strategy's own docstring states, per rank and layer, ``n = A/d·Hkv·D``:
+nodes). The bytes are each strategy's own ``traffic()`` (per token of ``A``: ``s_local = 1/d``;
+linear layers: one document's states); what the model adds is when they are on the critical path:
 
-- ``ring`` (softmax): fwd ``(d-1)·2n·e`` overlapped with the blocks; bwd ``(d-1)·2n·e + d·2n·4``.
-- ``ulysses``: fwd and bwd ``(d-1)/d·A/d·D·(2Hq+2Hkv)·e`` each, two all-to-alls, not overlapped.
-- ``allgather``: fwd ``(d-1)·2n·e`` hidden behind the local block (1/d of the work); bwd the same
-  plus a reduce-scatter of ``(d-1)·2n·4``, not overlapped.
-- ``lasp2`` (linear): one all-gather of per-rank ``H·Dk·Dv`` fp32 states per direction,
-  overlapped with the intra-chunk part; ``allscan``: each rank sends/receives one state,
-  pipelined in ``scan_blocks`` pieces along the ``d`` ranks; ``ring``: the state hops
-  sequentially rank to rank (LASP-1). Both chains forward a state only once the rank's local
-  kernel is done (``strategies/state_chain.py`` advances in ``wait()``; on a GPU the combine is
-  stream-ordered after the kernel), so only the head's send overlaps the intra-chunk part and
-  the remaining hops are serial. Their critical path is ``d-1`` (``+ scan_blocks-1``) hops,
-  while each rank *sends* one state per pass (:meth:`CostModel.bytes_sent`).
+- ``ring`` (softmax): the forward's K/V overlap the blocks; the backward's K/V and dK/dV too.
+- ``ulysses``: two all-to-alls per pass, not overlapped.
+- ``allgather``: the gather hides behind the local block (1/d of the work); the backward's
+  reduce-scatter of dK/dV is not overlapped.
+- ``lasp2`` (linear): one all-gather of states per direction, overlapped with the intra-chunk
+  part; ``allscan``: each rank sends/receives one state, pipelined in ``scan_blocks`` pieces
+  along the ``d`` ranks; ``ring``: the state hops sequentially rank to rank (LASP-1). Both
+  chains forward a state only once the rank's local kernel is done (``strategies/state_chain.py``
+  advances in ``wait()``; on a GPU the combine is stream-ordered after the kernel), so only the
+  head's send overlaps the intra-chunk part and the remaining hops are serial. Their critical
+  path is ``d-1`` (``+ scan_blocks-1``) hops, while the busiest rank *sends* what ``traffic()``
+  says (:meth:`CostModel.bytes_sent`).
+
+Which strategies a group may run comes from the registries (:data:`REGISTRY_BY_MIXER`): each
+strategy's ``check_group`` decides (e.g. ulysses needs heads divisible by ``d``).
 
 Compute: causal softmax attention ``2·s²·Hq·D`` FLOPs forward (2.5x that backward), chunked
 linear attention ``H·(2·C·D + 4·D²)`` per token forward (3x fwd+bwd), projections and FFN
@@ -37,13 +41,19 @@ from functools import cached_property
 
 import numpy as np
 
+from distseq.layout import check_layout, chunks_per_rank
 from distseq.planner.profile import Link, Profile
 from distseq.planner.spec import Cluster, ModelSpec
+from distseq.strategies import REGISTRY_BY_MIXER
 
-STRATEGIES: dict[str, tuple[str, ...]] = {
+# Strategies whose overlap structure :meth:`CostModel.layer_phases` writes down, in the order
+# plans prefer on ties; a registered strategy missing here cannot be planned (a test checks
+# that none is missing).
+COSTED: dict[str, tuple[str, ...]] = {
     "softmax": ("ring", "ulysses", "allgather"),
     "linear": ("lasp2", "allscan", "ring"),
 }
+SOFTMAX_LAYOUT = "zigzag"  # groups balance causal attention work
 BWD_OVER_FWD = 2.5  # flash-attention backward FLOPs relative to forward (recompute included)
 
 Combo = tuple[tuple[str, str], ...]  # ((layer_type, strategy), ...) in LAYER_TYPES order
@@ -194,8 +204,7 @@ class CostModel:
         scan_blocks: int = 8,
         linear_layout: str = "contiguous",
     ) -> None:
-        if linear_layout not in ("contiguous", "zigzag"):
-            raise ValueError(f"linear_layout = {linear_layout!r}; use 'contiguous' or 'zigzag'")
+        check_layout(linear_layout)
         self.model, self.profile, self.cluster = model, profile, cluster
         self.bytes_per_param = bytes_per_param
         self.shard_states = shard_states
@@ -207,18 +216,23 @@ class CostModel:
         self.memo: dict = {}  # derived per-model data other modules cache (e.g. fast closures)
 
     # ----------------------------------------------------------------- strategies
+    def _group_shape(self, layer_type: str, degree: int) -> tuple:
+        """The arguments of the strategies' ``check_group`` for a ``degree`` group."""
+        m = self.model
+        if layer_type == "softmax":
+            return degree, m.n_heads, m.n_kv_heads, SOFTMAX_LAYOUT
+        return degree, self.linear_layout
+
     def combos(self, degree: int) -> list[Combo]:
         """Feasible strategy choices (one per layer type) for a group of ``degree`` ranks."""
-        m = self.model
         per_type = []
-        for layer_type in m.layer_types:
-            names = STRATEGIES[layer_type]
+        for layer_type in self.model.layer_types:
+            registry = REGISTRY_BY_MIXER[layer_type]
             if degree == 1:
-                names = names[:1]  # no communication: every strategy is the local kernel
-            elif layer_type == "softmax" and (m.n_heads % degree or m.n_kv_heads % degree):
-                names = tuple(n for n in names if n != "ulysses")
-            elif layer_type == "linear" and self.linear_layout == "zigzag":
-                names = tuple(n for n in names if n != "allscan")  # contiguous only
+                names = [registry.default]  # no communication: every strategy is the local kernel
+            else:
+                able = registry.supporting(*self._group_shape(layer_type, degree))
+                names = [n for n in COSTED[layer_type] if n in able]
             per_type.append([(layer_type, n) for n in names])
         return list(itertools.product(*per_type))
 
@@ -237,61 +251,71 @@ class CostModel:
 
     def layer_phases(self, layer_type: str, strategy: str, degree: int) -> _Phases:
         """Phases of one layer's mixer (attention or linear attention), forward + backward."""
-        m, pr, d = self.model, self.profile, degree
-        e = pr.elem_bytes
-        link = self._link(d)
+        if layer_type not in COSTED:
+            raise ValueError(f"unknown layer type {layer_type!r}; use {list(COSTED)}")
+        if strategy not in COSTED[layer_type]:
+            raise ValueError(
+                f"unknown {layer_type} strategy {strategy!r}; use {list(COSTED[layer_type])}"
+            )
+        impl = REGISTRY_BY_MIXER[layer_type].check(strategy, *self._group_shape(layer_type, degree))
         ph = _Phases()
         if layer_type == "softmax":
-            q_fwd = 2.0 * m.n_heads * m.head_dim / (d * pr.attention_flops)
-            q_bwd = BWD_OVER_FWD * q_fwd
-            if self.checkpointing:
-                q_bwd += q_fwd  # the recomputed forward's blocks
-            if d == 1:
-                ph.serial(q=q_fwd + q_bwd)
-                return ph
-            kv = 2.0 * m.n_kv_heads * m.head_dim / d  # K and V elements per token of A
-            fwd_passes = 2 if self.checkpointing else 1  # the recomputed forward resends
-            if strategy == "ring":
-                fwd = (d - 1) * kv * e
-                c_f, a_f = ph.message(link, d - 1, fwd, per_token=True, sent=fwd_passes * fwd)
-                c_b, a_b = ph.message(link, d, (d - 1) * kv * e + d * kv * 4, per_token=True)
-                ph.overlap((0, q_fwd, 0), (a_f, 0, c_f))
-                ph.overlap(
-                    (0, q_bwd, 0),
-                    (a_b + self.checkpointing * a_f, 0, c_b + self.checkpointing * c_f),
-                )
-            elif strategy == "ulysses":
-                per_dir = (d - 1) / d / d * m.head_dim * (2 * m.n_heads + 2 * m.n_kv_heads) * e
-                passes = fwd_passes + 1
-                c, a = ph.message(link, 2 * (d - 1) * passes, passes * per_dir, per_token=True)
-                ph.serial(a=a, q=q_fwd + q_bwd, c=c)
-            elif strategy == "allgather":
-                gather = (d - 1) * kv * e  # once forward, again (each pass) in backward
-                c_g, a_g = ph.message(
-                    link, d - 1, gather, per_token=True, sent=(1 + fwd_passes) * gather
-                )
-                c_rs, a_rs = ph.message(link, d - 1, (d - 1) * kv * 4, per_token=True)
-                ph.overlap((0, q_fwd / d, 0), (a_g, 0, c_g))
-                ph.overlap(
-                    (0, q_bwd / d, 0),
-                    (a_g * (1 + self.checkpointing), 0, c_g * (1 + self.checkpointing)),
-                )
-                ph.serial(a=a_rs, q=(q_fwd + q_bwd) * (d - 1) / d, c=c_rs)
-            else:
-                raise ValueError(
-                    f"unknown softmax strategy {strategy!r}; use {STRATEGIES['softmax']}"
-                )
-            return ph
-        if layer_type != "linear":
-            raise ValueError(f"unknown layer type {layer_type!r}; use softmax or linear")
-        h, dh, chunk = m.n_heads, m.head_dim, self.chunk_size
+            self._softmax_phases(ph, impl, degree)
+        else:
+            self._linear_phases(ph, impl, degree)
+        return ph
+
+    def _softmax_phases(self, ph: _Phases, impl, d: int) -> None:
+        m, pr = self.model, self.profile
+        q_fwd = 2.0 * m.n_heads * m.head_dim / (d * pr.attention_flops)
+        q_bwd = BWD_OVER_FWD * q_fwd
+        if self.checkpointing:
+            q_bwd += q_fwd  # the recomputed forward's blocks
+        if d == 1:
+            ph.serial(q=q_fwd + q_bwd)
+            return
+        link = self._link(d)
+        # Bytes per token of A: each rank holds A/d of the group's tokens.
+        t = impl.traffic(d, 1.0 / d, m.n_heads, m.n_kv_heads, m.head_dim, pr.elem_bytes)
+        fwd_passes = 2 if self.checkpointing else 1  # the recomputed forward resends
+        if impl.name == "ring":
+            c_f, a_f = ph.message(
+                link, d - 1, t.forward, per_token=True, sent=fwd_passes * t.forward
+            )
+            c_b, a_b = ph.message(link, d, t.backward, per_token=True)
+            ph.overlap((0, q_fwd, 0), (a_f, 0, c_f))
+            ph.overlap(
+                (0, q_bwd, 0),
+                (a_b + self.checkpointing * a_f, 0, c_b + self.checkpointing * c_f),
+            )
+        elif impl.name == "ulysses":
+            passes = fwd_passes + 1
+            nbytes = fwd_passes * t.forward + t.backward
+            c, a = ph.message(link, 2 * (d - 1) * passes, nbytes, per_token=True)
+            ph.serial(a=a, q=q_fwd + q_bwd, c=c)
+        else:  # allgather: the backward gathers again, then reduce-scatters dK/dV
+            gather = t.forward
+            c_g, a_g = ph.message(
+                link, d - 1, gather, per_token=True, sent=(1 + fwd_passes) * gather
+            )
+            c_rs, a_rs = ph.message(link, d - 1, t.backward - gather, per_token=True)
+            ph.overlap((0, q_fwd / d, 0), (a_g, 0, c_g))
+            ph.overlap(
+                (0, q_bwd / d, 0),
+                (a_g * (1 + self.checkpointing), 0, c_g * (1 + self.checkpointing)),
+            )
+            ph.serial(a=a_rs, q=(q_fwd + q_bwd) * (d - 1) / d, c=c_rs)
+
+    def _linear_phases(self, ph: _Phases, impl, d: int) -> None:
+        m, pr, chunk = self.model, self.profile, self.chunk_size
+        h, dh = m.n_heads, m.head_dim
         rate = d * pr.linear_attention_flops
         intra_f = 2.0 * h * chunk * dh / rate  # per token: causal chunk-local scores and values
         inter_f = 4.0 * h * dh * dh / rate  # per token: q·S and the state update kᵀv
-        pieces = 2 if self.linear_layout == "zigzag" else 1  # per rank and document
-        if strategy == "allscan" and pieces == 2:
-            raise ValueError("linear strategy 'allscan' needs linear_layout='contiguous'")
-        state = h * dh * dh * 4.0  # fp32 H·Dk·Dv
+        pieces = chunks_per_rank(self.linear_layout)  # per rank and document
+        state = h * dh * dh * 4.0  # one fp32 H·Dk·Dv message
+        t = impl.traffic(d, 1, h, dh, dh, self.linear_layout)
+        link = self._link(d)
         # Forward, (recomputed forward,) backward at twice the forward's FLOPs.
         for factor in (1.0, 1.0, 2.0) if self.checkpointing else (1.0, 2.0):
             backward = factor == 2.0
@@ -299,28 +323,22 @@ class CostModel:
             if d == 1:
                 ph.serial(a=intra + inter)
                 continue
-            if strategy == "lasp2":
-                gathered = (d - 1) * pieces * state
+            if impl.name == "lasp2":
+                gathered = t.backward if backward else t.forward
                 ph.overlap((intra, 0, 0), (0, 0, sum(ph.message(link, d - 1, gathered))))
-            elif strategy in ("allscan", "ring"):
+            else:
                 # A chain: the head's send (all its blocks) overlaps the local kernel; the
                 # other ranks forward after theirs, one hop (block) after another.
-                blocks = self.scan_blocks if strategy == "allscan" else 1
+                blocks = self.scan_blocks if impl.name == "allscan" else 1
                 hops = pieces * (d - 1) - 1  # after the head's
                 head = sum(link.time(blocks, state))
-                # Contiguous on 2 ranks, rank 0 sends only forward and rank 1 only backward:
-                # the most loaded rank is rank 0.
-                alone = pieces == 1 and d == 2 and backward
-                sent = 0.0 if alone else pieces * state
+                # What the busiest rank sends in this pass (at d=2 contiguous it sends in one
+                # pass only, which Traffic.total accounts for).
+                sent = t.total - t.forward if backward else t.forward
                 rest = sum(ph.message(link, hops, hops * state / blocks, sent=sent))
                 ph.overlap((intra, 0, 0), (0, 0, head))
                 ph.serial(c=rest)
-            else:
-                raise ValueError(
-                    f"unknown linear strategy {strategy!r}; use {STRATEGIES['linear']}"
-                )
             ph.serial(a=inter)
-        return ph
 
     def mixer_time(self, layer_type: str, strategy: str, degree: int, length: int) -> float:
         """Seconds of one layer's mixer, forward + backward, for one sequence (plus the
@@ -333,7 +351,7 @@ class CostModel:
     def _dense_flops_per_token(self) -> float:
         m = self.model
         passes = 4.0 if self.checkpointing else 3.0
-        return passes * (2.0 * m.n_layers * m.layer_params() + 2.0 * m.vocab_size * m.d_model)
+        return passes * (2.0 * sum(m.block_params) + 2.0 * m.vocab_size * m.d_model)
 
     def _build(self, degree: int, combo: Combo) -> GroupCost:
         m, pr = self.model, self.profile
@@ -348,10 +366,10 @@ class CostModel:
     # ----------------------------------------------------------------- memory
     def _memory(self, degree: int, combo: Combo) -> tuple[float, float]:
         m, e, d = self.model, self.profile.elem_bytes, degree
-        params = m.params()
+        params = m.params
         if self.shard_states:
             static = params * self.bytes_per_param / self.cluster.world_size
-            static += 2 * m.layer_params() * e  # the gathered layers in flight
+            static += 2 * max(m.block_params) * e  # the gathered layers in flight
         else:
             static = params * self.bytes_per_param
         static += self.profile.reserved_bytes

@@ -3,23 +3,31 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
+from distseq.models.config import (
+    MIXERS,
+    ModelConfig,
+    block_parameters,
+    check_model_config,
+    count_parameters,
+    layer_mixers,
+    model_config_from_dict,
+)
 from distseq.planner.units import parse_bytes
 
-LAYER_TYPES = ("softmax", "linear")
-_MIXER_MODES = ("softmax", "linear", "hybrid")
+LAYER_TYPES = MIXERS
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A decoder stack; ``layers`` holds one mixer type (``softmax``/``linear``) per layer.
-
-    Keys of the ``model:`` config section (shared with ``launch/train.py``): ``vocab_size``,
-    ``d_model``, ``n_layers``, ``n_heads``, ``n_kv_heads``, ``head_dim`` (default
-    ``d_model // n_heads``), ``ffn_hidden``, ``mixers`` (``softmax`` | ``linear`` | ``hybrid`` |
-    explicit per-layer list) and ``hybrid_ratio`` (``"3:1"`` = 3 linear then 1 softmax).
-    """
+    """What the cost model needs of a decoder, derived from its :class:`ModelConfig` by
+    :meth:`from_config` (layers from :func:`layer_mixers`, parameters from
+    :func:`block_parameters` / :func:`count_parameters`), so the planner and the model never
+    disagree. ``layers``: one mixer type (``softmax``/``linear``) per layer;
+    ``block_params``: parameters of each block; ``params``: the whole model's."""
 
     vocab_size: int
     d_model: int
@@ -28,22 +36,23 @@ class ModelSpec:
     head_dim: int
     ffn_hidden: int
     layers: tuple[str, ...]
+    block_params: tuple[int, ...]
+    params: int
 
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"model.{name} = {value!r}; it must be a positive integer")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"model.n_heads = {self.n_heads} is not a multiple of model.n_kv_heads = "
-                f"{self.n_kv_heads}; pick n_kv_heads dividing n_heads"
-            )
-        if not self.layers:
-            raise ValueError("model.n_layers must be at least 1")
-        bad = sorted(set(self.layers) - set(LAYER_TYPES))
-        if bad:
-            raise ValueError(f"model.mixers has unknown layer types {bad}; use {list(LAYER_TYPES)}")
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> ModelSpec:
+        check_model_config(cfg)
+        return cls(
+            vocab_size=cfg.vocab_size,
+            d_model=cfg.d_model,
+            n_heads=cfg.n_heads,
+            n_kv_heads=cfg.n_kv_heads,
+            head_dim=cfg.resolved_head_dim,
+            ffn_hidden=cfg.ffn_hidden,
+            layers=tuple(layer_mixers(cfg)),
+            block_params=tuple(block_parameters(cfg)),
+            params=count_parameters(cfg),
+        )
 
     @property
     def n_layers(self) -> int:
@@ -57,67 +66,18 @@ class ModelSpec:
         """The layer types present, in the fixed order of :data:`LAYER_TYPES`."""
         return tuple(t for t in LAYER_TYPES if t in self.layers)
 
-    def layer_params(self) -> int:
-        """Parameters of one block: Q/K/V/O projections and a SwiGLU FFN (norms neglected)."""
-        attn = self.d_model * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
-        return attn + 3 * self.d_model * self.ffn_hidden
 
-    def params(self) -> int:
-        """All parameters, with untied input embedding and output head."""
-        return self.n_layers * self.layer_params() + 2 * self.vocab_size * self.d_model
+_REQUIRED = ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden")
 
 
-def _layers(section: dict) -> tuple[str, ...]:
-    n_layers = section.get("n_layers")
-    if not isinstance(n_layers, int) or isinstance(n_layers, bool) or n_layers <= 0:
-        raise ValueError(f"model.n_layers = {n_layers!r}; it must be a positive integer")
-    mixers = section.get("mixers", "softmax")
-    if isinstance(mixers, (list, tuple)):
-        if len(mixers) != n_layers:
-            raise ValueError(
-                f"model.mixers lists {len(mixers)} layers but model.n_layers = {n_layers}; "
-                "give one mixer per layer"
-            )
-        return tuple(str(m) for m in mixers)
-    if mixers not in _MIXER_MODES:
-        raise ValueError(
-            f"model.mixers = {mixers!r}; use one of {list(_MIXER_MODES)} or a per-layer list"
-        )
-    if mixers != "hybrid":
-        return (mixers,) * n_layers
-    ratio = str(section.get("hybrid_ratio", "3:1"))
-    try:
-        n_linear, n_softmax = (int(x) for x in ratio.split(":"))
-        assert n_linear >= 0 and n_softmax >= 0 and n_linear + n_softmax > 0
-    except (ValueError, AssertionError):
-        raise ValueError(
-            f"model.hybrid_ratio = {ratio!r}; write 'LINEAR:SOFTMAX' with non-negative "
-            "integers, e.g. '3:1'"
-        ) from None
-    pattern = ("linear",) * n_linear + ("softmax",) * n_softmax
-    return tuple(pattern[i % len(pattern)] for i in range(n_layers))
-
-
-def model_from_dict(section: dict) -> ModelSpec:
-    """Build a :class:`ModelSpec` from a ``model:`` section (a plain mapping)."""
-    required = ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden")
-    missing = [k for k in required if k not in section]
+def model_from_dict(section: Mapping[str, Any]) -> ModelSpec:
+    """Build a :class:`ModelSpec` from a ``model:`` section (a plain mapping), read exactly as
+    training reads it (:func:`distseq.models.model_config_from_dict`). The shape keys are
+    required: a plan for the schema's tiny default model is almost surely a mistake."""
+    missing = [k for k in _REQUIRED if k not in section]
     if missing:
         raise ValueError(f"model section lacks {missing}; add them (see configs/planner_7b.yaml)")
-    n_heads = section["n_heads"]
-    d_model = section["d_model"]
-    head_dim = section.get("head_dim") or (
-        d_model // n_heads if isinstance(n_heads, int) and n_heads > 0 else None
-    )
-    return ModelSpec(
-        vocab_size=section["vocab_size"],
-        d_model=d_model,
-        n_heads=n_heads,
-        n_kv_heads=section.get("n_kv_heads", n_heads),
-        head_dim=head_dim,
-        ffn_hidden=section["ffn_hidden"],
-        layers=_layers(section),
-    )
+    return ModelSpec.from_config(model_config_from_dict(section))
 
 
 def load_model(path: str) -> ModelSpec:

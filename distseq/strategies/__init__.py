@@ -3,10 +3,18 @@
 from distseq.strategies import allgather, allscan, lasp2, linear_ring, ring, ulysses  # noqa: F401
 from distseq.strategies.base import ATTENTION_STRATEGIES, get_attention_strategy
 from distseq.strategies.linear_base import LINEAR_STRATEGIES, get_linear_strategy
+from distseq.strategies.registry import Registry
+
+# The registry serving each mixer type of a model (``distseq.models.config.MIXERS``).
+REGISTRY_BY_MIXER: dict[str, Registry] = {
+    "softmax": ATTENTION_STRATEGIES,
+    "linear": LINEAR_STRATEGIES,
+}
 
 __all__ = [
     "ATTENTION_STRATEGIES",
     "LINEAR_STRATEGIES",
+    "REGISTRY_BY_MIXER",
     "get_attention_strategy",
     "get_linear_strategy",
 ]

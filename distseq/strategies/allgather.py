@@ -6,7 +6,7 @@ the ring, so masked blocks are skipped). Backward gathers K/V again rather than 
 shards alive between forward and backward, and reduce-scatters the float32 dK/dV.
 
 Bytes sent per rank, with ``n = S_local·Hkv·D``: forward ``(P-1)·2n·elem``; backward
-``(P-1)·2n·elem + (P-1)/P·P·2n·4`` (the reduce-scatter of float32 dK/dV).
+``(P-1)·2n·elem + (P-1)·2n·4`` (the reduce-scatter of the ``P`` float32 dK/dV shards).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from distseq.comm import all_gather_async, reduce_scatter
 from distseq.strategies.base import AttentionContext, AttentionStrategy, register_attention_strategy
 from distseq.strategies.blocks import BlockPlanner, block_backward, block_forward, new_accumulators
+from distseq.traffic import Traffic
 
 
 def _other_ranks(ctx: AttentionContext) -> list[int]:
@@ -25,6 +26,10 @@ def _other_ranks(ctx: AttentionContext) -> list[int]:
 @register_attention_strategy
 class AllGatherAttention(AttentionStrategy):
     name = "allgather"
+
+    def traffic(self, p, s_local, q_heads, kv_heads, head_dim, elem) -> Traffic:
+        kv = 2 * s_local * kv_heads * head_dim
+        return Traffic((p - 1) * kv * elem, (p - 1) * kv * (elem + 4))
 
     def forward(self, q, k, v, ctx: AttentionContext):
         planner = BlockPlanner(ctx, q.shape[1], q.device)

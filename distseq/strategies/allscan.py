@@ -8,14 +8,14 @@ whole states, and each rank sends and receives one state's bytes in total, indep
 layout only (zigzag would need the chain twice).
 
 Bytes per rank (float32): at most ``docs·H·Dk·Dv·4`` sent and the same received, forward and
-backward (plus, with ``output_final_state``, a broadcast of the final state and an all-reduce
-of its gradient).
+backward, and twice that in both together from ``P = 3`` (:func:`chain_traffic`; plus, with
+``output_final_state``, a broadcast of the final state and an all-reduce of its gradient).
 """
 
 from __future__ import annotations
 
-from distseq.strategies.linear_base import LinearContext, LinearStrategy, register_linear_strategy
-from distseq.strategies.state_chain import ChainScan
+from distseq.strategies.linear_base import LinearStrategy, register_linear_strategy
+from distseq.strategies.state_chain import ChainScan, chain_traffic
 
 BLOCKS = 4  # pipeline depth K (capped at Dk)
 
@@ -24,13 +24,7 @@ BLOCKS = 4  # pipeline depth K (capped at Dk)
 class AllScan(LinearStrategy):
     name = "allscan"
     layouts = ("contiguous",)  # the scan walks ranks 0 -> P-1 once: one segment per rank
-
-    def check(self, ctx: LinearContext) -> None:
-        if ctx.shard.layout not in self.layouts:
-            raise ValueError(
-                f"allscan needs layout='contiguous' (got {ctx.shard.layout!r}); shard the "
-                "sequence contiguously or use strategy='lasp2', which supports zigzag"
-            )
+    traffic = staticmethod(chain_traffic)
 
     def scan(self, states, log_decays, start, ctx, *, reverse, need_end):
         return ChainScan(states, log_decays, start, ctx, reverse, need_end, blocks=BLOCKS)

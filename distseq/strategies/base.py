@@ -17,7 +17,8 @@ import torch
 
 from distseq.comm import GroupInfo
 from distseq.layout import LAYOUTS, ShardLayout
-from distseq.strategies.registry import Registry
+from distseq.strategies.registry import Registry, check_layout_supported
+from distseq.traffic import Traffic
 
 
 @dataclass(frozen=True)
@@ -48,13 +49,28 @@ class AttentionContext:
 
 
 class AttentionStrategy(ABC):
-    """Sequence-parallel softmax attention over local shards ``[B, S_local, H, D]``."""
+    """Sequence-parallel softmax attention over local shards ``[B, S_local, H, D]``.
+
+    A strategy declares what it can run once, here: ``layouts`` and :meth:`check_group` (read
+    by :func:`distseq.attention`, the training config's validation, the planner and the docs),
+    and :meth:`traffic`, the bytes it sends (read by the cost model, benchmarks and tests).
+    """
 
     name: ClassVar[str]
     layouts: ClassVar[tuple[str, ...]] = LAYOUTS  # shard layouts the strategy handles
 
-    def check(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> None:  # noqa: B027
-        """Raise ``ValueError`` for inputs this strategy cannot handle (no communication)."""
+    def check_group(self, world_size: int, q_heads: int, kv_heads: int, layout: str) -> None:
+        """Raise ``ValueError`` if the strategy cannot run ``q_heads``/``kv_heads`` heads over
+        ``world_size`` ranks in ``layout`` (shapes only: no tensors, no communication)."""
+        check_layout_supported(self, layout)
+
+    @abstractmethod
+    def traffic(
+        self, p: int, s_local: float, q_heads: int, kv_heads: int, head_dim: int, elem: int
+    ) -> Traffic:
+        """Bytes the most loaded rank sends in one call on ``[B=1, s_local, H, head_dim]``
+        shards of ``elem``-byte elements over ``p`` ranks (``s_local`` may be a fraction: the
+        cost model asks per token)."""
 
     @abstractmethod
     def forward(
@@ -69,7 +85,7 @@ class AttentionStrategy(ABC):
         """Return ``dq`` ``[B, S_local, Hq, D]``, ``dk``/``dv`` ``[B, S_local, Hkv, D]``."""
 
 
-ATTENTION_STRATEGIES: Registry[AttentionStrategy] = Registry("attention")
+ATTENTION_STRATEGIES: Registry[AttentionStrategy] = Registry("attention", default="ring")
 register_attention_strategy = ATTENTION_STRATEGIES.register
 get_attention_strategy = ATTENTION_STRATEGIES.get
 

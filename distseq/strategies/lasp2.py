@@ -18,7 +18,9 @@ from __future__ import annotations
 import torch
 
 from distseq.comm import all_gather_async
+from distseq.layout import chunks_per_rank
 from distseq.strategies.linear_base import LinearContext, LinearStrategy, register_linear_strategy
+from distseq.traffic import Traffic
 
 
 class _GatheredScan:
@@ -50,6 +52,11 @@ class _GatheredScan:
 @register_linear_strategy
 class Lasp2(LinearStrategy):
     name = "lasp2"
+
+    def traffic(self, p, docs, heads, dk, dv, layout) -> Traffic:
+        pieces = docs * chunks_per_rank(layout)
+        per_pass = (p - 1) * pieces * heads * (dk * dv + 1) * 4
+        return Traffic(per_pass, per_pass)
 
     def scan(self, states, log_decays, start, ctx, *, reverse, need_end):
         return _GatheredScan(states, log_decays, start, ctx, reverse, need_end)

@@ -28,7 +28,8 @@ from distseq.comm import all_reduce_sum
 from distseq.layout import LAYOUTS
 from distseq.pieces import Pieces
 from distseq.strategies import linear_local
-from distseq.strategies.registry import Registry
+from distseq.strategies.registry import Registry, check_layout_supported
+from distseq.traffic import Traffic
 
 
 @dataclass(frozen=True)
@@ -46,13 +47,24 @@ class PendingScan(Protocol):
 
 
 class LinearStrategy(ABC):
-    """Sequence-parallel linear attention; a strategy is its exchange."""
+    """Sequence-parallel linear attention; a strategy is its exchange.
+
+    As for softmax strategies, ``layouts``, :meth:`check_group` and :meth:`traffic` are the
+    one statement of what the strategy runs and sends.
+    """
 
     name: ClassVar[str]
     layouts: ClassVar[tuple[str, ...]] = LAYOUTS  # shard layouts the strategy handles
 
-    def check(self, ctx: LinearContext) -> None:  # noqa: B027
-        """Raise ``ValueError`` for inputs this strategy cannot handle (no communication)."""
+    def check_group(self, world_size: int, layout: str) -> None:
+        """Raise ``ValueError`` if the strategy cannot run over ``world_size`` ranks in
+        ``layout`` (no tensors, no communication)."""
+        check_layout_supported(self, layout)
+
+    @abstractmethod
+    def traffic(self, p: int, docs: int, heads: int, dk: int, dv: int, layout: str) -> Traffic:
+        """Bytes the most loaded rank sends in one call over ``docs`` documents (or batch
+        rows) of ``heads`` float32 ``[dk, dv]`` states on ``p`` ranks (no final state)."""
 
     @abstractmethod
     def scan(
@@ -76,7 +88,7 @@ class LinearStrategy(ABC):
         """
 
 
-LINEAR_STRATEGIES: Registry[LinearStrategy] = Registry("linear attention")
+LINEAR_STRATEGIES: Registry[LinearStrategy] = Registry("linear attention", default="lasp2")
 register_linear_strategy = LINEAR_STRATEGIES.register
 get_linear_strategy = LINEAR_STRATEGIES.get
 

@@ -17,11 +17,18 @@ import torch
 from distseq.comm import RingExchange
 from distseq.strategies.base import AttentionContext, AttentionStrategy, register_attention_strategy
 from distseq.strategies.blocks import BlockPlanner, block_backward, block_forward, new_accumulators
+from distseq.traffic import Traffic
 
 
 @register_attention_strategy
 class RingAttention(AttentionStrategy):
     name = "ring"
+
+    def traffic(self, p, s_local, q_heads, kv_heads, head_dim, elem) -> Traffic:
+        if p == 1:
+            return Traffic(0, 0)
+        kv = 2 * s_local * kv_heads * head_dim
+        return Traffic((p - 1) * kv * elem, (p - 1) * kv * elem + p * kv * 4)
 
     def forward(self, q, k, v, ctx: AttentionContext):
         info = ctx.info

@@ -10,8 +10,8 @@ When the scan is created (before the local kernel runs) every rank posts its rec
 the chain's head sends its state at once.
 
 Bytes per rank: each piece boundary between two ranks moves one state ``docs·H·Dk·Dv·4`` once,
-whatever ``blocks`` and ``P`` are (contiguous: one state sent, one received; zigzag: two).
-The end state, when needed, is broadcast from the rank holding the last piece.
+whatever ``blocks`` is (:func:`chain_traffic`). The end state, when needed, is broadcast from
+the rank holding the last piece.
 """
 
 from __future__ import annotations
@@ -20,8 +20,22 @@ import torch
 
 from distseq.comm import broadcast, post_p2p
 from distseq.strategies.linear_base import LinearContext
+from distseq.traffic import Traffic
 
 _TAG_BASE = 1000  # apart from RingExchange's tags
+
+
+def chain_traffic(p: int, docs: int, heads: int, dk: int, dv: int, layout: str) -> Traffic:
+    """Bytes of the busiest rank. Contiguous: each pass, every rank but the chain's end sends
+    one state, and only the middle ranks (``P >= 3``) send in both passes. Zigzag: the chain
+    runs ``0 → P-1 → 0``, so a middle rank sends twice per pass, ranks ``0`` and ``P-1`` once."""
+    if p == 1:
+        return Traffic(0, 0)
+    state = docs * heads * dk * dv * 4
+    busiest = min(2, p - 1) * state
+    if layout == "zigzag":
+        return Traffic(busiest, busiest)
+    return Traffic(state, state, busiest)
 
 
 class ChainScan:

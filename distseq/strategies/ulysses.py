@@ -15,6 +15,7 @@ import torch
 
 from distseq.comm import all_to_all
 from distseq.strategies.base import AttentionContext, AttentionStrategy, register_attention_strategy
+from distseq.traffic import Traffic
 
 
 def _to_heads(parts: list[torch.Tensor], ctx: AttentionContext) -> list[torch.Tensor]:
@@ -60,14 +61,19 @@ def _natural_order(ctx: AttentionContext) -> torch.Tensor:
 class UlyssesAttention(AttentionStrategy):
     name = "ulysses"
 
-    def check(self, q, k, ctx: AttentionContext) -> None:
-        p = ctx.info.world_size
-        for what, heads in (("query", q.shape[2]), ("key/value", k.shape[2])):
-            if heads % p:
+    def check_group(self, world_size, q_heads, kv_heads, layout) -> None:
+        super().check_group(world_size, q_heads, kv_heads, layout)
+        for what, heads in (("query", q_heads), ("key/value", kv_heads)):
+            if heads % world_size:
                 raise ValueError(
-                    f"ulysses: {heads} {what} heads are not divisible by the group size {p}; "
-                    f"use a group size dividing {heads} or strategy='ring'/'allgather'"
+                    f"ulysses: {heads} {what} heads are not divisible by the group size "
+                    f"{world_size}; use a group size dividing {heads} or another strategy"
                 )
+
+    def traffic(self, p, s_local, q_heads, kv_heads, head_dim, elem) -> Traffic:
+        # Each all-to-all keeps 1/P of its buffer; heads divide by P, so this is exact.
+        per_pass = (p - 1) * s_local * head_dim * elem * (2 * q_heads + 2 * kv_heads) / p
+        return Traffic(per_pass, per_pass)
 
     def forward(self, q, k, v, ctx: AttentionContext):
         qh, kh, vh = _to_heads([q, k, v], ctx)

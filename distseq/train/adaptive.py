@@ -14,24 +14,21 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 
-from distseq.layout import chunks_per_rank
+from distseq.layout import LAYOUTS, chunks_per_rank
 from distseq.models import SequenceContext
 from distseq.planner import Cluster, CostModel, Plan, load_profile, plan_batch
 from distseq.planner.plan import GroupPlan
-from distseq.planner.spec import model_from_dict
+from distseq.planner.spec import ModelSpec
 from distseq.planner.sync import broadcast_plan
 from distseq.planner.units import parse_bytes
-from distseq.strategies import get_attention_strategy, get_linear_strategy
+from distseq.strategies import REGISTRY_BY_MIXER
 from distseq.train.config import Config
 from distseq.train.data import PackedSequence, pack_group
 from distseq.train.data.sources import Document
-
-STRATEGY_LOOKUP = {"softmax": get_attention_strategy, "linear": get_linear_strategy}
 
 
 def group_layout(group: GroupPlan) -> str:
@@ -39,9 +36,9 @@ def group_layout(group: GroupPlan) -> str:
     ``contiguous`` (e.g. ``allscan``); a one-rank group needs no balancing or padding."""
     if group.degree == 1:
         return "contiguous"
-    handled = {"contiguous", "zigzag"}
+    handled = set(LAYOUTS)
     for layer_type, name in group.strategies.items():
-        handled &= set(STRATEGY_LOOKUP[layer_type](name).layouts)
+        handled &= set(REGISTRY_BY_MIXER[layer_type].get(name).layouts)
     return "zigzag" if "zigzag" in handled else "contiguous"
 
 
@@ -67,7 +64,7 @@ def planner_cost(cfg: Config, world_size: int, device: torch.device) -> CostMode
     cluster = Cluster(world_size, per_node, memory)
     # DDP-style replicas: fp32 weights, gradients and Adam moments on every rank.
     return CostModel(
-        model_from_dict(asdict(cfg.model)),
+        ModelSpec.from_config(cfg.model),
         load_profile(profile),
         cluster,
         bytes_per_param=16.0,
