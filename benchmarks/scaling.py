@@ -134,7 +134,8 @@ class _Step:
         self.seq_len = seq_len
         self.ctx = SequenceContext.build(
             (seq_len,), layout=par.layout, attention_strategy=par.attention_strategy,
-            linear_strategy=par.linear_strategy, backend=par.kernel_backend,
+            linear_strategy=par.linear_strategy, attention_backend=par.attention_backend,
+            linear_backend=par.linear_backend,
         )  # fmt: skip
         gen = torch.Generator().manual_seed(seq_len)
         full = torch.randint(self.cfg.model.vocab_size, (1, seq_len + 1), generator=gen)

@@ -4,14 +4,17 @@ key; the shipped configs validate at their intended world sizes."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 
 import distseq
+from distseq.kernels import BACKENDS, LINEAR_BACKENDS
 from distseq.train import load_config, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +87,62 @@ def test_zigzag_linear_needs_lasp2():
     with pytest.raises(ValueError, match=r"parallel\.linear_strategy='allscan'.*contiguous"):
         check(["model.mixers=hybrid", "parallel.linear_strategy=allscan"])
     check(["model.mixers=hybrid", "parallel.linear_strategy=allscan", "parallel.layout=contiguous"])
+
+
+# Each backend family, its registry, and a model whose layers are all of the *other* family
+# (so a name is accepted whatever this machine's devices can run).
+FAMILIES = (
+    ("attention_backend", BACKENDS, "model.mixers=linear"),
+    ("linear_backend", LINEAR_BACKENDS, "model.mixers=softmax"),
+)
+
+
+@pytest.mark.parametrize(
+    "key, name, mixers",
+    [(key, name, mixers) for key, table, mixers in FAMILIES for name in ("auto", *table)],
+)
+def test_backend_accepts_every_registry_name(key, name, mixers):
+    assert getattr(check([f"parallel.{key}={name}", mixers]).parallel, key) == name
+
+
+@pytest.mark.parametrize("key, table, mixers", FAMILIES)
+def test_unknown_backend_names_key_and_choices(key, table, mixers):
+    choices = re.escape(str(["auto", *table]))
+    with pytest.raises(ValueError, match=rf"parallel\.{key}='cudnn'; choose one of {choices}"):
+        check([f"parallel.{key}=cudnn", mixers])
+
+
+@pytest.mark.parametrize(
+    "override, mixers",
+    [("attention_backend=flash", "softmax"), ("linear_backend=fla", "linear")],
+)
+def test_backend_that_cannot_run_on_the_device_fails_validation(override, mixers):
+    key, name = override.split("=")
+    with pytest.raises(ValueError, match=rf"parallel\.{key}='{name}' cannot run on cpu"):
+        check([f"parallel.{override}", f"model.mixers={mixers}", "train.device=cpu"])
+    # A model without that family's layers never runs the backend.
+    other = "linear" if mixers == "softmax" else "softmax"
+    check([f"parallel.{override}", f"model.mixers={other}", "train.device=cpu"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_gpu_config_checked_without_gpus_skips_the_device_check():
+    # e.g. on a login node: the launcher checks again on the GPU nodes.
+    cfg = check(["parallel.attention_backend=flash", "train.device=cuda"])
+    assert cfg.parallel.attention_backend == "flash"
+
+
+@pytest.mark.parametrize("source", ("yaml", "override"))
+def test_removed_kernel_backend_names_its_replacements(tmp_path, source):
+    path, overrides = TINY, ["parallel.kernel_backend=torch"]
+    if source == "yaml":
+        path, overrides = tmp_path / "old.yaml", []
+        path.write_text("parallel:\n  kernel_backend: torch\n")
+    with pytest.raises(ValueError) as info:
+        load_config(path, overrides)
+    message = str(info.value)
+    assert "parallel.kernel_backend was removed" in message
+    assert "parallel.attention_backend" in message and "parallel.linear_backend" in message
 
 
 def test_ratio_override_is_not_read_as_base_60():

@@ -9,6 +9,7 @@ import pytest
 
 import distseq
 import train_cases
+from distseq.kernels import BACKENDS, LINEAR_BACKENDS
 
 REL_TOL = 1e-5
 STEPS = 3
@@ -146,3 +147,27 @@ def test_default_config_learns_recall_across_shards(pools, tmp_path):
     no_recall_floor = math.log(cfg.data.recall.n_values)
     tail = sum(losses[-20:]) / 20
     assert losses[0] > 5.0 and tail < no_recall_floor - 0.4, (losses[0], tail, no_recall_floor)
+
+
+@needs_linear
+@pytest.mark.parametrize("family", ("attention", "linear"))
+def test_each_family_runs_its_configured_backend(pools, tmp_path, family):
+    """``parallel.<family>_backend=triton`` reaches that family's layers and only those: its
+    Triton kernels run instead of torch's, with the same losses. On CPU the Triton
+    interpreter runs them (TRITON_INTERPRET=1, set by conftest)."""
+    tables = {"attention": BACKENDS, "linear": LINEAR_BACKENDS}
+    other = "linear" if family == "attention" else "attention"
+    common = ["train.steps=2", "model.mixers=hybrid", "model.hybrid_ratio=1:1",
+              f"parallel.{other}_backend=torch"]  # fmt: skip
+    torch_run, triton_run = (
+        pools(2).run(train_cases.kernel_calls,
+                     [*common, f"parallel.{family}_backend={name}", f"out_dir={tmp_path}/{name}"],
+                     timeout=300)[0]
+        for name in ("torch", "triton")
+    )  # fmt: skip
+    calls = triton_run["calls"]
+    assert calls.get(tables[family]["triton"], 0) > 0, calls
+    assert tables[family]["torch"] not in calls, calls
+    assert calls.get(tables[other]["torch"], 0) > 0, calls
+    assert torch_run["calls"].get(tables[family]["torch"], 0) > 0, torch_run["calls"]
+    assert triton_run["losses"] == pytest.approx(torch_run["losses"], rel=1e-4)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+from collections import Counter
+from types import ModuleType
 
+from distseq.kernels import BACKENDS, LINEAR_BACKENDS
 from distseq.train import Trainer, load_config, validate_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,3 +59,30 @@ def default_config_losses(rank: int, world: int, overrides: list[str]) -> list[f
     """The shipped configs/tiny.yaml as is (plus ``overrides``)."""
     cfg = validate_config(load_config(TINY, overrides), world)
     return [record["loss"] for record in Trainer(cfg).fit()]
+
+
+def kernel_calls(rank: int, world: int, overrides: list[str]) -> dict:
+    """Train with ``overrides`` while counting calls of every kernel module's ``forward``;
+    returns ``{"losses": [...], "calls": {module name: count}}``. The pool's workers are
+    reused, so the modules are restored afterwards."""
+    calls: Counter[str] = Counter()
+    modules = [
+        importlib.import_module(path) for path in (*BACKENDS.values(), *LINEAR_BACKENDS.values())
+    ]
+    originals = {module: module.forward for module in modules}
+
+    def counting(module: ModuleType):
+        def forward(*args, **kwargs):
+            calls[module.__name__] += 1
+            return originals[module](*args, **kwargs)
+
+        return forward
+
+    try:
+        for module in modules:
+            module.forward = counting(module)
+        losses = losses_only(rank, world, overrides)
+    finally:
+        for module, forward in originals.items():
+            module.forward = forward
+    return {"losses": losses, "calls": dict(calls)}

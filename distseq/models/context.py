@@ -30,6 +30,8 @@ class SequenceContext:
     ``cu_seqlens`` are the *global* int32 document boundaries; ``positions`` ``[S_local]``
     are each local token's position inside its own document (RoPE restarts per document),
     derived from :class:`distseq.layout.ShardLayout` so they follow the sharding layout.
+    ``attention_backend`` / ``linear_backend`` name the local kernels of the softmax / linear
+    layers (``distseq.kernels.BACKENDS`` / ``LINEAR_BACKENDS``, or ``"auto"``).
     """
 
     group: ProcessGroup | None
@@ -39,7 +41,8 @@ class SequenceContext:
     positions: torch.Tensor
     attention_strategy: str = "ring"
     linear_strategy: str = "lasp2"
-    backend: str = "auto"
+    attention_backend: str = "auto"
+    linear_backend: str = "auto"
 
     @classmethod
     def build(
@@ -50,7 +53,8 @@ class SequenceContext:
         layout: str = "zigzag",
         attention_strategy: str = "ring",
         linear_strategy: str = "lasp2",
-        backend: str = "auto",
+        attention_backend: str = "auto",
+        linear_backend: str = "auto",
     ) -> SequenceContext:
         info = resolve_group(group)
         shard = shard_layout(tuple(int(n) for n in doc_lengths), info.world_size, info.rank, layout)
@@ -62,7 +66,8 @@ class SequenceContext:
             positions=document_positions(shard),
             attention_strategy=attention_strategy,
             linear_strategy=linear_strategy,
-            backend=backend,
+            attention_backend=attention_backend,
+            linear_backend=linear_backend,
         )
 
     def shard_tokens(self, full: torch.Tensor) -> torch.Tensor:

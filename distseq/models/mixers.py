@@ -35,7 +35,7 @@ class SoftmaxAttention(nn.Module):
         out = distseq.attention(
             q, k, v,
             strategy=ctx.attention_strategy, group=ctx.group, causal=True, layout=ctx.layout,
-            cu_seqlens=ctx.cu_seqlens, backend=ctx.backend,
+            cu_seqlens=ctx.cu_seqlens, backend=ctx.attention_backend,
         )  # fmt: skip
         return self.wo(out.flatten(-2))
 
@@ -84,6 +84,7 @@ class LinearAttention(nn.Module):
             q, k, v,
             strategy=ctx.linear_strategy, group=ctx.group, log_decay=self._log_decay(x),
             layout=ctx.layout, cu_seqlens=ctx.cu_seqlens, scale=1.0 / math.sqrt(self.head_dim),
+            backend=ctx.linear_backend,
         )  # fmt: skip
         return self.wo(self.out_norm(out).flatten(-2))
 

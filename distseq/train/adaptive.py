@@ -112,11 +112,11 @@ class AdaptiveScheduler:
     ``(packed sequence, context)`` per micro-step it takes part in.
     """
 
-    def __init__(self, cfg: Config, device: torch.device, backend: str = "auto") -> None:
+    def __init__(self, cfg: Config, device: torch.device) -> None:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.cost = planner_cost(cfg, self.world_size, device)
         self.time_limit = cfg.adaptive.time_limit
-        self.backend = backend
+        self.parallel = cfg.parallel  # the kernel backends every group's layers use
         self.groups = GroupCache()
         self._executor = ThreadPoolExecutor(1, "distseq-planner") if self.rank == 0 else None
         self._pending: tuple[list[int], Future[Plan]] | None = None
@@ -159,7 +159,9 @@ class AdaptiveScheduler:
             ctx = SequenceContext.build(
                 seq.doc_lengths, group=self.groups[group.ranks], layout=layout,
                 attention_strategy=group.strategies.get("softmax", "ring"),
-                linear_strategy=group.strategies.get("linear", "lasp2"), backend=self.backend,
+                linear_strategy=group.strategies.get("linear", "lasp2"),
+                attention_backend=self.parallel.attention_backend,
+                linear_backend=self.parallel.linear_backend,
             )  # fmt: skip
             out.append((seq, ctx))
         return out

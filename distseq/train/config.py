@@ -12,14 +12,17 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import distseq
+from distseq.kernels import BACKENDS, LINEAR_BACKENDS, unavailable_reason
 from distseq.layout import LAYOUTS, chunks_per_rank
 from distseq.models.config import ModelConfig, check_model_config, layer_mixers
 from distseq.train.data.sources import recall_vocab_size
 from distseq.train.data.tokenizer import load_tokenizer
+from distseq.train.mesh import pick_device
 
 ENGINES = ("ddp", "fsdp", "deepspeed")
 PLANNERS = ("static", "adaptive")
@@ -33,7 +36,9 @@ class ParallelConfig:
     """``dp x sp`` ranks; a null ``dp`` (``sp``) is ``world_size // sp`` (``// dp``); both
     null: ``dp = 1``, every rank sequence-parallel. ``zero_stage`` (0-3) is
     used by the ``deepspeed`` engine only; ``fsdp`` shards parameters, gradients and
-    optimizer state (ZeRO-3) over all ``dp x sp`` ranks."""
+    optimizer state (ZeRO-3) over all ``dp x sp`` ranks. ``attention_backend`` /
+    ``linear_backend``: the local kernels of softmax / linear layers, a name of
+    ``distseq.kernels.BACKENDS`` / ``LINEAR_BACKENDS``, or ``auto`` (the fastest that runs)."""
 
     dp: int | None = None
     sp: int | None = None
@@ -42,7 +47,8 @@ class ParallelConfig:
     layout: str = "zigzag"
     engine: str = "ddp"
     zero_stage: int = 2
-    kernel_backend: str = "auto"
+    attention_backend: str = "auto"
+    linear_backend: str = "auto"
 
 
 @dataclass
@@ -142,6 +148,12 @@ class Config:
     adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
 
 
+# Keys older configs may still set, and what replaces them.
+_REMOVED_KEYS = {
+    "parallel.kernel_backend": "set parallel.attention_backend (softmax layers) and "
+    "parallel.linear_backend (linear layers) instead",
+}
+
 _SEXAGESIMAL = re.compile(r"^([\w.]+)=(\d+:\d+)$")
 
 
@@ -168,6 +180,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
+        if key in _REMOVED_KEYS:
+            raise ValueError(f"config key {key} was removed; {_REMOVED_KEYS[key]}") from None
         reason = str(getattr(exc, "msg", exc)).splitlines()[0]
         raise ValueError(f"config key {key}: {reason}") from None
 
@@ -221,6 +235,7 @@ def validate_config(cfg: Config, world_size: int) -> Config:
     if cfg.planner == "adaptive":
         _check_adaptive(cfg)
     _check_optim(cfg.train)
+    _check_backends(cfg)
     _check_data(cfg)
     _positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
     return cfg
@@ -235,7 +250,6 @@ def _check_parallel(cfg: Config) -> None:
             distseq.available_strategies()["linear_attention"])  # fmt: skip
     _one_of("parallel.engine", par.engine, ENGINES)
     _one_of("parallel.zero_stage", par.zero_stage, (0, 1, 2, 3))
-    _one_of("parallel.kernel_backend", par.kernel_backend, ("auto", "torch", "flash", "triton"))
     mixers = set(layer_mixers(model))
     if "softmax" in mixers and par.attention_strategy == "ulysses":
         for key in ("n_heads", "n_kv_heads"):
@@ -308,6 +322,33 @@ def _check_optim(opt: OptimConfig) -> None:
             raise ValueError(f"train.{key}={getattr(opt, key)} must lie in [0, 1)")
     _one_of("train.dtype", opt.dtype, DTYPES)
     _one_of("train.device", opt.device, DEVICES)
+
+
+def _check_backends(cfg: Config) -> None:
+    """Each family's backend is a name of its registry or ``auto``; a named backend that cannot
+    run on the training device with ``train.dtype`` fails here instead of at the first layer.
+    A config checked away from its GPUs (``train.device=cuda``, none visible, e.g. on a login
+    node) skips the device check; the launcher validates again where the run starts."""
+    try:
+        device = pick_device(cfg.train.device)
+    except ValueError:
+        device = None
+    mixers = set(layer_mixers(cfg.model))
+    families = (
+        ("attention_backend", BACKENDS, "softmax"),
+        ("linear_backend", LINEAR_BACKENDS, "linear"),
+    )
+    for key, table, mixer in families:
+        name = getattr(cfg.parallel, key)
+        _one_of(f"parallel.{key}", name, ("auto", *table))
+        if name == "auto" or mixer not in mixers or device is None:
+            continue
+        reason = unavailable_reason(name, device, getattr(torch, cfg.train.dtype), table)
+        if reason is not None:
+            raise ValueError(
+                f"parallel.{key}={name!r} cannot run on {device.type} with "
+                f"train.dtype={cfg.train.dtype}: {reason}; use auto or torch"
+            )
 
 
 def layout_multiple(cfg: Config) -> int:

@@ -52,7 +52,7 @@ class Trainer:
         self.scheduler: AdaptiveScheduler | None = None
         if cfg.planner == "adaptive":
             self.loader = DocumentLoader(cfg)
-            self.scheduler = AdaptiveScheduler(cfg, self.device, cfg.parallel.kernel_backend)
+            self.scheduler = AdaptiveScheduler(cfg, self.device)
         else:
             self.loader = StepLoader(cfg, self.mesh.dp_rank, self.mesh.dp)
         self.step = 0
@@ -67,7 +67,7 @@ class Trainer:
         return SequenceContext.build(
             seq.doc_lengths, group=self.mesh.sp_group, layout=par.layout,
             attention_strategy=par.attention_strategy, linear_strategy=par.linear_strategy,
-            backend=par.kernel_backend,
+            attention_backend=par.attention_backend, linear_backend=par.linear_backend,
         )  # fmt: skip
 
     def _autocast(self) -> contextlib.AbstractContextManager:
