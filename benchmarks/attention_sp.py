@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from _common import peak_rss_bytes, timed
 
-from distseq.traffic import attention_traffic
+from distseq.strategies import ATTENTION_STRATEGIES
 
 
 def _worker(rank: int, world: int, args, init_file: str, results) -> None:
@@ -127,8 +127,11 @@ def main() -> None:
                  for i in range(args.repeats)]  # fmt: skip
         t_sp = statistics.median(steps)
         sent = max(per_rank[r][strategy]["bytes_sent"] for r in per_rank)
-        formula = attention_traffic(strategy, args.world, s_local, args.heads, args.kv_heads,
-                                    args.head_dim, elem).total  # fmt: skip
+        formula = (
+            ATTENTION_STRATEGIES.get(strategy)
+            .traffic(args.world, s_local, args.heads, args.kv_heads, args.head_dim, elem)
+            .total
+        )
         rss = max(per_rank[r]["peak_rss_bytes"] for r in per_rank)
         print(f"{strategy:<10} {args.world:>2} {t_sp:>9.3f} {t_single / t_sp:>14.2f} "
               f"{sent / 2**20:>14.1f} {formula / 2**20:>9.1f} {rss / 2**20:>18.0f}")  # fmt: skip

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from _common import timed
 
-from distseq.traffic import linear_traffic
+from distseq.strategies import LINEAR_STRATEGIES
 
 
 def _inputs(n: int, heads: int, dim: int, seed: int):
@@ -123,9 +123,11 @@ def main() -> None:
                 t = min(steps)
                 fwd = max(ranks[r][n, strategy][1] for r in ranks)
                 bwd = max(ranks[r][n, strategy][2] for r in ranks)
-                formula = linear_traffic(
-                    strategy, world, 1, args.heads, args.dim, args.dim, "contiguous"
-                ).forward
+                formula = (
+                    LINEAR_STRATEGIES.get(strategy)
+                    .traffic(world, 1, args.heads, args.dim, args.dim, "contiguous")
+                    .forward
+                )
                 print(f"{n:>7} {world:>2} {strategy:<8} {t:>7.3f} {t / n * 1e6:>9.2f} "
                       f"{t_single / t:>10.2f} {fwd:>10} {bwd:>10} {formula:>8}")  # fmt: skip
 

@@ -20,7 +20,7 @@ Per row: ``step_time_s`` (median over repeats of the slowest rank; ranks start e
 together after a barrier), ``tokens_per_s``, ``efficiency`` (weak: ``t(1) / t(P)``; strong:
 ``t(1) / (P t(P))``, both against the same mixer and strategy at P = 1), bytes sent and
 received per rank in forward + backward (``CommCounter``, max over ranks) next to
-``distseq.traffic``'s formula, the hidden-communication fraction
+the strategies' ``traffic()``, the hidden-communication fraction
 (:func:`distseq.comm.hidden_comm_fraction` of the forward + backward time with real
 communication, with communication replayed from a recording, and of the same ops alone),
 ``peak_mem_bytes``: the peak bytes of live tensors per rank during one step (torch's
@@ -59,7 +59,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from distseq.comm import CommCounter, CommRecorder, hidden_comm_fraction
 from distseq.models import Decoder, SequenceContext, layer_mixers
 from distseq.planner.units import parse_bytes
-from distseq.traffic import attention_traffic, linear_traffic
+from distseq.strategies import ATTENTION_STRATEGIES, LINEAR_STRATEGIES
 from distseq.train import load_config, validate_config
 from distseq.train.config import Config
 from distseq.train.engine import build_optimizer
@@ -89,16 +89,19 @@ def _config(args, entry, world: int, seq_len: int) -> Config:
 
 
 def theory_bytes(cfg: Config, world: int, seq_len: int) -> int:
-    """Bytes one rank sends in forward + backward of the model, from ``distseq.traffic``."""
+    """Bytes one rank sends in forward + backward of the model: the strategies' ``traffic()``."""
     m, par = cfg.model, cfg.parallel
     s_local, hd = seq_len // world, m.resolved_head_dim
     total = 0
     for mixer in layer_mixers(m):
         if mixer == "softmax":
-            t = attention_traffic(par.attention_strategy, world, s_local, m.n_heads,
-                                  m.n_kv_heads, hd, ELEM_BYTES)  # fmt: skip
+            t = ATTENTION_STRATEGIES.get(par.attention_strategy).traffic(
+                world, s_local, m.n_heads, m.n_kv_heads, hd, ELEM_BYTES
+            )
         else:
-            t = linear_traffic(par.linear_strategy, world, 1, m.n_heads, hd, hd, par.layout)
+            t = LINEAR_STRATEGIES.get(par.linear_strategy).traffic(
+                world, 1, m.n_heads, hd, hd, par.layout
+            )
         total += t.total
     return total
 

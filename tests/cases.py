@@ -169,7 +169,9 @@ def count_attention_bytes(rank, world, strategy, case: dict):
     k.requires_grad_()
     v.requires_grad_()
     with distseq.CommCounter() as fwd:
-        out = distseq.attention(q, k, v, strategy=strategy, causal=True, layout="zigzag")
+        out = distseq.attention(
+            q, k, v, strategy=strategy, causal=True, layout=case.get("layout", "zigzag")
+        )
     with distseq.CommCounter() as bwd:
         out.sum().backward()
     return {"forward": fwd.bytes_sent, "backward": bwd.bytes_sent,

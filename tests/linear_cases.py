@@ -113,8 +113,9 @@ def count_linear_bytes(rank, world, strategy, case: dict) -> dict[str, int]:
     final = case.get("output_final_state", False)
     with distseq.CommCounter() as fwd:
         out = distseq.linear_attention(
-            q, k, v, log_decay=g, strategy=strategy, output_final_state=final
-        )
+            q, k, v, log_decay=g, strategy=strategy, output_final_state=final,
+            layout=case.get("layout", "contiguous"),
+        )  # fmt: skip
     loss = out[0].sum() + out[1].sum() if final else out.sum()
     with distseq.CommCounter() as bwd:
         loss.backward()

@@ -88,8 +88,14 @@ def test_breakdown_is_consistent_and_bytes_match_measured_counts():
     # benchmarks/attention_sp.py measured 128.0 MiB sent per rank (CommCounter) for ring at
     # P=2, N=16k, H=8, D=64, fp32; allgather 96.0 MiB, ulysses 64.0 MiB (README).
     model = model_from_dict(
-        {"vocab_size": 8, "d_model": 512, "n_layers": 1, "n_heads": 8, "n_kv_heads": 8,
-         "ffn_hidden": 8}
+        {
+            "vocab_size": 8,
+            "d_model": 512,
+            "n_layers": 1,
+            "n_heads": 8,
+            "n_kv_heads": 8,
+            "ffn_hidden": 8,
+        }
     )
     cost = CostModel(model, _profile(), Cluster(2, 2, 2**40))
     measured = {"ring": 128.0, "allgather": 96.0, "ulysses": 64.0}

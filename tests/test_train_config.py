@@ -15,6 +15,8 @@ import torch.distributed as dist
 
 import distseq
 from distseq.kernels import BACKENDS, LINEAR_BACKENDS
+from distseq.layout import LAYOUTS
+from distseq.strategies import ATTENTION_STRATEGIES, LINEAR_STRATEGIES
 from distseq.train import load_config, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +70,8 @@ def test_global_batch_must_split_over_dp():
 
 
 def test_ulysses_needs_heads_divisible_by_sp():
-    with pytest.raises(ValueError, match=r"model\.n_kv_heads=2 .*parallel\.sp=4"):
+    expected = r"parallel\.sp=4, .*model\.n_kv_heads=2.*can: \[.allgather., .ring.\]"
+    with pytest.raises(ValueError, match=expected):
         check(["parallel.attention_strategy=ulysses"], world=4)
 
 
@@ -82,11 +85,50 @@ def test_text_source_needs_existing_files(tmp_path):
         check(["data.source=text", f"data.paths=[{tmp_path}/a.txt]", "model.vocab_size=100"])
 
 
-@pytest.mark.skipif(not hasattr(distseq, "linear_attention"), reason="no linear_attention yet")
-def test_zigzag_linear_needs_lasp2():
-    with pytest.raises(ValueError, match=r"parallel\.linear_strategy='allscan'.*contiguous"):
+def test_zigzag_allscan_names_the_strategies_that_can():
+    expected = r"parallel\.linear_strategy='allscan'.*contiguous.*can: \['lasp2', 'ring'\]"
+    with pytest.raises(ValueError, match=expected):
         check(["model.mixers=hybrid", "parallel.linear_strategy=allscan"])
     check(["model.mixers=hybrid", "parallel.linear_strategy=allscan", "parallel.layout=contiguous"])
+
+
+def _accepted(overrides: list[str], world: int) -> bool:
+    try:
+        check(overrides, world)
+    except ValueError as exc:
+        assert "strategy" in str(exc), exc  # rejected for the strategy, nothing else
+        return False
+    return True
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("sp", (1, 2, 3, 4))
+@pytest.mark.parametrize("strategy", sorted(ATTENTION_STRATEGIES))
+def test_config_accepts_exactly_what_attention_strategies_declare(strategy, sp, layout):
+    """Capabilities live in the strategy (``check_group``); the config validation agrees."""
+    heads = {"model.n_heads": 12, "model.n_kv_heads": 6, "model.d_model": 96}
+    overrides = [f"{k}={v}" for k, v in heads.items()]
+    overrides += [f"parallel.attention_strategy={strategy}", f"parallel.layout={layout}"]
+    overrides += ["data.seq_len=768", "data.recall.max_len=96"]
+    try:
+        ATTENTION_STRATEGIES.get(strategy).check_group(sp, 12, 6, layout)
+        declared = True
+    except ValueError:
+        declared = False
+    assert _accepted(overrides, sp) == declared
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("sp", (1, 2, 3))
+@pytest.mark.parametrize("strategy", sorted(LINEAR_STRATEGIES))
+def test_config_accepts_exactly_what_linear_strategies_declare(strategy, sp, layout):
+    overrides = ["model.mixers=linear", f"parallel.linear_strategy={strategy}"]
+    overrides += [f"parallel.layout={layout}", "data.seq_len=768", "data.recall.max_len=96"]
+    declared = layout in LINEAR_STRATEGIES.get(strategy).layouts
+    assert _accepted(overrides, sp) == declared
+    # linear ring runs zigzag (it did not pass validation before strategies declared it)
+    if strategy == "ring":
+        assert declared
 
 
 # Each backend family, its registry, and a model whose layers are all of the *other* family

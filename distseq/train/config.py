@@ -16,15 +16,16 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-import distseq
 from distseq.kernels import BACKENDS, LINEAR_BACKENDS, unavailable_reason
 from distseq.layout import LAYOUTS, chunks_per_rank
 from distseq.models.config import ModelConfig, check_model_config, layer_mixers
+from distseq.strategies import REGISTRY_BY_MIXER
 from distseq.train.data.sources import recall_vocab_size
 from distseq.train.data.tokenizer import load_tokenizer
 from distseq.train.mesh import pick_device
 
 ENGINES = ("ddp", "fsdp", "deepspeed")
+STRATEGY_KEYS = {"softmax": "parallel.attention_strategy", "linear": "parallel.linear_strategy"}
 PLANNERS = ("static", "adaptive")
 DATA_SOURCES = ("recall", "text")
 DTYPES = ("float32", "bfloat16")
@@ -244,37 +245,35 @@ def validate_config(cfg: Config, world_size: int) -> Config:
 def _check_parallel(cfg: Config) -> None:
     par, model = cfg.parallel, cfg.model
     _one_of("parallel.layout", par.layout, LAYOUTS)
-    _one_of("parallel.attention_strategy", par.attention_strategy,
-            distseq.available_strategies()["attention"])  # fmt: skip
-    _one_of("parallel.linear_strategy", par.linear_strategy,
-            distseq.available_strategies()["linear_attention"])  # fmt: skip
     _one_of("parallel.engine", par.engine, ENGINES)
     _one_of("parallel.zero_stage", par.zero_stage, (0, 1, 2, 3))
     mixers = set(layer_mixers(model))
-    if "softmax" in mixers and par.attention_strategy == "ulysses":
-        for key in ("n_heads", "n_kv_heads"):
-            if getattr(model, key) % par.sp:
-                raise ValueError(
-                    f"model.{key}={getattr(model, key)} is not divisible by parallel.sp="
-                    f"{par.sp}, which parallel.attention_strategy=ulysses needs; use ring or "
-                    "allgather, or change the head counts"
-                )
-    if "linear" in mixers:
-        if not hasattr(distseq, "linear_attention"):
-            raise ValueError(
-                f"model.mixers={model.mixers!r} has linear layers but this distseq has no "
-                "distseq.linear_attention; use model.mixers=softmax"
-            )
-        if par.layout == "zigzag" and par.linear_strategy != "lasp2":
-            raise ValueError(
-                f"parallel.linear_strategy={par.linear_strategy!r} needs "
-                "parallel.layout=contiguous; with layout=zigzag use linear_strategy=lasp2"
-            )
+    for mixer, registry in REGISTRY_BY_MIXER.items():
+        key = STRATEGY_KEYS[mixer]
+        name = getattr(par, key.removeprefix("parallel."))
+        _one_of(key, name, sorted(registry))
+        # The adaptive planner picks each group's strategies from the same capabilities.
+        if mixer in mixers and cfg.planner == "static":
+            shape = _group_shape(cfg, mixer)
+            try:
+                registry.check(name, *shape.values())
+            except ValueError as exc:
+                where = ", ".join(f"{k}={v}" for k, v in shape.items())
+                raise ValueError(f"{key}={name!r} cannot run with {where}: {exc}") from None
     if par.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise ValueError(
             "parallel.engine=deepspeed but deepspeed is not installed "
             "(DS_BUILD_OPS=0 pip install deepspeed==0.19.8), or choose ddp / fsdp"
         )
+
+
+def _group_shape(cfg: Config, mixer: str) -> dict[str, int | str]:
+    """The arguments of the ``mixer`` strategies' ``check_group`` for this run, in order, by
+    the config key each comes from."""
+    shape: dict[str, int | str] = {"parallel.sp": cfg.parallel.sp}
+    if mixer == "softmax":
+        shape |= {"model.n_heads": cfg.model.n_heads, "model.n_kv_heads": cfg.model.n_kv_heads}
+    return shape | {"parallel.layout": cfg.parallel.layout}
 
 
 def _check_adaptive(cfg: Config) -> None:
