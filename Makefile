@@ -31,7 +31,8 @@ test: install
 test-slow: install
 	$(PY) -m pytest -m slow
 
-# The CPU suite (under 20 minutes on 2 cores); results and plots in benchmarks/results/.
+# The CPU suite (about 14 minutes on 2 idle cores): planner, scaling and simulate write to
+# benchmarks/results/; attention_sp and linear_sp only print (tables: benchmarks/results/*.md).
 bench: install
 	$(PY) benchmarks/attention_sp.py
 	$(PY) benchmarks/linear_sp.py
