@@ -4,9 +4,7 @@ Forward posts one all-gather of the packed K/V and computes the block against th
 while it is in flight; then the blocks against the other ranks' K/V (the same causal plan as
 the ring, so masked blocks are skipped). Backward gathers K/V again rather than keeping ``P``
 shards alive between forward and backward, and reduce-scatters the float32 dK/dV.
-
-Bytes sent per rank, with ``n = S_local·Hkv·D``: forward ``(P-1)·2n·elem``; backward
-``(P-1)·2n·elem + (P-1)·2n·4`` (the reduce-scatter of the ``P`` float32 dK/dV shards).
+Bytes: :meth:`AllGatherAttention.traffic`.
 """
 
 from __future__ import annotations
@@ -28,6 +26,8 @@ class AllGatherAttention(AttentionStrategy):
     name = "allgather"
 
     def traffic(self, p, s_local, q_heads, kv_heads, head_dim, elem) -> Traffic:
+        """Forward ``(P-1)·2n·e``; backward ``(P-1)·2n·(e+4)`` (K/V gathered again, float32
+        dK/dV reduce-scattered), ``n = S_local·Hkv·D``."""
         kv = 2 * s_local * kv_heads * head_dim
         return Traffic((p - 1) * kv * elem, (p - 1) * kv * (elem + 4))
 

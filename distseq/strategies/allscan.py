@@ -7,8 +7,7 @@ whole states, and each rank sends and receives one state's bytes in total, indep
 ``P``. Backward runs the reverse scan of the state gradients (``r + 1 → r``). Contiguous
 layout only (zigzag would need the chain twice).
 
-Bytes per rank (float32): at most ``docs·H·Dk·Dv·4`` sent and the same received, forward and
-backward, and twice that in both together from ``P = 3`` (:func:`chain_traffic`; plus, with
+Bytes: :func:`~distseq.strategies.state_chain.chain_traffic` (plus, with
 ``output_final_state``, a broadcast of the final state and an all-reduce of its gradient).
 """
 

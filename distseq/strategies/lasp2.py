@@ -7,10 +7,8 @@ the gather overlaps the intra-chunk work; every rank then replays the scan over 
 Backward gathers the outputs' state gradients the same way and scans them in reverse. Works
 with both layouts.
 
-Bytes sent per rank, with ``n`` the local segment count (``batch`` or documents, twice that
-for zigzag) and float32 elements: forward ``(P-1)·n·H·(Dk·Dv + 1)·4``; backward the same
-(plus, with ``output_final_state``, an all-reduce of the final state's gradient). Independent
-of the sequence length; grows with ``P``.
+Bytes (:meth:`Lasp2.traffic`) are independent of the sequence length and grow with ``P``
+(plus, with ``output_final_state``, an all-reduce of the final state's gradient).
 """
 
 from __future__ import annotations
@@ -54,6 +52,8 @@ class Lasp2(LinearStrategy):
     name = "lasp2"
 
     def traffic(self, p, docs, heads, dk, dv, layout) -> Traffic:
+        """Each pass ``(P-1)·n·H·(Dk·Dv+1)·4``: every piece's float32 state and log decays,
+        ``n`` = documents (twice that with zigzag)."""
         pieces = docs * chunks_per_rank(layout)
         per_pass = (p - 1) * pieces * heads * (dk * dv + 1) * 4
         return Traffic(per_pass, per_pass)

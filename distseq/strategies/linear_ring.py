@@ -4,8 +4,7 @@ Rank ``r`` waits for the whole state entering its pieces from the previous rank 
 adds its memory and sends the whole state on; the ranks run one after the other. Works with
 both layouts (zigzag walks the chain ``0 → P-1`` then back ``P-1 → 0``).
 
-Bytes per rank (float32): one state ``docs·H·Dk·Dv·4`` sent per piece boundary the rank
-hands on, forward and backward (:func:`~distseq.strategies.state_chain.chain_traffic`).
+Bytes: :func:`~distseq.strategies.state_chain.chain_traffic`.
 """
 
 from __future__ import annotations

@@ -5,9 +5,7 @@ rank and the receive of the previous rank's, computes its block against the K/V 
 they travel, and merges the block into float32 accumulators.
 Backward: K/V rotate again (blocks are recomputed from the saved ``out``/``lse``), and float32
 dK/dV accumulators travel with the K/V they belong to, arriving home after ``P`` hops.
-
-Bytes sent per rank, with ``n = S_local·Hkv·D``: forward ``(P-1)·2n·elem``; backward
-``(P-1)·2n·elem`` (K/V again) ``+ P·2n·4`` (float32 dK/dV).
+Bytes: :meth:`RingAttention.traffic`.
 """
 
 from __future__ import annotations
@@ -25,6 +23,8 @@ class RingAttention(AttentionStrategy):
     name = "ring"
 
     def traffic(self, p, s_local, q_heads, kv_heads, head_dim, elem) -> Traffic:
+        """Forward ``(P-1)·2n·e``; backward ``(P-1)·2n·e + P·2n·4`` (K/V again, and float32
+        dK/dV that travel ``P`` hops home), ``n = S_local·Hkv·D``."""
         if p == 1:
             return Traffic(0, 0)
         kv = 2 * s_local * kv_heads * head_dim

@@ -26,9 +26,9 @@ _TAG_BASE = 1000  # apart from RingExchange's tags
 
 
 def chain_traffic(p: int, docs: int, heads: int, dk: int, dv: int, layout: str) -> Traffic:
-    """Bytes of the busiest rank. Contiguous: each pass, every rank but the chain's end sends
-    one state, and only the middle ranks (``P >= 3``) send in both passes. Zigzag: the chain
-    runs ``0 → P-1 → 0``, so a middle rank sends twice per pass, ranks ``0`` and ``P-1`` once."""
+    """Contiguous: each pass ``docs·H·Dk·Dv·4`` (one float32 state; a middle rank, from
+    ``P = 3``, sends in both passes). Zigzag: ``min(2, P-1)`` states each pass (the chain runs
+    ``0 → P-1 → 0``: a middle rank hands on two pieces, ranks ``0`` and ``P-1`` one)."""
     if p == 1:
         return Traffic(0, 0)
     state = docs * heads * dk * dv * 4

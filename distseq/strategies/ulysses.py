@@ -3,10 +3,8 @@
 Each rank trades its ``[S_local, H]`` shard for a ``[S, H/P]`` slice with one all-to-all of the
 packed Q/K/V, restores natural token order (the layout may be zigzag or varlen), runs the local
 kernel over the whole sequence for its heads, and sends the output back with a second
-all-to-all. Backward mirrors it. Needs ``Hq`` and ``Hkv`` divisible by ``P``.
-
-Bytes sent per rank: forward ``(P-1)/P·S_local·D·(Hq+2Hkv+Hq)·elem``; backward the same
-(``dout`` out, ``dq``, ``dk``, ``dv`` back).
+all-to-all. Backward mirrors it. Needs ``Hq`` and ``Hkv`` divisible by ``P``
+(:meth:`UlyssesAttention.check_group`). Bytes: :meth:`UlyssesAttention.traffic`.
 """
 
 from __future__ import annotations
@@ -62,6 +60,7 @@ class UlyssesAttention(AttentionStrategy):
     name = "ulysses"
 
     def check_group(self, world_size, q_heads, kv_heads, layout) -> None:
+        """``Hq`` and ``Hkv`` divisible by ``P``."""
         super().check_group(world_size, q_heads, kv_heads, layout)
         for what, heads in (("query", q_heads), ("key/value", kv_heads)):
             if heads % world_size:
@@ -71,6 +70,8 @@ class UlyssesAttention(AttentionStrategy):
                 )
 
     def traffic(self, p, s_local, q_heads, kv_heads, head_dim, elem) -> Traffic:
+        """Each pass ``(P-1)/P·S_local·D·(2Hq+2Hkv)·e``: Q/K/V out and O back; dO out and
+        dQ/dK/dV back."""
         # Each all-to-all keeps 1/P of its buffer; heads divide by P, so this is exact.
         per_pass = (p - 1) * s_local * head_dim * elem * (2 * q_heads + 2 * kv_heads) / p
         return Traffic(per_pass, per_pass)
