@@ -49,9 +49,8 @@ CONFIGS = ("configs/llama_7b_512k_64gpu.yaml", "configs/hybrid_1b_128k_8gpu.yaml
 MIXERS = ("softmax", "linear", "hybrid")
 GPUS = tuple(2**k for k in range(3, 11))  # 8 ... 1024
 SEQS = tuple(2**k for k in range(15, 24))  # 32k ... 8M
-# Where the plots look at one sequence length / world size.
+# Where the plots look at one sequence length.
 PLOT_SEQ = 2**20
-PLOT_GPUS = 64
 
 
 # ----------------------------------------------------------------------------- models

@@ -16,7 +16,6 @@ from distseq.models.config import (
     layer_mixers,
     model_config_from_dict,
 )
-from distseq.planner.units import parse_bytes
 
 LAYER_TYPES = MIXERS
 
@@ -129,10 +128,6 @@ class Cluster:
             )
         if self.memory_bytes <= 0:
             raise ValueError(f"memory per rank {self.memory_bytes!r} must be positive")
-
-    @classmethod
-    def from_strings(cls, gpus: int, gpus_per_node: int, memory: str | int) -> Cluster:
-        return cls(int(gpus), int(gpus_per_node), parse_bytes(memory))
 
     def degrees(self) -> list[int]:
         """Group sizes a plan may use: powers of two up to the world size."""
