@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-import distseq
 from distseq.train import load_config, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +78,6 @@ def test_text_source_needs_existing_files(tmp_path):
         check(["data.source=text", f"data.paths=[{tmp_path}/a.txt]", "model.vocab_size=100"])
 
 
-@pytest.mark.skipif(not hasattr(distseq, "linear_attention"), reason="no linear_attention yet")
 def test_zigzag_linear_needs_lasp2():
     with pytest.raises(ValueError, match=r"parallel\.linear_strategy='allscan'.*contiguous"):
         check(["model.mixers=hybrid", "parallel.linear_strategy=allscan"])
@@ -99,18 +97,16 @@ def test_world_size_fills_null_dims():
 
 
 @pytest.mark.parametrize(
-    "name, world, mixers",
+    "name, world",
     [
-        ("tiny.yaml", 2, None),
-        ("tiny_adaptive.yaml", 3, None),
-        ("bench_small.yaml", 4, None),
-        ("hybrid_1b_128k_8gpu.yaml", 8, "linear"),
-        ("llama_7b_512k_64gpu.yaml", 64, None),
+        ("tiny.yaml", 2),
+        ("tiny_adaptive.yaml", 3),
+        ("bench_small.yaml", 4),
+        ("hybrid_1b_128k_8gpu.yaml", 8),
+        ("llama_7b_512k_64gpu.yaml", 64),
     ],
 )
-def test_shipped_configs_validate(name, world, mixers):
-    if mixers and not hasattr(distseq, "linear_attention"):
-        pytest.skip("config has linear layers; distseq.linear_attention not merged yet")
+def test_shipped_configs_validate(name, world):
     cfg = validate_config(load_config(ROOT / "configs" / name), world)
     assert cfg.parallel.dp * cfg.parallel.sp == world
 
