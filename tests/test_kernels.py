@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import cases
-from distseq.kernels import merge, select_backend, unavailable_reason
+from distseq.kernels import attention_torch, merge, select_backend, unavailable_reason
 from distseq.reference import attention_reference
+from tolerance import nan_max
 
 ROOT = Path(__file__).resolve().parent.parent
 FP32_TOL = 1e-4
@@ -80,17 +81,17 @@ def test_block_backend_matches_reference(backend, shape, causal):
     kernel, device = _backend_or_skip(backend, dtype)
     errors = _block_errors(kernel, device, dtype, *shape, causal)
     tol = FP32_TOL if dtype == torch.float32 else 2e-2
-    assert max(errors.values()) <= tol, errors
+    assert nan_max(errors.values()) <= tol, errors
 
 
 def test_triton_backend_bf16_and_odd_head_dim():
     kernel, device = _backend_or_skip("triton")
     errors = _block_errors(kernel, device, torch.bfloat16, 33, 33, None, True, dim=24)
-    assert max(errors.values()) <= 2e-2, errors
+    assert nan_max(errors.values()) <= 2e-2, errors
 
 
 def test_auto_backend_on_cpu_is_torch():
-    assert select_backend("auto", torch.device("cpu"), torch.float32).__name__.endswith("torch")
+    assert select_backend("auto", torch.device("cpu"), torch.float32) is attention_torch
 
 
 @pytest.mark.parametrize("world", (2, 3))
@@ -104,7 +105,7 @@ def test_ring_and_allgather_with_triton_backend(pools, world):
             seq=world * 2 * 6, batch=1, seed=5, backend="triton", docs=[world * 4, world * 8],
         )  # fmt: skip
         errors = pools(world).run(cases.attention_vs_reference, case)
-        worst = max(max(e.values()) for e in errors)
+        worst = nan_max(nan_max(e.values()) for e in errors)
         assert worst <= FP32_TOL, errors
 
 

@@ -162,7 +162,6 @@ def _brute_force(lengths: np.ndarray, cost: CostModel) -> float:
         best_time[d] = t
     best = math.inf
     for split in all_splits(cost.cluster.world_size, cost.cluster.degrees(), limit=10**6):
-        f = {0: 0.0}
         f = np.full(1 << n, math.inf)
         f[0] = 0.0
         for d, count in split:
@@ -372,7 +371,7 @@ def test_cli_dry_run_end_to_end(tmp_path, capsys):
         ]
     )
     assert rc == 0
-    assert "static" in capsys.readouterr().out
+    assert f"wrote {out / 'plan.json'} and plan.png" in capsys.readouterr().out
     plans = json.loads((out / "plan.json").read_text())
     assert isinstance(plans, list) and len(plans) == 2
     for p in plans:

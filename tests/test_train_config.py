@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import distseq
 from distseq.kernels import BACKENDS, LINEAR_BACKENDS
 from distseq.layout import LAYOUTS
 from distseq.strategies import ATTENTION_STRATEGIES, LINEAR_STRATEGIES
@@ -200,18 +199,16 @@ def test_world_size_fills_null_dims():
 
 
 @pytest.mark.parametrize(
-    "name, world, mixers",
+    "name, world",
     [
-        ("tiny.yaml", 2, None),
-        ("tiny_adaptive.yaml", 3, None),
-        ("bench_small.yaml", 4, None),
-        ("hybrid_1b_128k_8gpu.yaml", 8, "linear"),
-        ("llama_7b_512k_64gpu.yaml", 64, None),
+        ("tiny.yaml", 2),
+        ("tiny_adaptive.yaml", 3),
+        ("bench_small.yaml", 4),
+        ("hybrid_1b_128k_8gpu.yaml", 8),
+        ("llama_7b_512k_64gpu.yaml", 64),
     ],
 )
-def test_shipped_configs_validate(name, world, mixers):
-    if mixers and not hasattr(distseq, "linear_attention"):
-        pytest.skip("config has linear layers; distseq.linear_attention not merged yet")
+def test_shipped_configs_validate(name, world):
     cfg = validate_config(load_config(ROOT / "configs" / name), world)
     assert cfg.parallel.dp * cfg.parallel.sp == world
 

@@ -7,7 +7,6 @@ import math
 
 import pytest
 
-import distseq
 import train_cases
 from distseq.kernels import BACKENDS, LINEAR_BACKENDS
 
@@ -26,8 +25,12 @@ def assert_same(run: dict, reference: dict, label: str, grad_tol: float = REL_TO
     for step, (got, want) in enumerate(zip(run["losses"], reference["losses"]), start=1):
         assert abs(got - want) <= REL_TOL * abs(want), f"{label}: step {step} loss {got} != {want}"
     assert len(run["losses"]) == len(reference["losses"]) == STEPS
-    worst = max((relative(run["grads"][name], g), name) for name, g in reference["grads"].items())
-    assert worst[0] <= grad_tol, f"{label}: gradient of {worst[1]} differs by {worst[0]:.2e}"
+    # all-zero gradients would agree trivially
+    dead = [name for name, g in reference["grads"].items() if not g.abs().max() > 0]
+    assert not dead, f"{label}: reference gradients of {dead} are zero"
+    errors = {name: relative(run["grads"][name], g) for name, g in reference["grads"].items()}
+    bad = {name: f"{err:.2e}" for name, err in errors.items() if not err <= grad_tol}
+    assert not bad, f"{label}: gradients differ by more than {grad_tol}: {bad}"
 
 
 def run(pools, world, overrides):
@@ -41,7 +44,7 @@ def check_meshes(pools, tmp_path, overrides, meshes=MESHES):
     # tolerance (worst seen 3e-6, linear lasp2) while steps 2-3 still update every weight.
     common = [f"train.steps={STEPS}", "train.lr=2e-5", *overrides]
     ref = run(pools, 1, [*common, "parallel.dp=1", "parallel.sp=1", f"out_dir={tmp_path}/ref"])
-    assert ref["losses"][-1] == ref["losses"][-1]  # not NaN
+    assert all(math.isfinite(loss) for loss in ref["losses"]), ref["losses"]
     for world, dp, sp in meshes:
         label = f"dp={dp} sp={sp} {overrides}"
         out = f"out_dir={tmp_path}/dp{dp}sp{sp}"
@@ -63,12 +66,6 @@ def test_softmax_ulysses_contiguous_checkpointed_exact(pools, tmp_path):
     check_meshes(pools, tmp_path, contiguous, ((2, 1, 2),))
 
 
-needs_linear = pytest.mark.skipif(
-    not hasattr(distseq, "linear_attention"), reason="distseq.linear_attention not merged yet"
-)
-
-
-@needs_linear
 @pytest.mark.parametrize(
     "overrides",
     (
@@ -100,8 +97,7 @@ def test_fsdp_matches_ddp_and_resumes(pools, tmp_path):
     ddp = run(pools, 2, [*common, f"out_dir={tmp_path}/ddp"])
     fsdp_args = [*common, "parallel.engine=fsdp", f"out_dir={tmp_path}/fsdp", "checkpoint.every=1"]
     fsdp = run(pools, 2, fsdp_args)
-    for got, want in zip(fsdp["losses"], ddp["losses"]):
-        assert abs(got - want) <= REL_TOL * abs(want), (fsdp["losses"], ddp["losses"])
+    assert fsdp["losses"] == pytest.approx(ddp["losses"], rel=REL_TOL) and len(ddp["losses"]) == 2
     assert all(relative(fsdp["grads"][name], g) <= REL_TOL for name, g in ddp["grads"].items())
     # Sharded (DTensor) model + optimizer state through torch.distributed.checkpoint.
     resumed = run(pools, 2, [*fsdp_args, f"checkpoint.resume={tmp_path}/fsdp/checkpoints/step_1"])
@@ -114,8 +110,7 @@ def test_resume_reproduces_loss_curve(pools, tmp_path):
     full = run(pools, 2, common)
     resumed = run(pools, 2, [*common, f"checkpoint.resume={tmp_path}/checkpoints/step_2"])
     assert [r["step"] for r in resumed["history"]] == [3, 4]
-    for got, want in zip(resumed["losses"], full["losses"][2:]):
-        assert abs(got - want) <= 1e-6 * abs(want), (resumed["losses"], full["losses"])
+    assert resumed["losses"] == pytest.approx(full["losses"][2:], rel=1e-6), full["losses"]
     # A different parallel layout must refuse, naming what changed, before training.
     messages = pools(2).run(
         train_cases.resume_error,
@@ -149,7 +144,6 @@ def test_default_config_learns_recall_across_shards(pools, tmp_path):
     assert losses[0] > 5.0 and tail < no_recall_floor - 0.4, (losses[0], tail, no_recall_floor)
 
 
-@needs_linear
 @pytest.mark.parametrize("family", ("attention", "linear"))
 def test_each_family_runs_its_configured_backend(pools, tmp_path, family):
     """``parallel.<family>_backend=triton`` reaches that family's layers and only those: its
