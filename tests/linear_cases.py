@@ -9,15 +9,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import distseq
+from cases import relative_error
 from distseq.reference import linear_attention_reference
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected| (0 for empty tensors)."""
-    if expected.numel() == 0:
-        return 0.0
-    scale = expected.abs().max().clamp_min(1e-12)
-    return ((actual.double() - expected).abs().max() / scale).item()
 
 
 def log_decay_for(kind: str, batch: int, total: int, heads: int, gen) -> torch.Tensor | None:
