@@ -18,6 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
 BACKENDS = ("gloo", "nccl")
 # After one rank fails, how long the others get to report (a peer stuck in a collective with
 # the failed rank never will).
@@ -45,9 +49,6 @@ def init_rank(
     gloo ranks get ``threads`` intra-op threads each (``None``: torch's default); nccl ranks
     use GPU ``rank``.
     """
-    import torch
-    import torch.distributed as dist
-
     if backend == "nccl":
         torch.cuda.set_device(rank)
     elif threads is not None:
@@ -64,8 +65,6 @@ def call_rank(fn: Callable, rank: int, world: int, args: tuple) -> Outcome:
 
 
 def _rank_main(rank, world, backend, threads, init_file, results, fn, args) -> None:
-    import torch.distributed as dist
-
     joined = call_rank(init_rank, rank, world, (init_file, backend, threads))
     if not joined.ok:
         results.put(joined)
@@ -89,10 +88,9 @@ def run_ranks(
     ``fn`` and ``args`` must pickle (``fn`` a module-level function). Raises ``RuntimeError``
     with the traceback of every rank that raised or died, and ``TimeoutError`` when the ranks
     have not all answered within ``timeout`` seconds (``None``: no limit); either way every
-    process is gone when this returns.
+    process is gone when this returns. The calling script needs the
+    ``if __name__ == "__main__":`` guard (spawned processes re-import it).
     """
-    import torch.multiprocessing as mp
-
     if world < 1:
         raise ValueError(f"run_ranks needs world >= 1 processes, got {world}")
     if backend not in BACKENDS:
