@@ -16,23 +16,18 @@ import argparse
 import json
 import os
 import statistics
-import tempfile
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from _common import peak_rss_bytes, timed
 
+import distseq
+from distseq.comm import run_ranks
+from distseq.kernels import select_backend
 from distseq.strategies import ATTENTION_STRATEGIES
 
 
-def _worker(rank: int, world: int, args, init_file: str, results) -> None:
-    import distseq
-
-    torch.set_num_threads(args.threads_per_rank)
-    # A file rendezvous: no port to collide with other jobs on the machine.
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)  # fmt: skip
+def _worker(rank: int, world: int, args) -> dict:
     gen = torch.Generator().manual_seed(rank)
     s_local = args.seq // world
     q = torch.randn(1, s_local, args.heads, args.head_dim, generator=gen).requires_grad_()
@@ -54,14 +49,10 @@ def _worker(rank: int, world: int, args, init_file: str, results) -> None:
             step()
         rows[strategy] = {"times": times, "bytes_sent": counter.bytes_sent}
     rows["peak_rss_bytes"] = peak_rss_bytes()
-    results.put((rank, rows))
-    dist.destroy_process_group()
+    return rows
 
 
-def _baseline(args, results) -> None:
-    from distseq.kernels import select_backend
-
-    torch.set_num_threads(args.threads_per_rank * args.world)
+def _baseline(rank: int, world: int, args) -> dict:
     kernel = select_backend("auto", torch.device("cpu"), torch.float32)
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, args.seq, args.heads, args.head_dim, generator=gen)
@@ -74,8 +65,7 @@ def _baseline(args, results) -> None:
         out, lse = kernel.forward(q, k, v, scale=scale, causal=True)
         kernel.backward(dout, q, k, v, out, lse, scale=scale, causal=True)
 
-    results.put(("single", {"times": timed(step, args.repeats),
-                            "peak_rss_bytes": peak_rss_bytes()}))  # fmt: skip
+    return {"times": timed(step, args.repeats), "peak_rss_bytes": peak_rss_bytes()}
 
 
 def main() -> None:
@@ -92,21 +82,9 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
 
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    proc = ctx.Process(target=_baseline, args=(args, results))
-    proc.start()
-    _, single = results.get()
-    proc.join()
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "rendezvous")
-        procs = [ctx.Process(target=_worker, args=(r, args.world, args, init_file, results))
-                 for r in range(args.world)]  # fmt: skip
-        for proc in procs:
-            proc.start()
-        per_rank = dict(results.get() for _ in procs)
-        for proc in procs:
-            proc.join()
+    # The baseline runs alone in its own process, with the threads of all the ranks.
+    (single,) = run_ranks(1, _baseline, args, threads=args.threads_per_rank * args.world)
+    per_rank = run_ranks(args.world, _worker, args, threads=args.threads_per_rank)
 
     t_single = statistics.median(single["times"])
     elem, s_local = 4, args.seq // args.world
@@ -123,16 +101,16 @@ def main() -> None:
         if strategy not in per_rank[0]:
             continue
         # A step ends when its slowest rank ends.
-        steps = [max(per_rank[r][strategy]["times"][i] for r in per_rank)
+        steps = [max(rows[strategy]["times"][i] for rows in per_rank)
                  for i in range(args.repeats)]  # fmt: skip
         t_sp = statistics.median(steps)
-        sent = max(per_rank[r][strategy]["bytes_sent"] for r in per_rank)
+        sent = max(rows[strategy]["bytes_sent"] for rows in per_rank)
         formula = (
             ATTENTION_STRATEGIES.get(strategy)
             .traffic(args.world, s_local, args.heads, args.kv_heads, args.head_dim, elem)
             .total
         )
-        rss = max(per_rank[r]["peak_rss_bytes"] for r in per_rank)
+        rss = max(rows["peak_rss_bytes"] for rows in per_rank)
         print(f"{strategy:<10} {args.world:>2} {t_sp:>9.3f} {t_single / t_sp:>14.2f} "
               f"{sent / 2**20:>14.1f} {formula / 2**20:>9.1f} {rss / 2**20:>18.0f}")  # fmt: skip
         report["strategies"][strategy] = {"t_sp": t_sp, "ratio": t_single / t_sp,

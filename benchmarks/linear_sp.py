@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from _common import timed
 
+import distseq
+from distseq.comm import run_ranks
+from distseq.kernels import linear_torch
 from distseq.strategies import LINEAR_STRATEGIES
 
 
@@ -33,10 +34,7 @@ def _inputs(n: int, heads: int, dim: int, seed: int):
     return q, k, v, g, torch.randn(1, n, heads, dim, generator=gen)
 
 
-def _baseline(args, results) -> None:
-    from distseq.kernels import linear_torch
-
-    torch.set_num_threads(1)
+def _baseline(rank: int, world: int, args) -> dict:
     rows = {}
     for n in args.seqs:
         q, k, v, g, do = _inputs(n, args.heads, args.dim, 0)
@@ -47,15 +45,10 @@ def _baseline(args, results) -> None:
             linear_torch.backward(do, None, q, k, v, g, scale=scale)
 
         rows[n] = timed(step, args.repeats)
-    results.put(("single", rows))
+    return rows
 
 
-def _worker(rank: int, world: int, args, init_file: str, results) -> None:
-    import distseq
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)  # fmt: skip
+def _worker(rank: int, world: int, args) -> dict:
     rows = {}
     for n in args.seqs:
         q, k, v, g, do = _inputs(n // world, args.heads, args.dim, rank)
@@ -74,8 +67,7 @@ def _worker(rank: int, world: int, args, init_file: str, results) -> None:
                 o.backward(do)
             times = timed(step, args.repeats, warm_up=False)
             rows[n, strategy] = (times, fwd.bytes_sent, bwd.bytes_sent)
-    results.put((rank, rows))
-    dist.destroy_process_group()
+    return rows
 
 
 def main() -> None:
@@ -88,23 +80,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    proc = ctx.Process(target=_baseline, args=(args, results))
-    proc.start()
-    _, single = results.get()
-    proc.join()
-    per_world = {}
-    for world in args.worlds:
-        with tempfile.TemporaryDirectory() as tmp:
-            init_file = os.path.join(tmp, "rendezvous")
-            procs = [ctx.Process(target=_worker, args=(r, world, args, init_file, results))
-                     for r in range(world)]  # fmt: skip
-            for p in procs:
-                p.start()
-            per_world[world] = dict(results.get() for _ in procs)
-            for p in procs:
-                p.join()
+    (single,) = run_ranks(1, _baseline, args)
+    per_world = {world: run_ranks(world, _worker, args) for world in args.worlds}
 
     print(f"linear attention fwd+bwd, B=1, H={args.heads}, Dk=Dv={args.dim}, data-dependent "
           f"decay, fp32, contiguous, torch kernel (chunk 64), 1 thread/rank; torch "
@@ -118,11 +95,11 @@ def main() -> None:
         for world in args.worlds:
             ranks = per_world[world]
             for strategy in args.strategies:
-                steps = [max(ranks[r][n, strategy][0][i] for r in ranks)
+                steps = [max(rows[n, strategy][0][i] for rows in ranks)
                          for i in range(args.repeats)]  # fmt: skip
                 t = min(steps)
-                fwd = max(ranks[r][n, strategy][1] for r in ranks)
-                bwd = max(ranks[r][n, strategy][2] for r in ranks)
+                fwd = max(rows[n, strategy][1] for rows in ranks)
+                bwd = max(rows[n, strategy][2] for rows in ranks)
                 formula = (
                     LINEAR_STRATEGIES.get(strategy)
                     .traffic(world, 1, args.heads, args.dim, args.dim, "contiguous")

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import statistics
-import tempfile
 import time
 
 import numpy as np
@@ -162,14 +161,12 @@ def quality(batches: int) -> list[dict]:
     return rows
 
 
-def _gloo_worker(rank, world, s, strategies, reps, init, results):
+def _gloo_worker(rank: int, world: int, s: int, strategies, reps: int) -> dict[str, float]:
     import torch
     import torch.distributed as dist
 
     import distseq
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     gen = torch.Generator().manual_seed(0)
     full = [torch.randn(1, s, 4, 64, generator=gen) for _ in range(3)]
     shards = [distseq.shard_sequence(t, layout="zigzag") for t in full]
@@ -183,13 +180,11 @@ def _gloo_worker(rank, world, s, strategies, reps, init, results):
             distseq.attention(q, k, v, strategy=strategy, layout="zigzag").sum().backward()
             times.append(time.perf_counter() - start)
         out[strategy] = statistics.median(times[1:])
-    results.put((rank, out))
-    dist.destroy_process_group()
+    return out
 
 
 def gloo_check(reps: int) -> list[dict]:
-    import torch.multiprocessing as mp
-
+    from distseq.comm import run_ranks
     from distseq.planner.calibrate import calibrate
     from distseq.planner.spec import model_from_dict
 
@@ -210,23 +205,9 @@ def gloo_check(reps: int) -> list[dict]:
         profile = calibrate(world=world, quick=True)
         cost = CostModel(model, profile, Cluster(world, world, 2**40))
         for s in (2048, 4096):
-            ctx = mp.get_context("spawn")
-            results = ctx.Queue()
-            with tempfile.TemporaryDirectory() as tmp:
-                init = os.path.join(tmp, "init")
-                procs = [
-                    ctx.Process(
-                        target=_gloo_worker, args=(r, world, s, strategies, reps, init, results)
-                    )
-                    for r in range(world)
-                ]
-                for p in procs:
-                    p.start()
-                outs = dict(results.get(timeout=600) for _ in range(world))
-                for p in procs:
-                    p.join()
+            outs = run_ranks(world, _gloo_worker, s, strategies, reps, timeout=600)
             for strategy in strategies:
-                measured = max(o[strategy] for o in outs.values())
+                measured = max(o[strategy] for o in outs)
                 predicted = cost.mixer_time("softmax", strategy, world, s)
                 row = {
                     "P": world,

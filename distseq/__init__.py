@@ -12,11 +12,13 @@ Public API (all tensors ``[batch, seq, heads, head_dim]``, ``q``/``k``/``v`` loc
     distseq.causal_conv1d(x, weight, bias=None, group=None, layout="contiguous",
                           cu_seqlens=None, activation=None)     # x [batch, seq, channels]
     distseq.available_strategies()
+    distseq.cu_seqlens(lengths, device=None)   # int32 [n + 1] boundaries of documents
 """
 
 from distseq.attention import attention, available_strategies
 from distseq.comm import CommCounter
 from distseq.conv import causal_conv1d
+from distseq.layout import cu_seqlens
 from distseq.linear_attention import linear_attention
 from distseq.sharding import gather_sequence, shard_sequence
 
@@ -25,6 +27,7 @@ __all__ = [
     "attention",
     "available_strategies",
     "causal_conv1d",
+    "cu_seqlens",
     "gather_sequence",
     "linear_attention",
     "shard_sequence",

@@ -32,8 +32,13 @@ _SIGNATURE = [
 ]  # fmt: skip
 
 
-def _neighbours(pieces: Pieces) -> tuple[dict[int, tuple[int, int, int]], dict[int, tuple]]:
-    """Per local slot: its predecessor and its successor as ``(rank, slot, piece index)``."""
+# (rank, slot, boundary): a neighbouring piece, and the sequence index of the later piece of
+# the pair, which tags the messages across that boundary in both directions.
+_Neighbour = tuple[int, int, int]
+
+
+def _neighbours(pieces: Pieces) -> tuple[dict[int, _Neighbour], dict[int, _Neighbour]]:
+    """Per local slot: its predecessor and its successor."""
     order, me = pieces.order(), pieces.info.rank
     before, after = {}, {}
     for i, (rank, slot) in enumerate(order):
@@ -46,52 +51,43 @@ def _neighbours(pieces: Pieces) -> tuple[dict[int, tuple[int, int, int]], dict[i
     return before, after
 
 
+def _shift(blocks: torch.Tensor, pieces: Pieces, forward: bool) -> torch.Tensor:
+    """Move every piece's block of ``blocks`` ``[docs, slots, K-1, C]`` to the next piece of
+    its document (``forward``: tails become halos) or to the previous one (halo gradients
+    return to the tails they came from); a piece with no neighbour on that side gets zeros."""
+    before, after = _neighbours(pieces)
+    source, target = (before, after) if forward else (after, before)
+    me = pieces.info.rank
+    out = torch.zeros_like(blocks)
+    recvs, sends = [], []
+    for slot, (rank, other_slot, boundary) in source.items():
+        if rank == me:
+            out[:, slot] = blocks[:, other_slot]
+        else:
+            buf = blocks.new_empty(blocks[:, slot].shape)
+            recvs.append((slot, buf, rank, _TAG_BASE + boundary))
+    for slot, (rank, _, boundary) in target.items():
+        if rank != me:
+            sends.append((blocks[:, slot].contiguous(), rank, _TAG_BASE + boundary))
+    for work in post_p2p(sends, [r[1:] for r in recvs], pieces.info):
+        work.wait()
+    for slot, buf, *_ in recvs:
+        out[:, slot] = buf
+    return out
+
+
 class _HaloExchange(torch.autograd.Function):
-    """``tails`` ``[docs, slots, K-1, C]`` (each local piece's last tokens) -> each piece's halo."""
+    """``tails`` ``[docs, slots, K-1, C]`` (each local piece's last tokens) -> each piece's halo
+    (the tails of the piece before it); the backward sends the halos' gradients back."""
 
     @staticmethod
     def forward(fctx, tails: torch.Tensor, pieces: Pieces) -> torch.Tensor:
         fctx.pieces = pieces
-        before, after = _neighbours(pieces)
-        me = pieces.info.rank
-        halos = torch.zeros_like(tails)
-        recvs, sends = [], []
-        for slot, (rank, pred_slot, index) in before.items():
-            if rank == me:
-                halos[:, slot] = tails[:, pred_slot]
-            else:
-                recvs.append((slot, tails.new_empty(tails[:, slot].shape), rank, _TAG_BASE + index))
-        for slot, (rank, _, index) in after.items():
-            if rank != me:
-                sends.append((tails[:, slot].contiguous(), rank, _TAG_BASE + index))
-        for work in post_p2p(sends, [r[1:] for r in recvs], pieces.info):
-            work.wait()
-        for slot, buf, *_ in recvs:
-            halos[:, slot] = buf
-        return halos
+        return _shift(tails, pieces, forward=True)
 
     @staticmethod
     def backward(fctx, dhalos: torch.Tensor):
-        pieces = fctx.pieces
-        before, after = _neighbours(pieces)
-        me = pieces.info.rank
-        dtails = torch.zeros_like(dhalos)
-        recvs, sends = [], []
-        for slot, (rank, pred_slot, index) in before.items():
-            if rank == me:
-                dtails[:, pred_slot] += dhalos[:, slot]
-            else:
-                sends.append((dhalos[:, slot].contiguous(), rank, _TAG_BASE + index))
-        for slot, (rank, _, index) in after.items():
-            if rank != me:
-                recvs.append(
-                    (slot, dhalos.new_empty(dhalos[:, slot].shape), rank, _TAG_BASE + index)
-                )
-        for work in post_p2p(sends, [r[1:] for r in recvs], pieces.info):
-            work.wait()
-        for slot, buf, *_ in recvs:
-            dtails[:, slot] += buf
-        return dtails, None
+        return _shift(dhalos, fctx.pieces, forward=False), None
 
 
 def _tails(x: torch.Tensor, segments: Segments, width: int) -> list[torch.Tensor]:

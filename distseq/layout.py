@@ -21,6 +21,13 @@ import torch
 LAYOUTS = ("contiguous", "zigzag")
 
 
+def cu_seqlens(lengths: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
+    """int32 cumulative boundaries ``[n + 1]`` (``0, l0, l0 + l1, ...``) of ``n`` segments."""
+    out = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=device)
+    out[1:] = torch.tensor(list(lengths), dtype=torch.int64, device=device).cumsum(0)
+    return out
+
+
 def chunks_per_rank(layout: str) -> int:
     """How many equal chunks of every document a rank holds (1 contiguous, 2 zigzag)."""
     check_layout(layout)
@@ -102,11 +109,11 @@ class ShardLayout:
     def local_cu_seqlens(self) -> torch.Tensor:
         """int32 cumulative boundaries of the documents inside the local shard."""
         lengths = [c * chunks_per_rank(self.layout) for c in self.chunk_lengths]
-        return _cumsum(lengths)
+        return cu_seqlens(lengths)
 
     def half_cu_seqlens(self) -> torch.Tensor:
         """int32 cumulative boundaries of one chunk per document (a zigzag half shard)."""
-        return _cumsum(self.chunk_lengths)
+        return cu_seqlens(self.chunk_lengths)
 
     @functools.cached_property
     def front_index(self) -> torch.Tensor:
@@ -124,12 +131,6 @@ class ShardLayout:
             pieces.append(torch.arange(start + which * chunk, start + (which + 1) * chunk))
             start += 2 * chunk
         return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
-
-
-def _cumsum(lengths: Sequence[int]) -> torch.Tensor:
-    out = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    out[1:] = torch.tensor(list(lengths), dtype=torch.int64).cumsum(0).to(torch.int32)
-    return out
 
 
 @functools.lru_cache(maxsize=256)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from distseq.comm import GroupInfo
-from distseq.layout import ShardLayout, chunks_per_rank
+from distseq.layout import ShardLayout, chunks_per_rank, cu_seqlens
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,4 @@ class Pieces:
         """int32 boundaries of the local segments in the kernel view (``None``: whole rows)."""
         if not self.varlen:
             return None
-        lengths = [c for c in self.shard.chunk_lengths for _ in range(self.slots)]
-        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-        cu[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0).to(torch.int32)
-        return cu.to(device)
+        return cu_seqlens([c for c in self.shard.chunk_lengths for _ in range(self.slots)], device)

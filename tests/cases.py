@@ -38,9 +38,7 @@ def attention_vs_reference(rank, world, case: dict) -> dict[str, float]:
     """
     docs = case.get("docs")
     total = sum(docs) if docs else case["seq"]
-    cu = None
-    if docs:
-        cu = torch.tensor([0, *torch.tensor(docs).cumsum(0).tolist()], dtype=torch.int32)
+    cu = distseq.cu_seqlens(docs) if docs else None
     dtype = case.get("dtype", torch.float32)
     full = make_inputs(
         case.get("seed", 0), case.get("batch", 1), total, case["hq"], case["hkv"], case["dim"]
@@ -140,9 +138,7 @@ def shard_gather_round_trip(rank, world, cases_list):
     for total_or_docs, layout, dim in cases_list:
         docs = total_or_docs if isinstance(total_or_docs, list) else None
         total = sum(docs) if docs else total_or_docs
-        cu = None
-        if docs:
-            cu = torch.tensor([0, *torch.tensor(docs).cumsum(0).tolist()], dtype=torch.int32)
+        cu = distseq.cu_seqlens(docs) if docs else None
         shape = [2, 3, 2]
         shape.insert(dim, total)
         full = torch.arange(torch.tensor(shape).prod().item(), dtype=torch.float64).view(shape)

@@ -12,21 +12,11 @@ from __future__ import annotations
 import os
 import queue
 import tempfile
-import traceback
-from dataclasses import dataclass
 from typing import Any
 
 import torch.multiprocessing as mp
 
-
-@dataclass
-class Outcome:
-    rank: int
-    ok: bool
-    value: Any = None
-    error_type: str = ""
-    message: str = ""
-    traceback: str = ""
+from distseq.comm.launch import Outcome, call_rank, init_rank
 
 
 class PoolHang(AssertionError):
@@ -34,24 +24,15 @@ class PoolHang(AssertionError):
 
 
 def _worker(rank: int, world_size: int, init_file: str, tasks, results) -> None:
-    import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
-    )
+    init_rank(rank, world_size, init_file)
     while True:
         task = tasks.get()
         if task is None:
             break
         fn, args = task
-        try:
-            results.put(Outcome(rank, True, fn(rank, world_size, *args)))
-        except BaseException as exc:  # report everything; the parent decides what is a failure
-            results.put(
-                Outcome(rank, False, None, type(exc).__name__, str(exc), traceback.format_exc())
-            )
+        results.put(call_rank(fn, rank, world_size, args))
     dist.destroy_process_group()
 
 

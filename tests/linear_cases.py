@@ -9,21 +9,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import distseq
+from cases import relative_error
 from distseq.reference import linear_attention_reference
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected| (0 for empty tensors)."""
-    if expected.numel() == 0:
-        return 0.0
-    scale = expected.abs().max().clamp_min(1e-12)
-    return ((actual.double() - expected).abs().max() / scale).item()
-
-
-def _cu(docs):
-    if not docs:
-        return None
-    return torch.tensor([0, *torch.tensor(docs).cumsum(0).tolist()], dtype=torch.int32)
 
 
 def log_decay_for(kind: str, batch: int, total: int, heads: int, gen) -> torch.Tensor | None:
@@ -51,7 +38,8 @@ def linear_inputs(case: dict):
     h0 = torch.randn(states, heads, dk, dv, generator=gen, dtype=torch.float64)
     do = torch.randn(batch, total, heads, dv, generator=gen, dtype=torch.float64)
     dh = torch.randn(states, heads, dk, dv, generator=gen, dtype=torch.float64)
-    return {"q": q, "k": k, "v": v, "g": g, "h0": h0, "do": do, "dh": dh}, _cu(docs)
+    cu = distseq.cu_seqlens(docs) if docs else None
+    return {"q": q, "k": k, "v": v, "g": g, "h0": h0, "do": do, "dh": dh}, cu
 
 
 def linear_vs_reference(rank, world, case_list: list[dict]) -> list[dict[str, float]]:
@@ -144,7 +132,7 @@ def conv_vs_reference(rank, world, case_list: list[dict]) -> list[dict[str, floa
 
 def _one_conv_case(world, case):
     docs = case.get("docs")
-    cu = _cu(docs)
+    cu = distseq.cu_seqlens(docs) if docs else None
     batch = 1 if docs else 2
     total = sum(docs) if docs else case["seq"]
     gen = torch.Generator().manual_seed(case.get("seed", 0))

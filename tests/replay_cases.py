@@ -7,6 +7,7 @@ import torch.distributed as dist
 
 import distseq
 from distseq.comm import CommRecorder
+from distseq.comm.hooks import DistPatch
 
 # Every torch.distributed function that talks to other ranks; a call to any of them during a
 # replay would mean the replay still communicates. (isend / irecv stay unwrapped: P2POp checks
@@ -24,22 +25,19 @@ class _CallCounter:
 
     def __init__(self) -> None:
         self.calls = 0
-        self._originals = {}
+        self._patch = DistPatch()
+
+    def _count(self, original, *args, **kwargs):
+        self.calls += 1
+        return original(*args, **kwargs)
 
     def __enter__(self):
         for name in _COMM_FUNCTIONS:
-            original = self._originals[name] = getattr(dist, name)
-
-            def wrapper(*args, _original=original, **kwargs):
-                self.calls += 1
-                return _original(*args, **kwargs)
-
-            setattr(dist, name, wrapper)
+            self._patch.wrap(name, self._count)
         return self
 
     def __exit__(self, *exc):
-        for name, original in self._originals.items():
-            setattr(dist, name, original)
+        self._patch.restore()
 
 
 def _inputs(rank: int, kind: str):

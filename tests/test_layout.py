@@ -8,7 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cases
-from distseq.layout import LAYOUTS, ShardLayout, chunks_per_rank
+from distseq.layout import LAYOUTS, ShardLayout, chunks_per_rank, cu_seqlens
+
+
+def test_cu_seqlens_are_int32_boundaries():
+    cu = cu_seqlens([3, 0, 5])
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 3, 8]
+    assert cu_seqlens([]).tolist() == [0]
+    assert cu_seqlens((4,), device="meta").device.type == "meta"
 
 
 @st.composite
@@ -27,7 +34,7 @@ def test_shards_partition_every_document(args):
     shards = [ShardLayout(tuple(docs), world, r, layout) for r in range(world)]
     everything = torch.cat([s.positions for s in shards])
     assert torch.equal(everything.sort().values, torch.arange(sum(docs)))
-    starts = torch.tensor([0, *docs]).cumsum(0)
+    starts = cu_seqlens(docs).long()
     for rank, shard in enumerate(shards):
         positions = shard.positions
         assert positions.numel() == shard.local_length == sum(docs) // world

@@ -8,17 +8,12 @@ from dataclasses import dataclass
 import torch
 
 from distseq.comm import ProcessGroup, resolve_group
-from distseq.layout import ShardLayout, shard_layout
-
-
-def global_cu_seqlens(doc_lengths: Sequence[int]) -> torch.Tensor:
-    """int32 ``[N + 1]`` boundaries of the whole (unsharded) packed sequence."""
-    return ShardLayout(tuple(doc_lengths), 1, 0, "contiguous").local_cu_seqlens()
+from distseq.layout import ShardLayout, cu_seqlens, shard_layout
 
 
 def document_positions(shard: ShardLayout) -> torch.Tensor:
     """Position of each of the shard's tokens inside its own document, ``[S_local]`` int64."""
-    starts = torch.tensor([0, *shard.doc_lengths], dtype=torch.int64).cumsum(0)
+    starts = cu_seqlens(shard.doc_lengths).long()  # searchsorted wants positions' dtype
     doc = torch.searchsorted(starts[1:], shard.positions, right=True)
     return shard.positions - starts[doc]
 
@@ -62,7 +57,7 @@ class SequenceContext:
             group=group,
             layout=layout,
             shard=shard,
-            cu_seqlens=global_cu_seqlens(shard.doc_lengths),
+            cu_seqlens=cu_seqlens(shard.doc_lengths),
             positions=document_positions(shard),
             attention_strategy=attention_strategy,
             linear_strategy=linear_strategy,

@@ -3,18 +3,15 @@
 ``world`` processes (gloo on CPU, NCCL on GPU) run small microbenchmarks *at the same time*,
 so rates include the contention of a full node: dense matmul FLOP/s, causal attention
 forward+backward FLOP/s (``distseq.attention`` on a one-rank group: the strategies' own
-local kernel), linear
-attention FLOP/s (``distseq.linear_attention`` when present, else the chunked algorithm's
-matmuls), and α-β of a point-to-point link fitted from ping-pong times. One machine cannot
-see an inter-node link, so ``inter`` is written equal to ``intra`` (the file says so).
+local kernel), linear attention FLOP/s (``distseq.linear_attention``), and α-β of a
+point-to-point link fitted from ping-pong times. One machine cannot see an inter-node link,
+so ``inter`` is written equal to ``intra`` (the file says so).
 """
 
 from __future__ import annotations
 
-import os
 import platform
 import statistics
-import tempfile
 import time
 
 import numpy as np
@@ -44,17 +41,13 @@ def _fit(x: list[float], t: list[float]) -> tuple[float, float]:
     return max(0.0, float(c0)), float(c1)
 
 
-def _measure(rank: int, world: int, backend: str, quick: bool, init_file: str, results) -> None:
+def _measure(rank: int, world: int, backend: str, quick: bool) -> dict:
+    """This rank's rates (run by :func:`distseq.comm.run_ranks`, the group already up)."""
     import torch
     import torch.distributed as dist
 
     cuda = backend == "nccl"
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    else:
-        torch.set_num_threads(1)
-    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
     dtype = torch.bfloat16 if cuda else torch.float32
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     reps = 3 if quick else 5
@@ -113,42 +106,27 @@ def _measure(rank: int, world: int, backend: str, quick: bool, init_file: str, r
     out["alpha_s"], per_byte = _fit([float(s) for s in sizes], pingpong)
     out["bandwidth_Bps"] = 1 / per_byte
     dist.barrier()
-    results.put((rank, out))
-    dist.destroy_process_group()
+    return out
 
 
 def _linear_step(s: int, heads: int, dim: int, device, dtype):
-    """One chunked linear-attention forward+backward, from ``distseq.linear_attention`` when
-    present, else the chunked algorithm's matmuls (intra-chunk scores and values, state)."""
+    """One chunked linear-attention forward+backward (``distseq.linear_attention``, one rank)."""
     import torch
+
+    from distseq import linear_attention
 
     shape = (1, s, heads, dim)
     q, k, v = (
         torch.randn(*shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3)
     )
-    try:
-        from distseq import linear_attention  # written by the linear-attention work
-    except ImportError:
-        linear_attention = None
-    if linear_attention is not None:
-        return lambda: linear_attention(q, k, v, group=None).sum().backward()
-    mask = torch.ones(CHUNK, CHUNK, device=device, dtype=torch.bool).tril()
-
-    def step():
-        qc, kc, vc = (t.reshape(s // CHUNK, CHUNK, heads, dim).transpose(1, 2) for t in (q, k, v))
-        scores = (qc @ kc.transpose(-1, -2)).masked_fill(~mask, 0)
-        states = kc.transpose(-1, -2) @ vc  # per-chunk kᵀv
-        prefix = states.cumsum(0) - states
-        out = scores @ vc + qc @ prefix
-        out.sum().backward()
-
-    return step
+    return lambda: linear_attention(q, k, v, group=None).sum().backward()
 
 
 def calibrate(world: int = 2, backend: str = "auto", quick: bool = False) -> Profile:
     """Measure with ``world`` processes; returns a :class:`Profile` (``source`` = measured)."""
     import torch
-    import torch.multiprocessing as mp
+
+    from distseq.comm import run_ranks
 
     if world < 2:
         raise ValueError(f"calibrate needs --world >= 2 to measure a link, got {world}")
@@ -159,22 +137,10 @@ def calibrate(world: int = 2, backend: str = "auto", quick: bool = False) -> Pro
             f"--world {world} needs {world} GPUs for nccl, found {torch.cuda.device_count()}; "
             "lower --world or use --backend gloo"
         )
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    with tempfile.TemporaryDirectory(prefix="distseq_calibrate_") as tmp:
-        init = os.path.join(tmp, "init")
-        procs = [
-            ctx.Process(target=_measure, args=(r, world, backend, quick, init, results))
-            for r in range(world)
-        ]
-        for p in procs:
-            p.start()
-        outs = dict(results.get(timeout=600) for _ in range(world))
-        for p in procs:
-            p.join()
+    outs = run_ranks(world, _measure, backend, quick, backend=backend, timeout=600)
     # The slowest rank sets the pace of a synchronous step.
     rate = {
-        k: min(o[k] for o in outs.values())
+        k: min(o[k] for o in outs)
         for k in ("matmul_flops", "attention_flops", "linear_attention_flops")
     }
     link = Link(alpha_s=outs[0]["alpha_s"], bandwidth_Bps=outs[0]["bandwidth_Bps"])
@@ -185,7 +151,7 @@ def calibrate(world: int = 2, backend: str = "auto", quick: bool = False) -> Pro
         f"processes, {device or platform.machine()})",
         intra=link,
         inter=link,
-        layer_overhead_s=max(o["attention_overhead_s"] for o in outs.values()),
+        layer_overhead_s=max(o["attention_overhead_s"] for o in outs),
         elem_bytes=2 if backend == "nccl" else 4,
         reserved_bytes=0,
         note="single machine: inter-node link not measurable, set equal to intra",

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distseq.models.context import global_cu_seqlens
+from distseq.layout import cu_seqlens
 from distseq.train.data.sources import PAD_ID, Document
 
 
@@ -29,7 +29,7 @@ class PackedSequence:
 
     @property
     def cu_seqlens(self) -> torch.Tensor:
-        return global_cu_seqlens(self.doc_lengths)
+        return cu_seqlens(self.doc_lengths)
 
     @property
     def real_tokens(self) -> int:
