@@ -82,7 +82,7 @@ def _measure(rank: int, world: int, backend: str, quick: bool) -> dict:
 
     flops, times = [], []
     for s in (1024, 4096) if quick else (2048, 8192):
-        step = _linear_step(s, heads, dim, device, dtype)
+        step = _linear_step(s, heads, dim, device, dtype, alone)
         dist.barrier()
         times.append(_timeit(step, reps, sync))
         flops.append(3 * s * heads * (2 * CHUNK * dim + 4 * dim * dim))
@@ -109,8 +109,9 @@ def _measure(rank: int, world: int, backend: str, quick: bool) -> dict:
     return out
 
 
-def _linear_step(s: int, heads: int, dim: int, device, dtype):
-    """One chunked linear-attention forward+backward (``distseq.linear_attention``, one rank)."""
+def _linear_step(s: int, heads: int, dim: int, device, dtype, alone):
+    """One chunked linear-attention forward+backward (``distseq.linear_attention`` on the
+    one-rank group ``alone``: the local kernel's rate, as for softmax above)."""
     import torch
 
     from distseq import linear_attention
@@ -119,7 +120,7 @@ def _linear_step(s: int, heads: int, dim: int, device, dtype):
     q, k, v = (
         torch.randn(*shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3)
     )
-    return lambda: linear_attention(q, k, v, group=None).sum().backward()
+    return lambda: linear_attention(q, k, v, group=alone).sum().backward()
 
 
 def calibrate(world: int = 2, backend: str = "auto", quick: bool = False) -> Profile:

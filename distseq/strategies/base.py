@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 
 from distseq.comm import GroupInfo
-from distseq.layout import LAYOUTS, ShardLayout
+from distseq.layout import LAYOUTS, ShardLayout, cu_seqlens
 from distseq.strategies.registry import Registry, check_layout_supported
 from distseq.traffic import Traffic
 
@@ -42,10 +42,7 @@ class AttentionContext:
 
     @property
     def global_cu_seqlens(self) -> torch.Tensor | None:
-        if not self.varlen:
-            return None
-        full = ShardLayout(self.shard.doc_lengths, 1, 0, "contiguous")
-        return full.local_cu_seqlens()
+        return cu_seqlens(self.shard.doc_lengths) if self.varlen else None
 
 
 class AttentionStrategy(ABC):
