@@ -412,3 +412,16 @@ def test_cli_bad_arguments(flag, value, message, capsys):
     args[flag] = value
     assert main(["dry-run", *itertools.chain.from_iterable(args.items())]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_every_registered_strategy_can_be_planned():
+    """A strategy registered without a cost rule would silently never be planned."""
+    from distseq.planner.cost import COSTED
+    from distseq.strategies import REGISTRY_BY_MIXER
+
+    assert {m: sorted(names) for m, names in COSTED.items()} == {
+        m: sorted(registry) for m, registry in REGISTRY_BY_MIXER.items()
+    }
+    cost = CostModel(HYBRID, H100, Cluster(64, 8, parse_bytes("80GiB")))
+    planned = {name for combo in cost.combos(4) for name in combo}
+    assert planned == {(m, n) for m, names in COSTED.items() for n in names}
