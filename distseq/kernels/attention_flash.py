@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from distseq.kernels.common import lse_for_backward
+
 try:
     from flash_attn import flash_attn_interface as _fa
 except ImportError as _exc:  # optional dependency: is_available() reports why
@@ -39,9 +41,17 @@ def _pad_head_dim(t: torch.Tensor) -> torch.Tensor:
     return F.pad(t, (0, extra)) if extra else t
 
 
-def _varlen(cu: torch.Tensor) -> tuple[torch.Tensor, int]:
-    cu = cu.to(dtype=torch.int32).contiguous()
-    return cu, int(cu.diff().max()) if cu.numel() > 1 else 0
+def _varlen(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> tuple:
+    """flash-attn's ``cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k`` arguments."""
+    cu_q, cu_k = (cu.to(dtype=torch.int32).contiguous() for cu in (cu_seqlens_q, cu_seqlens_k))
+    return cu_q, cu_k, *(int(cu.diff().max()) if cu.numel() > 1 else 0 for cu in (cu_q, cu_k))
+
+
+def _options(scale: float, causal: bool) -> tuple:
+    """flash-attn's trailing arguments, the same for all four entry points: no dropout,
+    ``scale``, ``causal``, no sliding window, no softcap, no ALiBi, and ``False`` (forward: no
+    softmax returned; backward: not deterministic)."""
+    return 0.0, scale, causal, _NO_WINDOW, _NO_WINDOW, 0.0, None, False
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -64,15 +74,11 @@ def forward(
     dim = q.shape[-1]
     qp, kp, vp = (_pad_head_dim(t) for t in (q, k, v))
     if cu_seqlens_q is None:
-        out, lse, _, _ = _fa._flash_attn_forward(
-            qp, kp, vp, 0.0, scale, causal, _NO_WINDOW, _NO_WINDOW, 0.0, None, False
-        )
+        out, lse, _, _ = _fa._flash_attn_forward(qp, kp, vp, *_options(scale, causal))
     else:
-        cu_q, max_q = _varlen(cu_seqlens_q)
-        cu_k, max_k = _varlen(cu_seqlens_k)
         out, lse, _, _ = _fa._flash_attn_varlen_forward(
-            _flat(qp), _flat(kp), _flat(vp), cu_q, cu_k, max_q, max_k, 0.0, scale, causal,
-            _NO_WINDOW, _NO_WINDOW, 0.0, None, False,
+            _flat(qp), _flat(kp), _flat(vp), *_varlen(cu_seqlens_q, cu_seqlens_k),
+            *_options(scale, causal),
         )  # fmt: skip
         out, lse = out.unsqueeze(0), lse.unsqueeze(0)  # lse [H, total] -> [1, H, total]
     lse = torch.where(torch.isposinf(lse), torch.full_like(lse, float("-inf")), lse)
@@ -96,20 +102,14 @@ def backward(
     dim = q.shape[-1]
     # flash-attn reads dout, q, k, v, out in one dtype; the merged out may be float32.
     qp, kp, vp, dop, outp = (_pad_head_dim(t.to(q.dtype)) for t in (q, k, v, dout, out))
-    lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
-    lse = lse.float().contiguous()
+    lse = lse_for_backward(lse).float().contiguous()
     dq, dk, dv = torch.empty_like(qp), torch.empty_like(kp), torch.empty_like(vp)
     if cu_seqlens_q is None:
-        _fa._flash_attn_backward(
-            dop, qp, kp, vp, outp, lse, dq, dk, dv, 0.0, scale, causal,
-            _NO_WINDOW, _NO_WINDOW, 0.0, None, False,
-        )  # fmt: skip
+        _fa._flash_attn_backward(dop, qp, kp, vp, outp, lse, dq, dk, dv, *_options(scale, causal))
     else:
-        cu_q, max_q = _varlen(cu_seqlens_q)
-        cu_k, max_k = _varlen(cu_seqlens_k)
         _fa._flash_attn_varlen_backward(
             _flat(dop), _flat(qp), _flat(kp), _flat(vp), _flat(outp), lse.squeeze(0),
-            _flat(dq), _flat(dk), _flat(dv), cu_q, cu_k, max_q, max_k, 0.0, scale, causal,
-            _NO_WINDOW, _NO_WINDOW, 0.0, None, False,
+            _flat(dq), _flat(dk), _flat(dv), *_varlen(cu_seqlens_q, cu_seqlens_k),
+            *_options(scale, causal),
         )  # fmt: skip
     return dq[..., :dim], dk[..., :dim], dv[..., :dim]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from distseq.kernels.common import accumulator_dtype, lse_for_backward, no_key_result
 from distseq.kernels.merge import merge_into
 
 _cpu_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -35,11 +36,11 @@ def _square_forward(
         out, lse = _cpu_forward(
             _heads_first(q), _heads_first(k), _heads_first(v), 0.0, causal, scale=scale
         )
-        return _heads_first(out), lse.float() if lse.dtype != torch.float64 else lse
-    scores, vg = _scores(q, k, v, scale, causal)
+        return _heads_first(out), lse.to(accumulator_dtype(q.dtype))
+    scores, _, vh = _scores(q, k, v, scale, causal)
     lse = torch.logsumexp(scores, dim=-1)
-    out = torch.softmax(scores, dim=-1) @ vg
-    return _heads_first(out).to(q.dtype), lse.to(_lse_dtype(q))
+    out = torch.softmax(scores, dim=-1) @ vh
+    return _heads_first(out).to(q.dtype), lse.to(accumulator_dtype(q.dtype))
 
 
 def _square_backward(
@@ -52,36 +53,32 @@ def _square_backward(
     scale: float,
     causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # A row whose final lse is -inf saw no key; +inf makes its probabilities 0 instead of nan.
-    lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
+    lse = lse_for_backward(lse)
     if q.device.type == "cpu":
         grads = _cpu_backward(
             *(_heads_first(t) for t in (dout, q, k, v, out.to(q.dtype))),
-            lse.to(_lse_dtype(q)).contiguous(),
+            lse.to(accumulator_dtype(q.dtype)).contiguous(),
             0.0,
             causal,
             scale=scale,
         )
         return tuple(_heads_first(g) for g in grads)
-    scores, vg = _scores(q, k, v, scale, causal)
+    scores, kh, vh = _scores(q, k, v, scale, causal)
     probs = torch.exp(scores - lse.unsqueeze(-1).to(scores.dtype))
     do = _heads_first(dout).to(scores.dtype)
     delta = (do * _heads_first(out).to(scores.dtype)).sum(-1, keepdim=True)
     dv = probs.transpose(-1, -2) @ do
-    dscores = probs * (do @ vg.transpose(-1, -2) - delta) * scale
-    kg = _heads_first(k).repeat_interleave(q.shape[2] // k.shape[2], dim=1).to(scores.dtype)
-    dq = dscores @ kg
+    dscores = probs * (do @ vh.transpose(-1, -2) - delta) * scale
+    dq = dscores @ kh
     dk = dscores.transpose(-1, -2) @ _heads_first(q).to(scores.dtype)
     return _heads_first(dq).to(q.dtype), _fold_heads(dk, k), _fold_heads(dv, k)
 
 
-def _lse_dtype(q: torch.Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
 def _scores(q, k, v, scale, causal):
+    """Scaled (masked) scores ``[B, Hq, Sq, Sk]`` and K, V ``[B, Hq, Sk, D]`` repeated per query
+    head, all in the accumulator dtype."""
     group = q.shape[2] // k.shape[2]
-    compute = torch.promote_types(q.dtype, torch.float32)
+    compute = accumulator_dtype(q.dtype)
     qh = _heads_first(q).to(compute)
     kh = _heads_first(k).repeat_interleave(group, dim=1).to(compute)
     vh = _heads_first(v).repeat_interleave(group, dim=1).to(compute)
@@ -89,7 +86,7 @@ def _scores(q, k, v, scale, causal):
     if causal:
         mask = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~mask, float("-inf"))
-    return scores, vh
+    return scores, kh, vh
 
 
 def _fold_heads(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -106,24 +103,18 @@ def _segment_forward(
     sk = k.shape[1]
     offset = sk - sq
     if sq == 0 or sk == 0:
-        return _empty_result(q)
+        return no_key_result(q)
     if not causal or offset == 0:
         return _square_forward(q, k, v, scale, causal)
     if offset < 0:  # the first -offset queries see no key at all
-        out, lse = _empty_result(q)
+        out, lse = no_key_result(q)
         out[:, -offset:], lse[:, :, -offset:] = _square_forward(q[:, -offset:], k, v, scale, True)
         return out, lse
     out, lse = _square_forward(q, k[:, :offset], v[:, :offset], scale, False)
-    acc, acc_lse = out.to(torch.promote_types(out.dtype, torch.float32)), lse.clone()
+    acc, acc_lse = out.to(accumulator_dtype(out.dtype)), lse.clone()
     o, l = _square_forward(q, k[:, offset:], v[:, offset:], scale, True)
     merge_into(acc, acc_lse, o, l)
     return acc.to(q.dtype), acc_lse
-
-
-def _empty_result(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    b, sq, hq, _ = q.shape
-    lse = torch.full((b, hq, sq), float("-inf"), dtype=_lse_dtype(q), device=q.device)
-    return torch.zeros_like(q), lse
 
 
 def _segment_backward(dout, q, k, v, out, lse, scale, causal):
@@ -149,11 +140,15 @@ def _segment_backward(dout, q, k, v, out, lse, scale, causal):
     return dq_a + dq_b, torch.cat([dk_a, dk_b], 1), torch.cat([dv_a, dv_b], 1)
 
 
-def _segments(cu_q: torch.Tensor | None, cu_k: torch.Tensor | None, sq: int, sk: int):
+def _segments(
+    cu_q: torch.Tensor | None, cu_k: torch.Tensor | None, sq: int, sk: int
+) -> list[tuple[slice, slice]] | None:
+    """Each segment's ``(q rows, k rows)``, or ``None`` when the block is one whole segment."""
     if cu_q is None:
-        return [(slice(0, sq), slice(0, sk))]
+        return None
     bq, bk = cu_q.tolist(), cu_k.tolist()
-    return [(slice(a, b), slice(c, d)) for a, b, c, d in zip(bq[:-1], bq[1:], bk[:-1], bk[1:])]
+    segments = [(slice(a, b), slice(c, d)) for a, b, c, d in zip(bq[:-1], bq[1:], bk[:-1], bk[1:])]
+    return None if segments == [(slice(0, sq), slice(0, sk))] else segments
 
 
 def forward(
@@ -171,9 +166,9 @@ def forward(
     Returns ``out`` ``[B, Sq, Hq, D]`` and ``lse`` ``[B, Hq, Sq]`` (see :mod:`distseq.kernels`).
     """
     segments = _segments(cu_seqlens_q, cu_seqlens_k, q.shape[1], k.shape[1])
-    if len(segments) == 1 and segments[0] == (slice(0, q.shape[1]), slice(0, k.shape[1])):
+    if segments is None:
         return _segment_forward(q, k, v, scale, causal)
-    out, lse = _empty_result(q)
+    out, lse = no_key_result(q)
     for rows, cols in segments:
         if rows.stop > rows.start:
             o, l = _segment_forward(q[:, rows], k[:, cols], v[:, cols], scale, causal)
@@ -197,7 +192,7 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Block gradients given the final ``out``/``lse`` of the rows: ``(dq, dk, dv)``."""
     segments = _segments(cu_seqlens_q, cu_seqlens_k, q.shape[1], k.shape[1])
-    if len(segments) == 1 and segments[0] == (slice(0, q.shape[1]), slice(0, k.shape[1])):
+    if segments is None:
         return _segment_backward(dout, q, k, v, out, lse, scale, causal)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for rows, cols in segments:

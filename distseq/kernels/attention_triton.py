@@ -12,8 +12,7 @@ Causal masking is bottom-right aligned; tiles that are fully masked are never vi
 that are fully visible skip the mask. Segments (``cu_seqlens``) are native: the second grid
 axis enumerates segments and each program reads its segment's offsets and lengths.
 
-The kernels need a CUDA device, or ``TRITON_INTERPRET=1`` *when this module is imported* to
-run them on CPU tensors with Triton's interpreter (slow; meant for tests).
+Where the kernels can run (CUDA, or CPU under Triton's interpreter): :mod:`.triton_common`.
 """
 
 from __future__ import annotations
@@ -23,16 +22,20 @@ import math
 import torch
 
 from distseq.kernels import triton_common
+from distseq.kernels.common import no_key_result
 from distseq.kernels.triton_common import (
+    MAX_HEAD_DIM,
     jit,
     launch,
+    load_rows,
     precision,
     rows_last_contiguous,
+    store_rows,
+    strides,
     tl,
     triton,
 )
 
-MAX_HEAD_DIM = 256
 _LOG2E = math.log2(math.e)
 
 
@@ -42,17 +45,62 @@ _LOG2E = math.log2(math.e)
 
 
 @jit
-def _segment_bounds(CU_Q, CU_K, pid_z, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
-    """(batch, first q row, first k row, len_q, len_k) of the batch entry / segment ``pid_z``."""
+def _program(CU_Q, CU_K, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
+    """(tile, head, batch, first q row, first k row, len_q, len_k) of this program.
+
+    Grid axis 0 enumerates tiles, axis 1 batch entries or segments, axis 2 heads.
+    """
+    tile = tl.program_id(0)
+    pid_z = tl.program_id(1)
+    head = tl.program_id(2)
     if VARLEN:
         q_start = tl.load(CU_Q + pid_z)
         k_start = tl.load(CU_K + pid_z)
         len_q = tl.load(CU_Q + pid_z + 1) - q_start
         len_k = tl.load(CU_K + pid_z + 1) - k_start
         # int64 so that row * row_stride cannot overflow on long sequences.
-        return 0, q_start.to(tl.int64), k_start.to(tl.int64), len_q, len_k
+        return tile, head, 0, q_start.to(tl.int64), k_start.to(tl.int64), len_q, len_k
     else:
-        return pid_z.to(tl.int64), 0, 0, seqlen_q, seqlen_k
+        return tile, head, pid_z.to(tl.int64), 0, 0, seqlen_q, seqlen_k
+
+
+@jit
+def _key_range(
+    start_m, len_q, len_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """``(diag, full, hi)`` for the query tile at ``start_m``: query ``i`` sees key ``j`` iff
+    ``j <= i + diag``; keys below ``full`` (whole tiles) need no mask, keys from ``hi`` on are
+    hidden from every row of the tile."""
+    if CAUSAL:
+        diag = len_k - len_q
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + diag, 0), len_k)
+        full = tl.minimum(tl.maximum(start_m + diag + 1, 0), len_k)
+    else:
+        diag = 0
+        hi = len_k
+        full = len_k
+    return diag, (full // BLOCK_N) * BLOCK_N, hi
+
+
+@jit
+def _key_tile(
+    q, k_base, v_base, stride_ks, stride_vs, cols, offs_d, len_k, qk_scale,
+    HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """The K and V tiles of key rows ``cols`` and the log2-scaled scores ``q k^T``."""
+    d_mask = offs_d < HEAD_DIM
+    k = load_rows(k_base, stride_ks, cols, cols < len_k, offs_d, d_mask)
+    v = load_rows(v_base, stride_vs, cols, cols < len_k, offs_d, d_mask)
+    return k, v, tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+
+
+@jit
+def _visible(rows, cols, len_k, diag, CAUSAL: tl.constexpr):
+    """``[rows, cols]`` mask of the real keys each query row may see."""
+    visible = cols[None, :] < len_k
+    if CAUSAL:
+        visible = visible & (cols[None, :] <= rows[:, None] + diag)
+    return visible
 
 
 @jit
@@ -62,19 +110,14 @@ def _fwd_inner(
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    d_mask = offs_d[None, :] < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        kv_mask = (cols[:, None] < len_k) & d_mask
-        cols64 = cols.to(tl.int64)[:, None]
-        k = tl.load(k_base + cols64 * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols64 * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        k, v, s = _key_tile(
+            q, k_base, v_base, stride_ks, stride_vs, cols, offs_d, len_k, qk_scale,
+            HEAD_DIM, PRECISION,
+        )  # fmt: skip
         if MASKED:
-            visible = cols[None, :] < len_k
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= rows[:, None] + diag)
-            s = tl.where(visible, s, float("-inf"))
+            s = tl.where(_visible(rows, cols, len_k, diag, CAUSAL), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with no visible key so far has m = -inf; exp2(-inf - -inf) would be nan.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -97,11 +140,8 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_z = tl.program_id(1)
-    head = tl.program_id(2)
-    batch, q_start, k_start, len_q, len_k = _segment_bounds(
-        CU_Q, CU_K, pid_z, seqlen_q, seqlen_k, VARLEN
+    pid_m, head, batch, q_start, k_start, len_q, len_k = _program(
+        CU_Q, CU_K, seqlen_q, seqlen_k, VARLEN
     )
     start_m = pid_m * BLOCK_M
     if start_m < len_q:
@@ -109,23 +149,13 @@ def _fwd_kernel(
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         row_mask = rows < len_q
-        rows64 = rows.to(tl.int64)[:, None]
+        d_mask = offs_d < HEAD_DIM
         kv_head = head // group
-        q_ptrs = Q + batch * stride_qb + head * stride_qh + (q_start + rows64) * stride_qs
-        io_mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
-        q = tl.load(q_ptrs + offs_d[None, :], mask=io_mask, other=0.0)
+        q_base = Q + batch * stride_qb + head * stride_qh + q_start * stride_qs
+        q = load_rows(q_base, stride_qs, rows, row_mask, offs_d, d_mask)
         k_base = K + batch * stride_kb + kv_head * stride_kh + k_start * stride_ks
         v_base = V + batch * stride_vb + kv_head * stride_vh + k_start * stride_vs
-
-        if CAUSAL:
-            diag = len_k - len_q  # query i sees key j iff j <= i + diag
-            hi = tl.minimum(tl.maximum(start_m + BLOCK_M + diag, 0), len_k)
-            full = tl.minimum(tl.maximum(start_m + diag + 1, 0), len_k)
-        else:
-            diag = 0
-            hi = len_k
-            full = len_k
-        full = (full // BLOCK_N) * BLOCK_N  # key tiles below this need no mask at all
+        diag, full, hi = _key_range(start_m, len_q, len_k, CAUSAL, BLOCK_M, BLOCK_N)
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -141,10 +171,9 @@ def _fwd_kernel(
 
         empty = l_i == 0.0  # the row saw no key: out = 0, lse = -inf, no nan
         l_safe = tl.where(empty, 1.0, l_i)
-        out = acc / l_safe[:, None]
         lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-        o_ptrs = O + batch * stride_ob + head * stride_oh + (q_start + rows64) * stride_os
-        tl.store(o_ptrs + offs_d[None, :], out.to(O.dtype.element_ty), mask=io_mask)
+        o_base = O + batch * stride_ob + head * stride_oh + q_start * stride_os
+        store_rows(o_base, stride_os, rows, row_mask, offs_d, d_mask, acc / l_safe[:, None])
         lse_ptrs = LSE + (batch * n_heads + head) * seqlen_q + q_start + rows
         tl.store(lse_ptrs, lse, mask=row_mask)
 
@@ -161,16 +190,11 @@ def _bwd_preprocess_kernel(
     head = tl.program_id(2)
     offs_d = tl.arange(0, BLOCK_D)
     row_mask = rows < seqlen_q
-    mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
-    rows64 = rows.to(tl.int64)[:, None]
-    o = tl.load(
-        O + batch * stride_ob + head * stride_oh + rows64 * stride_os + offs_d[None, :],
-        mask=mask, other=0.0,
-    ).to(tl.float32)  # fmt: skip
-    do = tl.load(
-        DO + batch * stride_db + head * stride_dh + rows64 * stride_ds + offs_d[None, :],
-        mask=mask, other=0.0,
-    ).to(tl.float32)  # fmt: skip
+    d_mask = offs_d < HEAD_DIM
+    o_base = O + batch * stride_ob + head * stride_oh
+    o = load_rows(o_base, stride_os, rows, row_mask, offs_d, d_mask).to(tl.float32)
+    do_base = DO + batch * stride_db + head * stride_dh
+    do = load_rows(do_base, stride_ds, rows, row_mask, offs_d, d_mask).to(tl.float32)
     lse = tl.load(
         LSE + batch * stride_lb + head * stride_lh + rows.to(tl.int64) * stride_ls,
         mask=row_mask, other=0.0,
@@ -189,14 +213,12 @@ def _dkdv_inner(
     MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    d_mask = offs_d[None, :] < HEAD_DIM
+    d_mask = offs_d < HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         row_mask = rows < len_q
-        rows64 = rows.to(tl.int64)[:, None]
-        mask = row_mask[:, None] & d_mask
-        q = tl.load(q_base + rows64 * stride_qs + offs_d[None, :], mask=mask, other=0.0)
-        do = tl.load(do_base + rows64 * stride_dos + offs_d[None, :], mask=mask, other=0.0)
+        q = load_rows(q_base, stride_qs, rows, row_mask, offs_d, d_mask)
+        do = load_rows(do_base, stride_dos, rows, row_mask, offs_d, d_mask)
         # Padding rows get lse2 = +inf, hence P = 0 and no contribution.
         lse2 = tl.load(lse2_base + rows, mask=row_mask, other=float("inf"))
         delta = tl.load(delta_base + rows, mask=row_mask, other=0.0)
@@ -223,27 +245,20 @@ def _bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)
-    pid_z = tl.program_id(1)
-    kv_head = tl.program_id(2)
-    batch, q_start, k_start, len_q, len_k = _segment_bounds(
-        CU_Q, CU_K, pid_z, seqlen_q, seqlen_k, VARLEN
+    pid_n, kv_head, batch, q_start, k_start, len_q, len_k = _program(
+        CU_Q, CU_K, seqlen_q, seqlen_k, VARLEN
     )
     start_n = pid_n * BLOCK_N
     # No early exit on len_q == 0: keys no query sees must still get dk = dv = 0 written.
     if start_n < len_k:
         cols = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        mask = (cols[:, None] < len_k) & (offs_d[None, :] < HEAD_DIM)
-        cols64 = (k_start + cols.to(tl.int64))[:, None]
-        k = tl.load(
-            K + batch * stride_kb + kv_head * stride_kh + cols64 * stride_ks + offs_d[None, :],
-            mask=mask, other=0.0,
-        )  # fmt: skip
-        v = tl.load(
-            V + batch * stride_vb + kv_head * stride_vh + cols64 * stride_vs + offs_d[None, :],
-            mask=mask, other=0.0,
-        )  # fmt: skip
+        col_mask = cols < len_k
+        d_mask = offs_d < HEAD_DIM
+        k_base = K + batch * stride_kb + kv_head * stride_kh + k_start * stride_ks
+        k = load_rows(k_base, stride_ks, cols, col_mask, offs_d, d_mask)
+        v_base = V + batch * stride_vb + kv_head * stride_vh + k_start * stride_vs
+        v = load_rows(v_base, stride_vs, cols, col_mask, offs_d, d_mask)
 
         q_tiles_end = tl.cdiv(len_q, BLOCK_M) * BLOCK_M
         if CAUSAL:
@@ -276,15 +291,10 @@ def _bwd_dkdv_kernel(
                 stride_qs, stride_dos, cols, offs_d, tl.maximum(lo, full), q_tiles_end,
                 len_q, diag, qk_scale, False, HEAD_DIM, BLOCK_M, PRECISION,
             )  # fmt: skip
-        dk = dk * scale
-        tl.store(
-            DK + batch * stride_dkb + kv_head * stride_dkh + cols64 * stride_dks + offs_d[None, :],
-            dk.to(DK.dtype.element_ty), mask=mask,
-        )  # fmt: skip
-        tl.store(
-            DV + batch * stride_dvb + kv_head * stride_dvh + cols64 * stride_dvs + offs_d[None, :],
-            dv.to(DV.dtype.element_ty), mask=mask,
-        )  # fmt: skip
+        dk_base = DK + batch * stride_dkb + kv_head * stride_dkh + k_start * stride_dks
+        store_rows(dk_base, stride_dks, cols, col_mask, offs_d, d_mask, dk * scale)
+        dv_base = DV + batch * stride_dvb + kv_head * stride_dvh + k_start * stride_dvs
+        store_rows(dv_base, stride_dvs, cols, col_mask, offs_d, d_mask, dv)
 
 
 @jit
@@ -294,22 +304,17 @@ def _dq_inner(
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    d_mask = offs_d[None, :] < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        kv_mask = (cols[:, None] < len_k) & d_mask
-        cols64 = cols.to(tl.int64)[:, None]
-        k = tl.load(k_base + cols64 * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols64 * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        k, v, s = _key_tile(
+            q, k_base, v_base, stride_ks, stride_vs, cols, offs_d, len_k, qk_scale,
+            HEAD_DIM, PRECISION,
+        )  # fmt: skip
         p = tl.exp2(s - lse2[:, None])
         if MASKED:
             # Padding keys must be masked here (not only causally hidden ones): their P could
             # overflow and ds @ k would turn inf * 0 into nan for real rows.
-            visible = cols[None, :] < len_k
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= rows[:, None] + diag)
-            p = tl.where(visible, p, 0.0)
+            p = tl.where(_visible(rows, cols, len_k, diag, CAUSAL), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
@@ -327,11 +332,8 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_z = tl.program_id(1)
-    head = tl.program_id(2)
-    batch, q_start, k_start, len_q, len_k = _segment_bounds(
-        CU_Q, CU_K, pid_z, seqlen_q, seqlen_k, VARLEN
+    pid_m, head, batch, q_start, k_start, len_q, len_k = _program(
+        CU_Q, CU_K, seqlen_q, seqlen_k, VARLEN
     )
     start_m = pid_m * BLOCK_M
     if start_m < len_q:
@@ -339,32 +341,18 @@ def _bwd_dq_kernel(
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         row_mask = rows < len_q
-        rows64 = (q_start + rows.to(tl.int64))[:, None]
-        mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
-        q = tl.load(
-            Q + batch * stride_qb + head * stride_qh + rows64 * stride_qs + offs_d[None, :],
-            mask=mask, other=0.0,
-        )  # fmt: skip
-        do = tl.load(
-            DO + batch * stride_dob + head * stride_doh + rows64 * stride_dos + offs_d[None, :],
-            mask=mask, other=0.0,
-        )  # fmt: skip
+        d_mask = offs_d < HEAD_DIM
+        q_base = Q + batch * stride_qb + head * stride_qh + q_start * stride_qs
+        q = load_rows(q_base, stride_qs, rows, row_mask, offs_d, d_mask)
+        do_base = DO + batch * stride_dob + head * stride_doh + q_start * stride_dos
+        do = load_rows(do_base, stride_dos, rows, row_mask, offs_d, d_mask)
         row_offs = (batch * n_heads + head) * seqlen_q + q_start + rows
         lse2 = tl.load(LSE2 + row_offs, mask=row_mask, other=float("inf"))
         delta = tl.load(DELTA + row_offs, mask=row_mask, other=0.0)
         kv_head = head // group
         k_base = K + batch * stride_kb + kv_head * stride_kh + k_start * stride_ks
         v_base = V + batch * stride_vb + kv_head * stride_vh + k_start * stride_vs
-
-        if CAUSAL:
-            diag = len_k - len_q
-            hi = tl.minimum(tl.maximum(start_m + BLOCK_M + diag, 0), len_k)
-            full = tl.minimum(tl.maximum(start_m + diag + 1, 0), len_k)
-        else:
-            diag = 0
-            hi = len_k
-            full = len_k
-        full = (full // BLOCK_N) * BLOCK_N
+        diag, full, hi = _key_range(start_m, len_q, len_k, CAUSAL, BLOCK_M, BLOCK_N)
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         dq = _dq_inner(
@@ -375,11 +363,8 @@ def _bwd_dq_kernel(
             dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, rows, offs_n, offs_d,
             full, hi, len_k, diag, qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION,
         )  # fmt: skip
-        dq = dq * scale
-        tl.store(
-            DQ + batch * stride_dqb + head * stride_dqh + rows64 * stride_dqs + offs_d[None, :],
-            dq.to(DQ.dtype.element_ty), mask=mask,
-        )  # fmt: skip
+        dq_base = DQ + batch * stride_dqb + head * stride_dqh + q_start * stride_dqs
+        store_rows(dq_base, stride_dqs, rows, row_mask, offs_d, d_mask, dq * scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,7 +385,6 @@ def _tile_sizes(head_dim_padded: int, dtype: torch.dtype) -> tuple[int, int, int
     """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` for a padded head dim and input dtype.
 
     Untuned conservative defaults: float32 tiles hold twice the bytes, so they are smaller.
-    Tests monkeypatch this to force small tiles.
     """
     wide = dtype == torch.float32
     if head_dim_padded <= 64:
@@ -435,10 +419,6 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"head_dim {q.shape[3]} > {MAX_HEAD_DIM} is not supported")
 
 
-def _strides(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
 class _Segments:
     """Grid axis 1 (batch entries or segments), their max lengths and the cu_seqlens pointers."""
 
@@ -464,6 +444,27 @@ class _Segments:
         lengths = torch.stack([self.cu_q.diff(), self.cu_k.diff()]).cpu() if self.count else None
         self.max_q = int(lengths[0].max()) if self.count else 0
         self.max_k = int(lengths[1].max()) if self.count else 0
+
+
+class _Launch:
+    """Sizes, segments, tile sizes and constexprs that every kernel launch of one call shares."""
+
+    def __init__(self, q, k, scale, causal, cu_seqlens_q, cu_seqlens_k) -> None:
+        self.batch, self.seq_q, self.heads, self.dim = q.shape
+        self.kv_heads = k.shape[2]
+        self.scale = self.dim**-0.5 if scale is None else float(scale)
+        self.seg = _Segments(q, k, cu_seqlens_q, cu_seqlens_k)
+        self.block_d = max(16, triton.next_power_of_2(self.dim))
+        self.block_m, self.block_n, warps, stages = _tile_sizes(self.block_d, q.dtype)
+        # The (seqlen_q, seqlen_k, n_heads, group, qk_scale) arguments of the main kernels.
+        self.sizes = (
+            self.seq_q, k.shape[1], self.heads, self.heads // self.kv_heads, self.scale * _LOG2E
+        )  # fmt: skip
+        self.meta = dict(
+            CAUSAL=bool(causal), VARLEN=self.seg.varlen, HEAD_DIM=self.dim,
+            BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_D=self.block_d,
+            PRECISION=precision(q.dtype), num_warps=warps, num_stages=stages,
+        )  # fmt: skip
 
 
 def forward(
@@ -492,27 +493,17 @@ def forward(
         )  # fmt: skip
         return out.to(q.dtype), lse
     q, k, v = (rows_last_contiguous(t) for t in (q, k, v))
-    batch, seq_q, heads, dim = q.shape
-    seq_k, kv_heads = k.shape[1], k.shape[2]
-    scale = dim**-0.5 if scale is None else float(scale)
-    seg = _Segments(q, k, cu_seqlens_q, cu_seqlens_k)
-    # Segments need not cover every row; rows outside all of them keep out = 0, lse = -inf.
-    if seg.varlen:
-        out = torch.zeros_like(q)
-        lse = torch.full((batch, heads, seq_q), float("-inf"), dtype=torch.float32, device=q.device)
+    p = _Launch(q, k, scale, causal, cu_seqlens_q, cu_seqlens_k)
+    if p.seg.varlen:
+        # Segments need not cover every row; rows outside all of them keep out = 0, lse = -inf.
+        out, lse = no_key_result(q)
     else:
         out = torch.empty_like(q)
-        lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
-    block_d = max(16, triton.next_power_of_2(dim))
-    block_m, block_n, warps, stages = _tile_sizes(block_d, q.dtype)
-    grid = (triton.cdiv(seg.max_q, block_m), seg.count, heads)
+        lse = torch.empty((p.batch, p.heads, p.seq_q), dtype=torch.float32, device=q.device)
     launch(
-        _fwd_kernel, grid, q, k, v, out, lse, seg.cu_q, seg.cu_k,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        seq_q, seq_k, heads, heads // kv_heads, scale * _LOG2E,
-        CAUSAL=bool(causal), VARLEN=seg.varlen, HEAD_DIM=dim, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision(q.dtype),
-        num_warps=warps, num_stages=stages,
+        _fwd_kernel, (triton.cdiv(p.seg.max_q, p.block_m), p.seg.count, p.heads),
+        q, k, v, out, lse, p.seg.cu_q, p.seg.cu_k,
+        *strides(q), *strides(k), *strides(v), *strides(out), *p.sizes, **p.meta,
     )  # fmt: skip
     return out, lse
 
@@ -553,40 +544,28 @@ def backward(
     dout = dout.to(q.dtype)
     q, k, v, dout, out = (rows_last_contiguous(t) for t in (q, k, v, dout, out))
     lse = lse.float()
-    batch, seq_q, heads, dim = q.shape
-    seq_k, kv_heads = k.shape[1], k.shape[2]
-    scale = dim**-0.5 if scale is None else float(scale)
-    seg = _Segments(q, k, cu_seqlens_q, cu_seqlens_k)
-    block_d = max(16, triton.next_power_of_2(dim))
-    block_m, block_n, warps, stages = _tile_sizes(block_d, q.dtype)
+    p = _Launch(q, k, scale, causal, cu_seqlens_q, cu_seqlens_k)
 
-    delta = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
+    delta = torch.empty((p.batch, p.heads, p.seq_q), dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
     launch(
-        _bwd_preprocess_kernel, (triton.cdiv(seq_q, 64), batch, heads),
-        out, dout, lse, delta, lse2, *_strides(out), *_strides(dout),
-        lse.stride(0), lse.stride(1), lse.stride(2), seq_q, heads,
-        HEAD_DIM=dim, BLOCK_M=64, BLOCK_D=block_d,
+        _bwd_preprocess_kernel, (triton.cdiv(p.seq_q, 64), p.batch, p.heads),
+        out, dout, lse, delta, lse2, *strides(out), *strides(dout), *lse.stride(),
+        p.seq_q, p.heads, HEAD_DIM=p.dim, BLOCK_M=64, BLOCK_D=p.block_d,
     )  # fmt: skip
 
-    alloc = torch.zeros_like if seg.varlen else torch.empty_like
+    alloc = torch.zeros_like if p.seg.varlen else torch.empty_like
     dq, dk, dv = alloc(q), alloc(k), alloc(v)
-    common = dict(
-        CAUSAL=bool(causal), VARLEN=seg.varlen, HEAD_DIM=dim, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision(q.dtype),
-        num_warps=warps, num_stages=stages,
-    )  # fmt: skip
-    group = heads // kv_heads
     launch(
-        _bwd_dkdv_kernel, (triton.cdiv(seg.max_k, block_n), seg.count, kv_heads),
-        q, k, v, dout, dk, dv, lse2, delta, seg.cu_q, seg.cu_k,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk),
-        *_strides(dv), seq_q, seq_k, heads, group, scale * _LOG2E, scale, **common,
+        _bwd_dkdv_kernel, (triton.cdiv(p.seg.max_k, p.block_n), p.seg.count, p.kv_heads),
+        q, k, v, dout, dk, dv, lse2, delta, p.seg.cu_q, p.seg.cu_k,
+        *strides(q), *strides(k), *strides(v), *strides(dout), *strides(dk), *strides(dv),
+        *p.sizes, p.scale, **p.meta,
     )  # fmt: skip
     launch(
-        _bwd_dq_kernel, (triton.cdiv(seg.max_q, block_m), seg.count, heads),
-        q, k, v, dout, dq, lse2, delta, seg.cu_q, seg.cu_k,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
-        seq_q, seq_k, heads, group, scale * _LOG2E, scale, **common,
+        _bwd_dq_kernel, (triton.cdiv(p.seg.max_q, p.block_m), p.seg.count, p.heads),
+        q, k, v, dout, dq, lse2, delta, p.seg.cu_q, p.seg.cu_k,
+        *strides(q), *strides(k), *strides(v), *strides(dout), *strides(dq),
+        *p.sizes, p.scale, **p.meta,
     )  # fmt: skip
     return dq, dk, dv

@@ -2,13 +2,14 @@
 
 Every segment (a batch row, or a ``cu_seqlens`` segment) is cut into chunks of ``chunk_size``
 tokens, padded with tokens that have ``k = v = 0`` and ``g = 0`` (which leave the state
-untouched), so all chunks of all segments form one ``[N, chunks, C, H, D]`` tensor. Within a
+untouched), so all chunks of all segments form one ``[N, H, chunks, C, D]`` tensor. Within a
 chunk the output is the quadratic form ``scale · (q kᵀ ⊙ exp(b_i - b_j))_{j<=i} v``; across
 chunks a recurrence of ``N`` states carries ``S ← exp(b_C) S + Σ_j exp(b_C - b_j) k_jᵀ v_j``,
 ``b`` being the in-chunk cumulative log decay (float32, so every exponent is ``<= 0``).
 
-The backward differentiates the same chunked forward (recomputed under autograd), which is
-exact; it does not store activations between forward and backward.
+The backward is written out by hand (no autograd): it recomputes the chunks and the states
+entering them (nothing is stored between forward and backward), runs the state gradient's
+recurrence in reverse, then forms ``dq``, ``dk``, ``dv`` and ``dlog_decay`` chunk by chunk.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import functools
 import itertools
 
 import torch
+
+from distseq.kernels.common import accumulator_dtype
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -51,7 +54,7 @@ def _pack_plan(
 
 
 class _Packing:
-    """Moves ``[B, S, ...]`` tensors into padded chunks ``[N, chunks, C, ...]`` and back."""
+    """Moves ``[B, S, H, ...]`` tensors into padded chunks ``[N, H, chunks, C, ...]`` and back."""
 
     def __init__(self, batch: int, length: int, cu_seqlens: torch.Tensor | None, chunk: int):
         self.batch, self.length, self.chunk = batch, length, chunk
@@ -68,21 +71,20 @@ class _Packing:
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         tail = x.shape[2:]
         if self.plain:
-            return x.reshape(self.n, self.chunks, self.chunk, *tail)
-        flat = torch.cat([x.reshape(-1, *tail), x.new_zeros(1, *tail)])
-        packed = flat.index_select(0, self.gather.to(x.device))
-        return packed.view(self.n, self.chunks, self.chunk, *tail)
+            packed = x.reshape(self.n, self.chunks, self.chunk, *tail)
+        else:
+            flat = torch.cat([x.reshape(-1, *tail), x.new_zeros(1, *tail)])
+            packed = flat.index_select(0, self.gather.to(x.device))
+            packed = packed.view(self.n, self.chunks, self.chunk, *tail)
+        return packed.movedim(3, 1)  # heads first, so that chunk products batch over them
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.movedim(1, 3)
         tail = x.shape[3:]
         if self.plain:
             return x.reshape(self.batch, self.length, *tail)
         flat = x.reshape(-1, *tail).index_select(0, self.scatter.to(x.device))
         return flat.view(self.batch, self.length, *tail)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class _Chunks:
@@ -98,18 +100,16 @@ class _Chunks:
 
     def __init__(self, q, k, v, log_decay, initial_state, cu_seqlens, chunk_size):
         batch, length, heads, _ = q.shape
-        self.work = work = _compute_dtype(q.dtype)
+        self.work = work = accumulator_dtype(q.dtype)
         self.packing = packing = _Packing(batch, length, cu_seqlens, chunk_size)
-        self.q, self.k, self.v = (
-            packing.pack(t.to(work)).permute(0, 3, 1, 2, 4) for t in (q, k, v)
-        )
+        self.q, self.k, self.v = (packing.pack(t.to(work)) for t in (q, k, v))
         causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
         if log_decay is None:
             self.b = self.to_end = self.chunk_decay = None
             self.mask = causal.to(work)
             self.q_decay, self.k_decay = self.q, self.k
         else:
-            b = packing.pack(log_decay.to(work)).permute(0, 3, 1, 2).cumsum(-1)  # [N, H, chunks, C]
+            b = packing.pack(log_decay.to(work)).cumsum(-1)  # [N, H, chunks, C]
             # Mask before exp: only exponents <= 0 are ever evaluated.
             diff = (b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill(~causal, float("-inf"))
             self.b, self.mask = b, diff.exp()
@@ -129,6 +129,10 @@ class _Chunks:
             incoming.append(state)
             state = self._decay(state, c) + memories[:, :, c]
         self.incoming, self.final = torch.stack(incoming, dim=2), state
+
+    def masked(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``(a bᵀ) ⊙ mask`` ``[N, H, chunks, C, C]`` for chunked ``a``, ``b`` of one head dim."""
+        return (a @ b.transpose(-1, -2)) * self.mask
 
     def _decay(self, state: torch.Tensor, c: int) -> torch.Tensor:
         if self.chunk_decay is None:
@@ -154,9 +158,8 @@ def forward(
     and the final states ``[N, H, Dk, Dv]`` (float32; float64 for float64 inputs).
     """
     ch = _Chunks(q, k, v, log_decay, initial_state, cu_seqlens, chunk_size)
-    scores = (ch.q @ ch.k.transpose(-1, -2)) * ch.mask
-    out = (scores @ ch.v + ch.q_decay @ ch.incoming) * scale  # [N, H, chunks, C, Dv]
-    return ch.packing.unpack(out.permute(0, 2, 3, 1, 4)).to(q.dtype), ch.final
+    out = (ch.masked(ch.q, ch.k) @ ch.v + ch.q_decay @ ch.incoming) * scale  # [N, H, chunks, C, Dv]
+    return ch.packing.unpack(out).to(q.dtype), ch.final
 
 
 def backward(
@@ -184,7 +187,7 @@ def backward(
     """
     ch = _Chunks(q, k, v, log_decay, initial_state, cu_seqlens, chunk_size)
     packing = ch.packing
-    dout = packing.pack(do.to(ch.work)).permute(0, 3, 1, 2, 4) * scale
+    dout = packing.pack(do.to(ch.work)) * scale
     reaching = ch.q_decay.transpose(-1, -2) @ dout  # each chunk's outputs -> its incoming state
     dfinal = torch.zeros_like(ch.final) if dfinal_state is None else dfinal_state.to(ch.work)
     grad = dfinal
@@ -193,8 +196,8 @@ def backward(
         outgoing[c] = grad
         grad = ch._decay(grad, c) + reaching[:, :, c]
     outgoing = torch.stack(outgoing, dim=2)  # gradient of the state leaving each chunk
-    dscores = (dout @ ch.v.transpose(-1, -2)) * ch.mask
-    scores = (ch.q @ ch.k.transpose(-1, -2)) * ch.mask
+    dscores = ch.masked(dout, ch.v)
+    scores = ch.masked(ch.q, ch.k)
     dq = dscores @ ch.k + (dout @ ch.incoming.transpose(-1, -2)) * _exp_or_one(ch.b)
     dk = dscores.transpose(-1, -2) @ ch.q
     dk = dk + (ch.v @ outgoing.transpose(-1, -2)) * _exp_or_one(ch.to_end)
@@ -205,10 +208,10 @@ def backward(
         dcum = dcum.flatten(2)
         dcum[..., -1] += (ch.final * dfinal).sum((-1, -2))  # padding keeps G flat to the end
         dg = dcum.flip(-1).cumsum(-1).flip(-1).unflatten(2, (packing.chunks, -1))
-        dlog_decay = packing.unpack(dg.permute(0, 2, 3, 1)).to(log_decay.dtype)
-    dq, dk, dv = (packing.unpack(t.permute(0, 2, 3, 1, 4)) for t in (dq, dk, dv))
-    dinit = grad if grad.dtype == torch.float64 else grad.float()
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dlog_decay, dinit
+        dlog_decay = packing.unpack(dg).to(log_decay.dtype)
+    dq, dk, dv = (packing.unpack(t) for t in (dq, dk, dv))
+    # grad, the initial state's gradient, is in the accumulator dtype already.
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dlog_decay, grad
 
 
 def _exp_or_one(x: torch.Tensor | None) -> torch.Tensor | float:

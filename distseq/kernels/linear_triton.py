@@ -11,16 +11,16 @@ the chunk,
     S_new = exp(b_C) S + sum_s exp(b_C - b_s) k_s^T v_s            (b_C: the chunk's total)
 
 so every exponent is ``<= 0`` (the causal mask is applied to the exponent, before ``exp``).
-Four kernels, as in flash-linear-attention's chunk algorithm:
+Three kernels, as in flash-linear-attention's chunk algorithm:
 
-- ``_states_kernel``: one program per (``[BLOCK_K, BLOCK_V]`` state block, row, head) runs the
-  recurrence over the row's chunks with the block in float32 registers, storing the state
-  entering each chunk (``[chunks, H, Dk, Dv]``) and the final state. Only this walk is
-  sequential, and it does one ``[BLOCK_K, C] @ [C, BLOCK_V]`` product per chunk.
-- ``_output_kernel``: one program per (Dv tile, chunk, head), independent of the others.
-- ``_dstates_kernel``: the mirror-image reverse walk, ``dS_prev = exp(b_C) dS + scale
+- ``_recurrence_kernel``: one program per (``[BLOCK_K, BLOCK_V]`` state block, row, head) walks
+  the row's chunks with the block in float32 registers; it is the only sequential part and
+  does one ``[BLOCK_K, C] @ [C, BLOCK_V]`` product per chunk. Forward it runs the state
+  recurrence, storing the state entering each chunk (``[chunks, H, Dk, Dv]``) and the final
+  state; backward (``REVERSE``) it runs the mirror-image ``dS_prev = exp(b_C) dS + scale
   sum_t exp(b_t) q_t^T do_t`` from ``dS_T``, storing the gradient of the state leaving each
-  chunk; after the first chunk it holds the initial state's gradient.
+  chunk and, after the first chunk, the initial state's gradient.
+- ``_output_kernel``: one program per (Dv tile, chunk, head), independent of the others.
 - ``_grads_kernel``: one program per (chunk, head) computes ``dq``, ``dk``, ``dv`` from the
   entering state and the leaving state's gradient, looping over Dv tiles so that the Dv sums
   of ``dq``/``dk`` stay in registers.
@@ -31,8 +31,7 @@ at the segment's last token; ``exp(G_t) S_0`` already lives in ``q_t . dq_t``): 
 kernel writes the first part per token from its float32 ``dq``/``dk``, and ``dg``, the reverse
 cumulative sum within each segment, is taken in float64 by torch.
 
-The kernels need a CUDA device, or ``TRITON_INTERPRET=1`` *when this module is imported* to
-run them on CPU tensors with Triton's interpreter (slow; meant for tests).
+Where the kernels can run (CUDA, or CPU under Triton's interpreter): :mod:`.triton_common`.
 """
 
 from __future__ import annotations
@@ -42,16 +41,18 @@ import torch.nn.functional as F
 
 from distseq.kernels import triton_common
 from distseq.kernels.triton_common import (
+    MAX_HEAD_DIM,
     jit,
     launch,
+    load_rows,
     precision,
     rows_last_contiguous,
+    store_rows,
+    strides,
     tl,
     triton,
 )
 from distseq.validation import check_cu_seqlens, check_scale
-
-MAX_HEAD_DIM = 256
 
 # --------------------------------------------------------------------------------------------
 # Kernels
@@ -82,18 +83,6 @@ def _chunk_decay(g_base, stride_gs, rows, row_mask, HAS_DECAY: tl.constexpr, CHU
     else:
         b = tl.zeros([CHUNK], tl.float32)
         return b, tl.sum(b, 0)
-
-
-@jit
-def _load_rows(base, stride_s, rows, row_mask, cols, col_mask):
-    ptrs = base + rows.to(tl.int64)[:, None] * stride_s + cols[None, :]
-    return tl.load(ptrs, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-
-
-@jit
-def _store_rows(base, stride_s, rows, row_mask, cols, col_mask, value):
-    ptrs = base + rows.to(tl.int64)[:, None] * stride_s + cols[None, :]
-    tl.store(ptrs, value.to(base.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
 @jit
@@ -145,94 +134,61 @@ def _state_block_offsets(DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.co
 
 
 @jit
-def _states_kernel(
-    K, V, G, H0, H_ALL, HT, CU, CHUNK_OFFSETS,
-    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_gb, stride_gs, stride_gh, seqlen, n_heads,
-    HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, VARLEN: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_V: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+def _recurrence_kernel(
+    X, Y, G, S_INIT, S_ALL, S_END, CU, CHUNK_OFFSETS,
+    stride_xb, stride_xs, stride_xh, stride_yb, stride_ys, stride_yh,
+    stride_gb, stride_gs, stride_gh, seqlen, n_heads, scale,
+    REVERSE: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr,
+    VARLEN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """Forward recurrence over one row's chunks for one ``[BLOCK_K, BLOCK_V]`` state block.
+    """One row's chunk walk for one ``[BLOCK_K, BLOCK_V]`` state block: per chunk
+    ``S <- exp(b_C) S + sum_t w_t x_t^T y_t``, from ``S_INIT`` (zeros without ``HAS_INIT``).
 
-    Stores the state entering every chunk into ``H_ALL`` ``[chunks, H, Dk, Dv]`` (``q.dtype``:
-    it only feeds dots with q) and the final state into ``HT`` (float32).
+    Stores ``S`` as the walk reaches every chunk into ``S_ALL`` ``[chunks, H, Dk, Dv]`` and the
+    last ``S`` into ``S_END`` (float32). Forward, ``x, y = k, v`` and ``w_t = exp(b_C - b_t)``:
+    the states entering the chunks (``q.dtype``: they only feed dots with q) and the final
+    state. ``REVERSE`` (last chunk first), ``x, y = q, do`` and ``w_t = scale exp(b_t)`` from
+    ``dS_T``: the gradients of the states leaving the chunks and the initial state's gradient.
     """
     offs_k, offs_v = _state_block_offsets(DV, BLOCK_K, BLOCK_V)
     pid_n = tl.program_id(1)
     head = tl.program_id(2)
     batch, start, length, first = _row_bounds(CU, CHUNK_OFFSETS, pid_n, seqlen, VARLEN)
     offs_c = tl.arange(0, CHUNK)
-    k_base = K + batch * stride_kb + head * stride_kh + start * stride_ks
-    v_base = V + batch * stride_vb + head * stride_vh + start * stride_vs
+    x_base = X + batch * stride_xb + head * stride_xh + start * stride_xs
+    y_base = Y + batch * stride_yb + head * stride_yh + start * stride_ys
     g_base = G + batch * stride_gb + head * stride_gh + start * stride_gs
-    h0_ptrs, state_mask = _state_ptrs(H0, pid_n, head, n_heads, offs_k, offs_v, DK, DV)
+    init_ptrs, state_mask = _state_ptrs(S_INIT, pid_n, head, n_heads, offs_k, offs_v, DK, DV)
     if HAS_INIT:
-        state = tl.load(h0_ptrs, mask=state_mask, other=0.0)
+        state = tl.load(init_ptrs, mask=state_mask, other=0.0)
     else:
         state = tl.zeros([BLOCK_K, BLOCK_V], tl.float32)
 
-    for i in range(tl.cdiv(length, CHUNK)):
-        h_ptrs, _ = _state_ptrs(H_ALL, first + i, head, n_heads, offs_k, offs_v, DK, DV)
-        tl.store(h_ptrs, state.to(H_ALL.dtype.element_ty), mask=state_mask)
-        rows = i * CHUNK + offs_c
+    n_chunks = tl.cdiv(length, CHUNK)
+    for i in range(n_chunks):
+        chunk = n_chunks - 1 - i if REVERSE else i
+        s_ptrs, _ = _state_ptrs(S_ALL, first + chunk, head, n_heads, offs_k, offs_v, DK, DV)
+        tl.store(s_ptrs, state.to(S_ALL.dtype.element_ty), mask=state_mask)
+        rows = chunk * CHUNK + offs_c
         row_mask = rows < length
-        k = _load_rows(k_base, stride_ks, rows, row_mask, offs_k, offs_k < DK)
-        v = _load_rows(v_base, stride_vs, rows, row_mask, offs_v, offs_v < DV)
+        x = load_rows(x_base, stride_xs, rows, row_mask, offs_k, offs_k < DK)
+        y = load_rows(y_base, stride_ys, rows, row_mask, offs_v, offs_v < DV)
         b, b_last = _chunk_decay(g_base, stride_gs, rows, row_mask, HAS_DECAY, CHUNK)
-        k_decayed = (k * tl.exp(b_last - b)[:, None]).to(k.dtype)
+        weight = tl.exp(b) * scale if REVERSE else tl.exp(b_last - b)
+        x_weighted = (x * weight[:, None]).to(x.dtype)
         state = state * tl.exp(b_last)
-        state = _dot(tl.trans(k_decayed), v, state, PRECISION, UPCAST)
+        state = _dot(tl.trans(x_weighted), y, state, PRECISION, UPCAST)
 
-    ht_ptrs, _ = _state_ptrs(HT, pid_n, head, n_heads, offs_k, offs_v, DK, DV)
-    tl.store(ht_ptrs, state, mask=state_mask)
+    end_ptrs, _ = _state_ptrs(S_END, pid_n, head, n_heads, offs_k, offs_v, DK, DV)
+    tl.store(end_ptrs, state, mask=state_mask)
 
 
 @jit
-def _dstates_kernel(
-    Q, DO, G, DHT, DH_ALL, DH0, CU, CHUNK_OFFSETS,
-    stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh,
-    stride_gb, stride_gs, stride_gh, seqlen, n_heads, scale,
-    HAS_DECAY: tl.constexpr, HAS_DFINAL: tl.constexpr, VARLEN: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_V: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-):  # fmt: skip
-    """Reverse recurrence of the state gradient over one row's chunks, one state block.
-
-    ``dS_prev = exp(b_C) dS + scale sum_t exp(b_t) q_t^T do_t``, starting from ``dS_T``. Stores
-    the gradient of the state *leaving* every chunk into ``DH_ALL`` and, after the first
-    chunk, the initial state's gradient into ``DH0`` (float32).
-    """
-    offs_k, offs_v = _state_block_offsets(DV, BLOCK_K, BLOCK_V)
-    pid_n = tl.program_id(1)
-    head = tl.program_id(2)
-    batch, start, length, first = _row_bounds(CU, CHUNK_OFFSETS, pid_n, seqlen, VARLEN)
-    offs_c = tl.arange(0, CHUNK)
-    q_base = Q + batch * stride_qb + head * stride_qh + start * stride_qs
-    do_base = DO + batch * stride_dob + head * stride_doh + start * stride_dos
-    g_base = G + batch * stride_gb + head * stride_gh + start * stride_gs
-    dht_ptrs, state_mask = _state_ptrs(DHT, pid_n, head, n_heads, offs_k, offs_v, DK, DV)
-    if HAS_DFINAL:
-        dstate = tl.load(dht_ptrs, mask=state_mask, other=0.0)
-    else:
-        dstate = tl.zeros([BLOCK_K, BLOCK_V], tl.float32)
-
-    n_chunks = tl.cdiv(length, CHUNK)
-    for i in range(n_chunks):
-        chunk = n_chunks - 1 - i
-        dh_ptrs, _ = _state_ptrs(DH_ALL, first + chunk, head, n_heads, offs_k, offs_v, DK, DV)
-        tl.store(dh_ptrs, dstate.to(DH_ALL.dtype.element_ty), mask=state_mask)
-        rows = chunk * CHUNK + offs_c
-        row_mask = rows < length
-        q = _load_rows(q_base, stride_qs, rows, row_mask, offs_k, offs_k < DK)
-        do = _load_rows(do_base, stride_dos, rows, row_mask, offs_v, offs_v < DV)
-        b, b_last = _chunk_decay(g_base, stride_gs, rows, row_mask, HAS_DECAY, CHUNK)
-        q_decayed = (q * (tl.exp(b) * scale)[:, None]).to(q.dtype)
-        dstate = dstate * tl.exp(b_last)
-        dstate = _dot(tl.trans(q_decayed), do, dstate, PRECISION, UPCAST)
-
-    dh0_ptrs, _ = _state_ptrs(DH0, pid_n, head, n_heads, offs_k, offs_v, DK, DV)
-    tl.store(dh0_ptrs, dstate, mask=state_mask)
+def _causal_decay(b, rows):
+    """``[t, s]`` ``exp(b_t - b_s)`` for ``s <= t``, else 0 (masked before ``exp``)."""
+    return tl.exp(tl.where(rows[:, None] >= rows[None, :], b[:, None] - b[None, :], float("-inf")))
 
 
 @jit
@@ -256,24 +212,22 @@ def _output_kernel(
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     k_mask = offs_k < DK
     v_mask = offs_v < DV
-    q = _load_rows(Q + batch * stride_qb + head * stride_qh + start * stride_qs, stride_qs,
-                   rows, row_mask, offs_k, k_mask)  # fmt: skip
-    k = _load_rows(K + batch * stride_kb + head * stride_kh + start * stride_ks, stride_ks,
-                   rows, row_mask, offs_k, k_mask)  # fmt: skip
-    v = _load_rows(V + batch * stride_vb + head * stride_vh + start * stride_vs, stride_vs,
-                   rows, row_mask, offs_v, v_mask)  # fmt: skip
+    q_base = Q + batch * stride_qb + head * stride_qh + start * stride_qs
+    q = load_rows(q_base, stride_qs, rows, row_mask, offs_k, k_mask)
+    k_base = K + batch * stride_kb + head * stride_kh + start * stride_ks
+    k = load_rows(k_base, stride_ks, rows, row_mask, offs_k, k_mask)
+    v_base = V + batch * stride_vb + head * stride_vh + start * stride_vs
+    v = load_rows(v_base, stride_vs, rows, row_mask, offs_v, v_mask)
     g_base = G + batch * stride_gb + head * stride_gh + start * stride_gs
     b, _ = _chunk_decay(g_base, stride_gs, rows, row_mask, HAS_DECAY, CHUNK)
     h_ptrs, state_mask = _state_ptrs(H_ALL, pid_c, head, n_heads, offs_k, offs_v, DK, DV)
     h = tl.load(h_ptrs, mask=state_mask, other=0.0)
 
-    causal = rows[:, None] >= rows[None, :]  # [t, s]
-    weight = tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
-    scores = _dot(q, tl.trans(k), None, PRECISION, UPCAST) * weight
+    scores = _dot(q, tl.trans(k), None, PRECISION, UPCAST) * _causal_decay(b, rows)
     out = _dot(q, h, None, PRECISION, UPCAST) * tl.exp(b)[:, None]
     out = _dot(scores.to(v.dtype), v, out, PRECISION, UPCAST)
     o_base = O + batch * stride_ob + head * stride_oh + start * stride_os
-    _store_rows(o_base, stride_os, rows, row_mask, offs_v, v_mask, out * scale)
+    store_rows(o_base, stride_os, rows, row_mask, offs_v, v_mask, out * scale)
 
 
 @jit
@@ -301,18 +255,17 @@ def _grads_kernel(
     row_mask = rows < count
     offs_k = tl.arange(0, BLOCK_DK)
     k_mask = offs_k < DK
-    q = _load_rows(Q + batch * stride_qb + head * stride_qh + start * stride_qs, stride_qs,
-                   rows, row_mask, offs_k, k_mask)  # fmt: skip
-    k = _load_rows(K + batch * stride_kb + head * stride_kh + start * stride_ks, stride_ks,
-                   rows, row_mask, offs_k, k_mask)  # fmt: skip
+    q_base = Q + batch * stride_qb + head * stride_qh + start * stride_qs
+    q = load_rows(q_base, stride_qs, rows, row_mask, offs_k, k_mask)
+    k_base = K + batch * stride_kb + head * stride_kh + start * stride_ks
+    k = load_rows(k_base, stride_ks, rows, row_mask, offs_k, k_mask)
     v_base = V + batch * stride_vb + head * stride_vh + start * stride_vs
     do_base = DO + batch * stride_dob + head * stride_doh + start * stride_dos
     dv_base = DV_OUT + batch * stride_dvb + head * stride_dvh + start * stride_dvs
     g_base = G + batch * stride_gb + head * stride_gh + start * stride_gs
     b, b_last = _chunk_decay(g_base, stride_gs, rows, row_mask, HAS_DECAY, CHUNK)
 
-    causal = rows[:, None] >= rows[None, :]  # [t, s]
-    weight = tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf"))) * scale
+    weight = _causal_decay(b, rows) * scale  # [t, s]
     # [s, t]: dv accumulates as scores^T @ do without transposing a score tile per Dv block.
     scores_t = _dot(k, tl.trans(q), None, PRECISION, UPCAST) * tl.trans(weight)
     from_start = tl.exp(b)[:, None] * scale  # decay from the chunk's entering state to t
@@ -322,8 +275,8 @@ def _grads_kernel(
     for v0 in range(0, DV, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_mask = offs_v < DV
-        v = _load_rows(v_base, stride_vs, rows, row_mask, offs_v, v_mask)
-        do = _load_rows(do_base, stride_dos, rows, row_mask, offs_v, v_mask)
+        v = load_rows(v_base, stride_vs, rows, row_mask, offs_v, v_mask)
+        do = load_rows(do_base, stride_dos, rows, row_mask, offs_v, v_mask)
         h_ptrs, state_mask = _state_ptrs(H_ALL, pid_c, head, n_heads, offs_k, offs_v, DK, DV)
         h = tl.load(h_ptrs, mask=state_mask, other=0.0)
         dh_ptrs, _ = _state_ptrs(DH_ALL, pid_c, head, n_heads, offs_k, offs_v, DK, DV)
@@ -331,7 +284,7 @@ def _grads_kernel(
 
         dv = _dot(k, dh, None, PRECISION, UPCAST) * to_end
         dv = _dot(scores_t.to(do.dtype), do, dv, PRECISION, UPCAST)
-        _store_rows(dv_base, stride_dvs, rows, row_mask, offs_v, v_mask, dv)
+        store_rows(dv_base, stride_dvs, rows, row_mask, offs_v, v_mask, dv)
         dscores = _dot(do, tl.trans(v), None, PRECISION, UPCAST) * weight  # [t, s]
         dq += _dot(do, tl.trans(h), None, PRECISION, UPCAST) * from_start
         dq = _dot(dscores.to(k.dtype), k, dq, PRECISION, UPCAST)
@@ -339,9 +292,9 @@ def _grads_kernel(
         dk = _dot(tl.trans(dscores).to(q.dtype), q, dk, PRECISION, UPCAST)
 
     dq_base = DQ + batch * stride_dqb + head * stride_dqh + start * stride_dqs
-    _store_rows(dq_base, stride_dqs, rows, row_mask, offs_k, k_mask, dq)
+    store_rows(dq_base, stride_dqs, rows, row_mask, offs_k, k_mask, dq)
     dk_base = DK_OUT + batch * stride_dkb + head * stride_dkh + start * stride_dks
-    _store_rows(dk_base, stride_dks, rows, row_mask, offs_k, k_mask, dk)
+    store_rows(dk_base, stride_dks, rows, row_mask, offs_k, k_mask, dk)
     if HAS_DECAY:
         # dL/dG_t without the final-state term, from the float32 gradients (before rounding).
         token_dot = tl.sum(q.to(tl.float32) * dq, 1) - tl.sum(k.to(tl.float32) * dk, 1)
@@ -355,12 +308,12 @@ def _grads_kernel(
 
 
 def _kernels_interpreted() -> bool:
-    return triton_common.interpreted(_states_kernel)
+    return triton_common.interpreted(_recurrence_kernel)
 
 
 def is_available(device: torch.device, dtype: torch.dtype) -> str | None:
     """``None`` when the Triton kernels can run on ``device`` with ``dtype``, else the reason."""
-    return triton_common.unavailable_reason(device, dtype, __name__, _states_kernel)
+    return triton_common.unavailable_reason(device, dtype, __name__, _recurrence_kernel)
 
 
 def _tile_sizes(block_dk: int, dv: int) -> tuple[int, int, int]:
@@ -428,7 +381,7 @@ class _Problem:
         self.chunk_meta = {**common, "BLOCK_DK": block_dk}
 
     def g_strides(self) -> tuple[int, int, int]:
-        return _strides(self.g) if self.has_decay else (0, 0, 0)
+        return strides(self.g) if self.has_decay else (0, 0, 0)
 
     def states(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The state entering every chunk ``[chunks, H, Dk, Dv]`` and the final states."""
@@ -436,14 +389,26 @@ class _Problem:
             (self.n_chunks, *self.state_shape[1:]), dtype=self.q.dtype, device=self.q.device
         )
         final = torch.empty(self.state_shape, dtype=torch.float32, device=self.q.device)
-        launch(
-            _states_kernel, self.row_grid, self.k, self.v, self.g,
-            self.h0 if self.h0 is not None else final, entering, final, self.cu,
-            self.chunk_offsets, *_strides(self.k), *_strides(self.v), *self.g_strides(),
-            self.q.shape[1], self.q.shape[2], HAS_DECAY=self.has_decay,
-            HAS_INIT=self.h0 is not None, **self.row_meta,
-        )  # fmt: skip
+        self.recurrence(self.k, self.v, self.h0, entering, final, reverse=False)
         return entering, final
+
+    def recurrence(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        init: torch.Tensor | None,
+        every: torch.Tensor,
+        end: torch.Tensor,
+        reverse: bool,
+    ) -> None:
+        """Run :func:`_recurrence_kernel` into ``every`` and ``end`` (``init`` ``None``: zeros)."""
+        # Without init, end stands in as a pointer that HAS_INIT=False never reads.
+        launch(
+            _recurrence_kernel, self.row_grid, x, y, self.g, init if init is not None else end,
+            every, end, self.cu, self.chunk_offsets, *strides(x), *strides(y),
+            *self.g_strides(), self.q.shape[1], self.q.shape[2], self.scale, REVERSE=reverse,
+            HAS_DECAY=self.has_decay, HAS_INIT=init is not None, **self.row_meta,
+        )  # fmt: skip
 
 
 def _chunk_tables(
@@ -488,10 +453,6 @@ def _check_tensors(q, k, v, log_decay) -> None:
         raise ValueError(f"triton linear attention cannot run: {reason}")
 
 
-def _strides(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
 def forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -518,7 +479,7 @@ def forward(
     launch(
         _output_kernel, (triton.cdiv(v.shape[3], p.block_v), p.n_chunks, q.shape[2]),
         p.q, p.k, p.v, p.g, entering, out, p.cu, p.chunk_row, p.chunk_start,
-        *_strides(p.q), *_strides(p.k), *_strides(p.v), *p.g_strides(), *_strides(out),
+        *strides(p.q), *strides(p.k), *strides(p.v), *p.g_strides(), *strides(out),
         q.shape[1], q.shape[2], p.scale, HAS_DECAY=p.has_decay, **p.chunk_meta,
     )  # fmt: skip
     return out, final
@@ -558,19 +519,14 @@ def backward(
     entering, final = p.states()
     leaving_grad = torch.empty_like(entering)
     dh0 = torch.empty(p.state_shape, dtype=torch.float32, device=q.device)
-    launch(
-        _dstates_kernel, p.row_grid, p.q, do, p.g, dht if dht is not None else dh0,
-        leaving_grad, dh0, p.cu, p.chunk_offsets, *_strides(p.q), *_strides(do),
-        *p.g_strides(), q.shape[1], q.shape[2], p.scale, HAS_DECAY=p.has_decay,
-        HAS_DFINAL=dht is not None, **p.row_meta,
-    )  # fmt: skip
+    p.recurrence(p.q, do, dht, leaving_grad, dh0, reverse=True)
     dq, dk, dv = torch.empty_like(p.q), torch.empty_like(p.k), torch.empty_like(p.v)
     token_dot = torch.empty_like(p.g)  # dL/dG_t without the final-state term
     launch(
         _grads_kernel, (p.n_chunks, q.shape[2]), p.q, p.k, p.v, p.g, do, entering,
         leaving_grad, dq, dk, dv, token_dot, p.cu, p.chunk_row, p.chunk_start,
-        *_strides(p.q), *_strides(p.k), *_strides(p.v), *p.g_strides(), *_strides(do),
-        *_strides(dq), *_strides(dk), *_strides(dv), q.shape[1], q.shape[2], p.scale,
+        *strides(p.q), *strides(p.k), *strides(p.v), *p.g_strides(), *strides(do),
+        *strides(dq), *strides(dk), *strides(dv), q.shape[1], q.shape[2], p.scale,
         HAS_DECAY=p.has_decay, **p.chunk_meta,
     )  # fmt: skip
     dg = None

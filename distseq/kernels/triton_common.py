@@ -1,4 +1,5 @@
-"""What our Triton kernel modules share: the optional import, launch helpers, availability.
+"""What our Triton kernel modules share: the optional import, availability, launch helpers and
+the row-tile loads and stores of their kernels.
 
 The kernels need a CUDA device, or ``TRITON_INTERPRET=1`` set *before* the kernel module is
 imported to run them on CPU tensors with Triton's interpreter (slow; meant for tests).
@@ -21,6 +22,8 @@ else:
     IMPORT_ERROR = None
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Tiles hold a whole head dim (attention) or a Dk row (linear attention) in registers.
+MAX_HEAD_DIM = 256
 
 
 def jit(fn):
@@ -72,3 +75,23 @@ def launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
     """Launch ``kernel`` unless the grid is empty (Triton rejects zero-sized grids)."""
     if all(g > 0 for g in grid):
         kernel[grid](*args, **meta)
+
+
+def strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """Batch, sequence and head strides of a ``[B, S, H, D]`` tensor."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+@jit
+def load_rows(base, stride_s, rows, row_mask, cols, col_mask):
+    """The ``[rows, cols]`` tile at ``base`` (row stride ``stride_s``, unit column stride);
+    masked-off elements read 0."""
+    ptrs = base + rows.to(tl.int64)[:, None] * stride_s + cols[None, :]
+    return tl.load(ptrs, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+
+
+@jit
+def store_rows(base, stride_s, rows, row_mask, cols, col_mask, value):
+    """Store ``value`` into the ``[rows, cols]`` tile at ``base``, cast to its element type."""
+    ptrs = base + rows.to(tl.int64)[:, None] * stride_s + cols[None, :]
+    tl.store(ptrs, value.to(base.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])

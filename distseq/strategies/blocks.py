@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from distseq.kernels.common import accumulator_dtype, no_key_result
 from distseq.kernels.merge import merge_into
 from distseq.strategies.base import AttentionContext
 
@@ -162,8 +163,4 @@ def new_accumulators(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     Float32 (float64 for float64 inputs), so merge errors don't grow with the block count.
     """
-    acc_dtype = torch.promote_types(q.dtype, torch.float32)
-    b, s, h, d = q.shape
-    out = torch.zeros((b, s, h, d), dtype=acc_dtype, device=q.device)
-    lse = torch.full((b, h, s), float("-inf"), dtype=acc_dtype, device=q.device)
-    return out, lse
+    return no_key_result(q, out_dtype=accumulator_dtype(q.dtype))

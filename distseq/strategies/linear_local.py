@@ -19,6 +19,8 @@ import itertools
 
 import torch
 
+from distseq.kernels.common import accumulator_dtype
+
 
 class Segments:
     """Splits kernel-view tensors into segments: whole rows, or ``cu_seqlens`` spans of row 0."""
@@ -44,7 +46,7 @@ class Segments:
 
 
 def _work(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+    return x.to(accumulator_dtype(x.dtype))
 
 
 def _cumulative(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:

@@ -1,0 +1,39 @@
+"""Torch-side conventions the kernel backends and the strategies share.
+
+Accumulators and log-sum-exps are float32 (float64 for float64 inputs), so that rounding
+errors do not grow with the number of merged blocks or chunks. A row that sees no key has
+``out = 0`` and ``lse = -inf``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for float32/float16/bfloat16 inputs, float64 for float64 ones."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def no_key_result(
+    q: torch.Tensor, out_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention result of rows that see no key, for ``q`` ``[B, S, H, D]``.
+
+    ``out`` ``[B, S, H, D]`` zeros in ``out_dtype`` (default ``q.dtype``) and ``lse``
+    ``[B, H, S]`` ``-inf`` in :func:`accumulator_dtype`; both contiguous. Merging into this pair
+    starts from nothing.
+    """
+    b, s, h, _ = q.shape
+    out = torch.zeros(q.shape, dtype=out_dtype or q.dtype, device=q.device)
+    lse = torch.full((b, h, s), float("-inf"), dtype=accumulator_dtype(q.dtype), device=q.device)
+    return out, lse
+
+
+def lse_for_backward(lse: torch.Tensor) -> torch.Tensor:
+    """``lse`` ``[B, H, S]`` with ``-inf`` (a row that saw no key) replaced by ``+inf``.
+
+    The backward forms ``P = exp(s - lse)``; ``+inf`` makes such a row's ``P`` exactly 0
+    instead of nan.
+    """
+    return torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
