@@ -275,7 +275,8 @@ _COMPILE_FOR_GPU = textwrap.dedent(
 
     from distseq.kernels import linear_triton as lt
 
-    IN_DTYPE = {"Q", "K", "V", "DO", "O", "H_ALL", "DH_ALL", "DQ", "DK_OUT", "DV_OUT"}
+    IN_DTYPE = {"Q", "K", "V", "DO", "O", "X", "Y", "S_ALL", "H_ALL", "DH_ALL", "DQ", "DK_OUT",
+                "DV_OUT"}
     INT32 = {"CU", "CHUNK_OFFSETS", "CHUNK_ROW", "CHUNK_START"}
 
     def signature(kernel, constexprs, dtype):
@@ -295,8 +296,8 @@ _COMPILE_FOR_GPU = textwrap.dedent(
         common = dict(HAS_DECAY=True, VARLEN=True, DK=24, DV=40, CHUNK=16, BLOCK_V=16,
                       PRECISION=precision, UPCAST=False)
         for kernel, extra in (
-            (lt._states_kernel, dict(HAS_INIT=True, BLOCK_K=16)),
-            (lt._dstates_kernel, dict(HAS_DFINAL=True, BLOCK_K=16)),
+            (lt._recurrence_kernel, dict(REVERSE=False, HAS_INIT=True, BLOCK_K=16)),
+            (lt._recurrence_kernel, dict(REVERSE=True, HAS_INIT=True, BLOCK_K=16)),
             (lt._output_kernel, dict(BLOCK_DK=32)),
             (lt._grads_kernel, dict(BLOCK_DK=32)),
         ):
