@@ -16,6 +16,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 TORCH_PIN = "torch==2.13.0"
+HF = ["transformers>=5.20,<6", "safetensors>=0.4"]
 
 
 def _extensions() -> tuple[list, dict]:
@@ -63,7 +64,9 @@ setup(
         "gpu": ["flash-attn>=2.7", "triton"],
         # DS_BUILD_OPS=0 at install: its ops compile on first use instead.
         "deepspeed": ["deepspeed==0.19.8"],
-        "dev": ["pytest", "hypothesis", "ruff", "triton", "deepspeed==0.19.8"],
+        # Hugging Face models (distseq.hf, model.hf in training configs).
+        "hf": HF,
+        "dev": ["pytest", "hypothesis", "ruff", "triton", "deepspeed==0.19.8", *HF],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

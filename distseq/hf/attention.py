@@ -1,0 +1,87 @@
+"""distseq's attention function for ``transformers`` models, registered through the public
+``AttentionInterface``: the model's own code runs unchanged, and only its attention call goes
+sequence-parallel.
+
+transformers calls ``fn(module, query, key, value, attention_mask, scaling=, dropout=, **kwargs)``
+with ``query`` ``[B, Hq, S_local, D]`` and ``key``/``value`` ``[B, Hkv, S_local, D]`` (after
+RoPE), and takes back ``(out [B, S_local, Hq, D], None)``. Model-forward keyword arguments
+reach it: :func:`distseq.hf.shard_batch` passes the global document boundaries as
+``distseq_cu_seqlens``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+import distseq
+from distseq.comm import ProcessGroup
+
+CU_SEQLENS_KWARG = "distseq_cu_seqlens"
+_names = itertools.count()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one :func:`distseq.hf.apply` call chose for its model's attention layers."""
+
+    strategy: str
+    layout: str
+    group: ProcessGroup | None
+    backend: str
+
+
+def _refuse(field: str, value: object, fix: str) -> None:
+    raise ValueError(
+        f"distseq.hf: the model's config.{field}={value!r} needs an attention feature distseq "
+        f"does not compute exactly yet; {fix}"
+    )
+
+
+def check_call(module: torch.nn.Module, dropout: float, kwargs: dict) -> None:
+    """Refuse what the call asks for that distseq cannot do exactly (never a silent change)."""
+    if kwargs.get("sliding_window") is not None:
+        _refuse("sliding_window", kwargs["sliding_window"], "set it to None for full attention")
+    if kwargs.get("softcap") is not None:
+        _refuse("attn_logit_softcapping", kwargs["softcap"], "set it to None")
+    if kwargs.get("s_aux") is not None:
+        _refuse("sinks (attention sinks)", "present", "use a model without attention sinks")
+    if not getattr(module, "is_causal", True):
+        _refuse("is_causal", False, "only causal (decoder) attention is supported")
+    if dropout:
+        _refuse("attention_dropout", dropout, "set it to 0.0 or call model.eval()")
+
+
+def make_attention_function(settings: Settings):
+    """The function :func:`distseq.hf.apply` registers for one model."""
+
+    def distseq_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                          **kwargs):  # fmt: skip
+        check_call(module, dropout, kwargs)
+        if attention_mask is not None:
+            raise ValueError(
+                "distseq.hf: the model was given an attention_mask; pass documents through "
+                "distseq.hf.shard_batch(position_ids=...) instead of padding masks"
+            )
+        out = distseq.attention(
+            query.transpose(1, 2),
+            key.transpose(1, 2),
+            value.transpose(1, 2),
+            strategy=settings.strategy,
+            group=settings.group,
+            causal=True,
+            layout=settings.layout,
+            cu_seqlens=kwargs.get(CU_SEQLENS_KWARG),
+            scale=scaling,
+            backend=settings.backend,
+        )
+        return out, None
+
+    return distseq_attention
+
+
+def new_name() -> str:
+    """A fresh registry name: each applied model keeps its own settings."""
+    return f"distseq_{next(_names)}"
