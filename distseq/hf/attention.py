@@ -6,7 +6,10 @@ transformers calls ``fn(module, query, key, value, attention_mask, scaling=, dro
 with ``query`` ``[B, Hq, S_local, D]`` and ``key``/``value`` ``[B, Hkv, S_local, D]`` (after
 RoPE), and takes back ``(out [B, S_local, Hq, D], None)``. Model-forward keyword arguments
 reach it: :func:`distseq.hf.shard_batch` passes the global document boundaries as
-``distseq_cu_seqlens``.
+``distseq_cu_seqlens``; a trainer that changes groups or strategies per step (the adaptive
+planner) passes a :class:`distseq.models.SequenceContext` as ``distseq_context``, which then
+decides group, layout, strategy, backend and documents instead of :func:`distseq.hf.apply`'s
+settings.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import distseq
 from distseq.comm import ProcessGroup
 
 CU_SEQLENS_KWARG = "distseq_cu_seqlens"
+CONTEXT_KWARG = "distseq_context"
 _names = itertools.count()
 
 
@@ -65,18 +69,18 @@ def make_attention_function(settings: Settings):
                 "distseq.hf: the model was given an attention_mask; pass documents through "
                 "distseq.hf.shard_batch(position_ids=...) instead of padding masks"
             )
+        ctx = kwargs.get(CONTEXT_KWARG)
+        if ctx is None:
+            chosen = dict(strategy=settings.strategy, group=settings.group,
+                          layout=settings.layout, backend=settings.backend,
+                          cu_seqlens=kwargs.get(CU_SEQLENS_KWARG))  # fmt: skip
+        else:
+            chosen = dict(strategy=ctx.attention_strategy, group=ctx.group, layout=ctx.layout,
+                          backend=ctx.attention_backend, cu_seqlens=ctx.cu_seqlens)  # fmt: skip
         out = distseq.attention(
-            query.transpose(1, 2),
-            key.transpose(1, 2),
-            value.transpose(1, 2),
-            strategy=settings.strategy,
-            group=settings.group,
-            causal=True,
-            layout=settings.layout,
-            cu_seqlens=kwargs.get(CU_SEQLENS_KWARG),
-            scale=scaling,
-            backend=settings.backend,
-        )
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+            causal=True, scale=scaling, **chosen,
+        )  # fmt: skip
         return out, None
 
     return distseq_attention
