@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from distseq.comm import ProcessGroup, resolve_group
-from distseq.hf.attention import Settings, make_attention_function, new_name
+from distseq.hf.attention import Settings, distseq_mask, make_attention_function, new_name
 from distseq.kernels import BACKENDS
 from distseq.layout import check_layout
 from distseq.strategies import ATTENTION_STRATEGIES
@@ -60,11 +60,12 @@ def apply(
     non-causal attention, attention sinks; dropout > 0 when training is refused at the call)
     and for a model whose attention does not use the registry.
     """
-    from transformers import AttentionInterface, PreTrainedModel
+    from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):
         raise ValueError(
-            f"distseq.hf.apply needs a transformers PreTrainedModel, got {type(model).__name__}"
+            f"distseq.hf.apply needs a transformers PreTrainedModel, got {type(model).__name__}; "
+            "pass a model built by transformers (e.g. AutoModelForCausalLM.from_pretrained)"
         )
     check_layout(layout)
     if backend != "auto" and backend not in BACKENDS:
@@ -77,11 +78,13 @@ def apply(
     name = new_name()
     settings = Settings(strategy=strategy, layout=layout, group=group, backend=backend)
     AttentionInterface.register(name, make_attention_function(settings))
+    AttentionMaskInterface.register(name, distseq_mask)
     model.set_attn_implementation(name)
     if model.config._attn_implementation != name:
         raise ValueError(
             f"{type(model).__name__} does not route its attention through transformers' "
             "AttentionInterface (it kept attn_implementation="
-            f"{model.config._attn_implementation!r}); distseq.hf cannot shard it"
+            f"{model.config._attn_implementation!r}); distseq.hf cannot shard it: use a model "
+            "class whose attention layers call that registry (e.g. Llama, Qwen2, Qwen3, Mistral)"
         )
     return model

@@ -58,6 +58,25 @@ def check_call(module: torch.nn.Module, dropout: float, kwargs: dict) -> None:
         _refuse("attention_dropout", dropout, "set it to 0.0 or call model.eval()")
 
 
+def _refuse_mask() -> None:
+    raise ValueError(
+        "distseq.hf: the model was given an attention_mask that masks tokens; pass documents "
+        "through distseq.hf.shard_batch(position_ids=...) instead of padding masks"
+    )
+
+
+def distseq_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs) -> None:
+    """transformers' mask hook (``AttentionMaskInterface``) for the distseq attention.
+
+    transformers drops the 2D ``attention_mask`` ``[B, S]`` silently for an attention name
+    that has no mask hook, so a padding mask would be ignored; refuse one that masks any
+    token. An all-ones mask (a tokenizer's, without padding) changes nothing: ``None``.
+    """
+    if attention_mask is not None and not bool(attention_mask.all()):
+        _refuse_mask()
+    return None
+
+
 def make_attention_function(settings: Settings):
     """The function :func:`distseq.hf.apply` registers for one model."""
 
@@ -65,10 +84,7 @@ def make_attention_function(settings: Settings):
                           **kwargs):  # fmt: skip
         check_call(module, dropout, kwargs)
         if attention_mask is not None:
-            raise ValueError(
-                "distseq.hf: the model was given an attention_mask; pass documents through "
-                "distseq.hf.shard_batch(position_ids=...) instead of padding masks"
-            )
+            _refuse_mask()
         ctx = kwargs.get(CONTEXT_KWARG)
         if ctx is None:
             chosen = dict(strategy=settings.strategy, group=settings.group,

@@ -28,7 +28,11 @@ def document_lengths(position_ids: torch.Tensor) -> list[int]:
     0 at each document, as ``DataCollatorWithFlattening`` makes them)."""
     pos = position_ids[0].tolist()
     if not pos or pos[0] != 0:
-        raise ValueError("position_ids must start at 0 (the first document's first token)")
+        got = f"position_ids[0, 0] = {pos[0]}" if pos else "empty position_ids"
+        raise ValueError(
+            f"{got}: packed position_ids must start at 0 (the first document's first token) "
+            "and count 0, 1, 2, ... within each document"
+        )
     starts = [0]
     for t in range(1, len(pos)):
         if pos[t] == 0:
