@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import distseq
 import distseq.hf
 from cases import relative_error
-from distseq.hf.attention import CU_SEQLENS_KWARG
+from distseq.hf.attention import CU_SEQLENS_KWARG, LAYOUT_KWARG
 from distseq.strategies import ATTENTION_STRATEGIES
 from tolerance import nan_max
 
@@ -161,6 +161,7 @@ def gathered_batch(rank, world, shape_name: str, layout: str, seed: int) -> dict
     ids, position_ids, _ = make_batch(shape_name, seed)
     local = distseq.hf.shard_batch(ids, position_ids=position_ids, layout=layout)
     cu = local.pop(CU_SEQLENS_KWARG, None)
+    assert local.pop(LAYOUT_KWARG) == layout
     out = {
         key: distseq.gather_sequence(t, layout=layout, cu_seqlens=cu).tolist()
         for key, t in local.items()
@@ -217,7 +218,10 @@ def bad_hf_call(rank, world, kind: str):
     strategy = "ulysses" if kind == "ulysses_heads" else "ring"
     distseq.hf.apply(model, strategy=strategy, layout="zigzag")
     local = distseq.hf.shard_batch(
-        ids, position_ids=position_ids, layout="zigzag", pad_to_multiple=kind != "unpadded"
+        ids,
+        position_ids=position_ids,
+        layout="contiguous" if kind == "layout_mismatch" else "zigzag",
+        pad_to_multiple=kind != "unpadded",
     )
     labels = local.pop("labels")
     if kind == "padding_mask":

@@ -164,6 +164,7 @@ BAD_INPUT = {
     "ulysses_heads": ["ulysses", "{w1} query heads", "group size {w}", "strategies that can"],
     "not_registry": ["BloomForCausalLM", "AttentionInterface", "use a model class"],
     "not_pretrained": ["PreTrainedModel", "got Linear", "AutoModelForCausalLM"],
+    "layout_mismatch": ["sharded with layout='contiguous'", "applied with layout='zigzag'"],
 }
 
 

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 import torch
 
 import distseq
-from distseq.comm import ProcessGroup
+from distseq.comm import ProcessGroup, resolve_group
 
 CU_SEQLENS_KWARG = "distseq_cu_seqlens"
 CONTEXT_KWARG = "distseq_context"
+LAYOUT_KWARG = "distseq_layout"  # the layout shard_batch sharded with, checked against apply's
 _names = itertools.count()
 
 
@@ -87,6 +88,14 @@ def make_attention_function(settings: Settings):
             _refuse_mask()
         ctx = kwargs.get(CONTEXT_KWARG)
         if ctx is None:
+            sharded = kwargs.get(LAYOUT_KWARG, settings.layout)
+            # One rank holds the whole sequence in natural order under either layout.
+            if sharded != settings.layout and resolve_group(settings.group).world_size > 1:
+                raise ValueError(
+                    f"distseq.hf: the batch was sharded with layout={sharded!r} but the model "
+                    f"was applied with layout={settings.layout!r}; pass the same layout to "
+                    "shard_batch and apply"
+                )
             chosen = dict(strategy=settings.strategy, group=settings.group,
                           layout=settings.layout, backend=settings.backend,
                           cu_seqlens=kwargs.get(CU_SEQLENS_KWARG))  # fmt: skip

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from distseq.comm import ProcessGroup, resolve_group
-from distseq.hf.attention import CU_SEQLENS_KWARG
+from distseq.hf.attention import CU_SEQLENS_KWARG, LAYOUT_KWARG
 from distseq.layout import check_layout, chunks_per_rank, cu_seqlens
 from distseq.sharding import shard_sequence
 
@@ -70,9 +70,10 @@ def shard_batch(
     Without ``position_ids`` every row is one document; with them (batch 1, transformers'
     packing convention) they define the documents. Returns, each ``[B, S_local]``:
     ``input_ids``, ``position_ids`` (each token's position inside its document, so RoPE is
-    right), ``labels`` (the next token of the same document, ``-100`` at document ends and on
-    padding) and, for packed documents, ``distseq_cu_seqlens`` (the global int32 boundaries
-    the attention layers read). Pop ``labels`` and call ``model(**rest)``.
+    right) and ``labels`` (the next token of the same document, ``-100`` at document ends and
+    on padding); also ``distseq_layout`` (checked against :func:`distseq.hf.apply`'s) and, for
+    packed documents, ``distseq_cu_seqlens`` (the global int32 boundaries the attention
+    layers read). Pop ``labels`` and call ``model(**rest)``.
     """
     _check_ids("input_ids", input_ids)
     check_layout(layout)
@@ -108,6 +109,7 @@ def shard_batch(
         key: shard_sequence(t.to(input_ids.device), group=group, layout=layout, cu_seqlens=cu)
         for key, t in full.items()
     }
+    local[LAYOUT_KWARG] = layout
     if packed:
         local[CU_SEQLENS_KWARG] = cu.to(input_ids.device)
     return local
