@@ -111,3 +111,9 @@ def make_model_dir(directory: Path, **config) -> Path:
     model.save_pretrained(directory)
     make_tokenizer(directory)
     return directory
+
+
+def shipped_losses(rank: int, world: int, overrides: list[str]) -> list[float]:
+    """configs/hf_tiny_llama.yaml as shipped (plus ``overrides``)."""
+    cfg = validate_config(load_config(HF_TINY, overrides), world)
+    return [record["loss"] for record in Trainer(cfg).fit()]

@@ -260,3 +260,14 @@ def test_bfloat16_trains(pools, tmp_path, engine):
               [*common, "train.dtype=bfloat16", f"out_dir={tmp_path}/16"])[0]  # fmt: skip
     assert got["losses"] == pytest.approx(want["losses"], rel=1e-2)
     assert got["losses"] != want["losses"]  # computed in bf16 indeed
+
+
+@pytest.mark.slow
+def test_shipped_config_learns_recall_across_shards(pools, tmp_path):
+    """configs/hf_tiny_llama.yaml on 2 sequence-parallel ranks falls well below ln(n_values),
+    the best loss without looking values up in the pairs on the other rank's shard."""
+    losses = run(pools, 2, hf_train_cases.shipped_losses,
+                 [f"out_dir={tmp_path}", "log.progress=false"])[0]  # fmt: skip
+    floor = math.log(load_config(hf_train_cases.HF_TINY).data.recall.n_values)
+    tail = sum(losses[-20:]) / 20
+    assert losses[0] > 5.0 and tail < floor - 0.4, (losses[0], tail, floor)
