@@ -1,4 +1,4 @@
-"""Train a distseq model.
+"""Train a distseq model, or a Hugging Face causal LM (model.hf / model.hf_config).
 
     torchrun --nproc_per_node N launch/train.py --config configs/tiny.yaml [dotted.key=value ...]
     python launch/train.py --config configs/tiny.yaml          # one process

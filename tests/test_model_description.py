@@ -1,5 +1,6 @@
 """One description of a model: the planner's ``ModelSpec`` of every shipped config equals the
-model that training builds from it (layer by layer, parameter for parameter)."""
+model that training builds from it (layer by layer, parameter for parameter), distseq's
+decoder or the Hugging Face model of ``model.hf_config``."""
 
 from __future__ import annotations
 
@@ -19,10 +20,32 @@ def test_every_shipped_config_is_covered():
     assert len(CONFIGS) >= 7 and any("hybrid" in p.name for p in CONFIGS)
 
 
+def _check_hf_spec(spec, cfg) -> None:
+    """A Hugging Face model (``model.hf`` / ``model.hf_config``): the transformers model."""
+    from transformers import AutoModelForCausalLM
+
+    from distseq.hf.model import load_hf_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(load_hf_config(cfg))
+    layers = model.get_decoder().layers
+    assert spec.layers == ("softmax",) * len(layers)
+    assert spec.block_params == tuple(sum(p.numel() for p in b.parameters()) for b in layers)
+    assert spec.params == sum(p.numel() for p in model.parameters())
+    attention = layers[0].self_attn
+    assert (spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim) == (
+        attention.q_proj.out_features,
+        attention.k_proj.out_features,
+    )
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_planner_spec_is_the_model(path):
     cfg = load_config(path).model
     spec = load_model(str(path))
+    if cfg.hf_key is not None:
+        _check_hf_spec(spec, cfg)
+        return
     with torch.device("meta"):  # shapes only: the 7B config builds in milliseconds
         model = Decoder(cfg)
     assert spec.layers == tuple(block.mixer_name for block in model.layers)

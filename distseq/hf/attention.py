@@ -78,6 +78,16 @@ def distseq_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs) ->
     return None
 
 
+def _autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under autocast, the autocast dtype for all of ``q, k, v``, as autocast casts sdpa's
+    inputs: transformers' RoPE returns float32 ``q``/``k`` beside a bfloat16 ``v`` there."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in tensors)
+
+
 def make_attention_function(settings: Settings):
     """The function :func:`distseq.hf.apply` registers for one model."""
 
@@ -102,6 +112,7 @@ def make_attention_function(settings: Settings):
         else:
             chosen = dict(strategy=ctx.attention_strategy, group=ctx.group, layout=ctx.layout,
                           backend=ctx.attention_backend, cu_seqlens=ctx.cu_seqlens)  # fmt: skip
+        query, key, value = _autocast_inputs(query, key, value)
         out = distseq.attention(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
             causal=True, scale=scaling, **chosen,

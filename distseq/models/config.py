@@ -14,12 +14,18 @@ LINEAR_DECAYS = ("none", "constant", "data")
 
 @dataclass
 class ModelConfig:
-    """A Llama-style decoder whose token mixer is chosen per layer.
+    """A Llama-style decoder whose token mixer is chosen per layer, or a Hugging Face model.
 
     ``mixers`` is ``"softmax"``, ``"linear"``, ``"hybrid"`` (layers follow ``hybrid_ratio``
     ``"linear:softmax"``, e.g. ``"3:1"`` = three linear layers then one softmax layer,
     repeated) or an explicit per-layer list such as ``[linear, linear, linear, softmax]``.
     ``head_dim`` defaults to ``d_model // n_heads``.
+
+    ``hf``: a local Hugging Face directory (``config.json`` + safetensors, optionally a
+    tokenizer) to fine-tune, or ``hf_config``: a ``transformers`` config mapping with its
+    ``model_type`` (e.g. ``{model_type: llama, hidden_size: 64, ...}``) for a random-init
+    model. Either one replaces the decoder keys above, which must then keep their defaults
+    (the Hugging Face config defines vocabulary, heads and layers; see :mod:`distseq.hf.model`).
     """
 
     vocab_size: int = 256
@@ -36,10 +42,23 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    hf: str | None = None
+    hf_config: dict[str, Any] | None = None
 
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def hf_key(self) -> str | None:
+        """``"model.hf"`` / ``"model.hf_config"``: the key naming a Hugging Face model, or
+        ``None`` for distseq's own decoder."""
+        if self.hf is not None:
+            return "model.hf"
+        return "model.hf_config" if self.hf_config is not None else None
+
+
+HF_KEYS = ("hf", "hf_config")
 
 
 def parse_hybrid_ratio(ratio: str) -> tuple[int, int]:
@@ -54,7 +73,13 @@ def parse_hybrid_ratio(ratio: str) -> tuple[int, int]:
 
 
 def layer_mixers(cfg: ModelConfig) -> list[str]:
-    """The mixer of every layer (``"softmax"`` or ``"linear"``), validated."""
+    """The mixer of every layer (``"softmax"`` or ``"linear"``), validated; distseq's own
+    decoder only (a Hugging Face model's layers are in its config: ``ModelSpec.from_config``)."""
+    if cfg.hf_key is not None:
+        raise ValueError(
+            f"{cfg.hf_key} names a Hugging Face model, not distseq's decoder: build it with "
+            "distseq.hf.model.build_hf_model and describe it with ModelSpec.from_config"
+        )
     schedule = cfg.mixers
     if isinstance(schedule, str):
         if schedule not in MIXER_SCHEDULES:
@@ -76,8 +101,43 @@ def layer_mixers(cfg: ModelConfig) -> list[str]:
     return layers
 
 
+def check_hf_keys(cfg: ModelConfig) -> None:
+    """A Hugging Face model is named by exactly one of ``model.hf`` / ``model.hf_config``,
+    and the decoder keys it replaces keep their defaults (a set one would be ignored)."""
+    if cfg.hf is not None and cfg.hf_config is not None:
+        raise ValueError(
+            "model.hf and model.hf_config are both set; keep model.hf (a local directory to "
+            "fine-tune) or model.hf_config (a random-init model), not both"
+        )
+    if cfg.hf is not None and (not isinstance(cfg.hf, str) or not cfg.hf):
+        raise ValueError(f"model.hf={cfg.hf!r} must be a local directory path")
+    if cfg.hf_config is not None and not (
+        isinstance(cfg.hf_config, Mapping) and isinstance(cfg.hf_config.get("model_type"), str)
+    ):
+        raise ValueError(
+            f"model.hf_config={cfg.hf_config!r} is not a mapping with a model_type; add e.g. "
+            "model_type: llama (any causal LM type transformers registers)"
+        )
+    defaults = ModelConfig()
+    ignored = [
+        f"model.{f.name}={getattr(cfg, f.name)!r}"
+        for f in fields(ModelConfig)
+        if f.name not in HF_KEYS and getattr(cfg, f.name) != getattr(defaults, f.name)
+    ]
+    if ignored:
+        raise ValueError(
+            f"{', '.join(ignored)} would be ignored: with {cfg.hf_key} the Hugging Face config "
+            "defines the model; remove these keys (or set them in model.hf_config)"
+        )
+
+
 def check_model_config(cfg: ModelConfig) -> None:
-    """Raise ``ValueError`` naming the ``model.*`` key of the first invalid value."""
+    """Raise ``ValueError`` naming the ``model.*`` key of the first invalid value. For a
+    Hugging Face model only the keys are checked here; :func:`distseq.hf.model.load_hf_config`
+    reads its config."""
+    if cfg.hf_key is not None:
+        check_hf_keys(cfg)
+        return
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden"):
         value = getattr(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

@@ -24,9 +24,10 @@ LAYER_TYPES = MIXERS
 class ModelSpec:
     """What the cost model needs of a decoder, derived from its :class:`ModelConfig` by
     :meth:`from_config` (layers from :func:`layer_mixers`, parameters from
-    :func:`block_parameters` / :func:`count_parameters`), so the planner and the model never
-    disagree. ``layers``: one mixer type (``softmax``/``linear``) per layer;
-    ``block_params``: parameters of each block; ``params``: the whole model's."""
+    :func:`block_parameters` / :func:`count_parameters`; a Hugging Face model's from
+    :meth:`from_hf`), so the planner and the model never disagree. ``layers``: one mixer
+    type (``softmax``/``linear``) per layer; ``block_params``: parameters of each block;
+    ``params``: the whole model's."""
 
     vocab_size: int
     d_model: int
@@ -41,6 +42,10 @@ class ModelSpec:
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> ModelSpec:
         check_model_config(cfg)
+        if cfg.hf_key is not None:
+            from distseq.hf.model import load_hf_config
+
+            return cls.from_hf(load_hf_config(cfg), cfg.hf_key)
         return cls(
             vocab_size=cfg.vocab_size,
             d_model=cfg.d_model,
@@ -51,6 +56,36 @@ class ModelSpec:
             layers=tuple(layer_mixers(cfg)),
             block_params=tuple(block_parameters(cfg)),
             params=count_parameters(cfg),
+        )
+
+    @classmethod
+    def from_hf(cls, config, key: str = "model.hf_config") -> ModelSpec:
+        """The spec of the ``transformers`` causal LM of ``config`` (a ``PretrainedConfig``):
+        parameters counted exactly on the model built on the meta device (biases, q/k norms,
+        tied embeddings counted once); every layer a ``softmax`` one (what
+        :func:`distseq.hf.apply` shards). ``key`` names the model in errors."""
+        from distseq.hf.model import meta_model
+
+        model = meta_model(config, key)
+        text = config.get_text_config()
+        layers = model.get_decoder().layers
+        heads = text.num_attention_heads
+        ffn = getattr(text, "intermediate_size", None)
+        if not isinstance(ffn, int):  # e.g. mixture-of-experts configs
+            raise ValueError(
+                f"{key}: the config has no integer intermediate_size ({ffn!r}), which the "
+                "planner's memory model needs; only dense causal LMs are supported"
+            )
+        return cls(
+            vocab_size=text.vocab_size,
+            d_model=text.hidden_size,
+            n_heads=heads,
+            n_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+            ffn_hidden=ffn,
+            layers=("softmax",) * len(layers),
+            block_params=tuple(sum(p.numel() for p in layer.parameters()) for layer in layers),
+            params=sum(p.numel() for p in model.parameters()),
         )
 
     @property
@@ -72,8 +107,10 @@ _REQUIRED = ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden")
 def model_from_dict(section: Mapping[str, Any]) -> ModelSpec:
     """Build a :class:`ModelSpec` from a ``model:`` section (a plain mapping), read exactly as
     training reads it (:func:`distseq.models.model_config_from_dict`). The shape keys are
-    required: a plan for the schema's tiny default model is almost surely a mistake."""
-    missing = [k for k in _REQUIRED if k not in section]
+    required (unless ``hf`` / ``hf_config`` names a Hugging Face model): a plan for the
+    schema's tiny default model is almost surely a mistake."""
+    hf = "hf" in section or "hf_config" in section
+    missing = [k for k in _REQUIRED if k not in section and not hf]
     if missing:
         raise ValueError(f"model section lacks {missing}; add them (see configs/planner_7b.yaml)")
     return ModelSpec.from_config(model_config_from_dict(section))

@@ -4,6 +4,7 @@ Each checkpoint directory ``step_N`` holds the sharded model + optimizer state a
 ``meta.json``: the step, the data-loader state and the parallel/data layout the run used.
 Resuming under a different layout refuses loudly, before any process-group work: rank-local
 data state and sequence padding are only valid for the layout that produced them.
+``checkpoint.export_hf`` also writes the final model as a Hugging Face directory.
 """
 
 from __future__ import annotations
@@ -11,9 +12,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 
 from distseq.train.config import Config
 from distseq.train.engine import DeepSpeedEngine, Engine
@@ -112,3 +119,36 @@ def load(path: Path, engine: Engine) -> None:
         model_state_dict=state["model"],
         optim_state_dict=state["optim"],
     )
+
+
+def full_model_state(engine: Engine) -> dict[str, torch.Tensor] | None:
+    """The model's whole state dict on CPU on global rank 0, gathered from every engine's
+    shards (FSDP2 DTensors, ZeRO-3 partitions); ``None`` on the other ranks. Collective."""
+    if isinstance(engine, DeepSpeedEngine) and engine.module.zero_optimization_partition_weights():
+        # DeepSpeed's own gather, layer by layer onto rank 0 (what save_16bit_model uses);
+        # "16bit" is its name: parameters keep the dtype they train in.
+        return engine.module._zero3_consolidated_16bit_state_dict()
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(engine.model, options=options)
+    return state if dist.get_rank() == 0 else None
+
+
+def export_hf(cfg: Config, engine: Engine) -> None:
+    """Write the trained Hugging Face model to ``checkpoint.export_hf`` (rank 0 writes, with
+    ``data.tokenizer``'s tokenizer when there is one); every rank returns when it is done,
+    or raises if rank 0 could not write (instead of waiting for it forever)."""
+    from distseq.hf.export import save_hf
+
+    state = full_model_state(engine)
+    error: list[str | None] = [None]
+    failure: Exception | None = None
+    if dist.get_rank() == 0:
+        try:
+            save_hf(engine.model, state, cfg.checkpoint.export_hf, tokenizer=cfg.data.tokenizer)
+        except Exception as exc:  # noqa: BLE001 - every rank must hear of any failure
+            failure, error[0] = exc, f"{type(exc).__name__}: {exc}"
+    dist.broadcast_object_list(error, src=0)
+    if failure is not None:
+        raise failure
+    if error[0] is not None:
+        raise RuntimeError(f"checkpoint.export_hf failed on rank 0: {error[0]}")

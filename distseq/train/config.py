@@ -18,7 +18,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from distseq.kernels import BACKENDS, LINEAR_BACKENDS, unavailable_reason
 from distseq.layout import LAYOUTS, chunks_per_rank
-from distseq.models.config import ModelConfig, check_model_config, layer_mixers
+from distseq.models.config import ModelConfig, check_model_config
+from distseq.planner.spec import ModelSpec
 from distseq.strategies import REGISTRY_BY_MIXER
 from distseq.train.data.sources import recall_vocab_size
 from distseq.train.data.tokenizer import load_tokenizer
@@ -92,7 +93,7 @@ class DataConfig:
     ``pad_multiple`` (default: what the layout needs, ``sp`` or ``2 sp``) is what every
     document is padded to; ``paths`` are local ``.txt`` / ``.jsonl`` files for
     ``source: text``; ``tokenizer`` an optional local Hugging Face tokenizer directory
-    (default: bytes)."""
+    (default: ``model.hf``'s directory when it holds a tokenizer, else bytes)."""
 
     source: str = "recall"
     seq_len: int = 256
@@ -106,12 +107,15 @@ class DataConfig:
 @dataclass
 class CheckpointConfig:
     """Save every ``every`` steps (0: only at the end if ``save_final``) under ``dir``
-    (default ``<out_dir>/checkpoints``); ``resume``: ``latest`` or a ``step_N`` directory."""
+    (default ``<out_dir>/checkpoints``); ``resume``: ``latest`` or a ``step_N`` directory;
+    ``export_hf``: a directory where a Hugging Face model (``model.hf`` / ``model.hf_config``)
+    is written at the end of training, loadable by ``AutoModelForCausalLM.from_pretrained``."""
 
     every: int = 0
     save_final: bool = False
     dir: str | None = None
     resume: str | None = None
+    export_hf: str | None = None
 
 
 @dataclass
@@ -230,31 +234,49 @@ def resolve_world(cfg: Config, world_size: int) -> None:
 def validate_config(cfg: Config, world_size: int) -> Config:
     """Check every value (no process-group work); fills defaults that depend on the world."""
     _one_of("planner", cfg.planner, PLANNERS)
-    check_model_config(cfg.model)
+    spec = model_spec(cfg.model)
     resolve_world(cfg, world_size)
-    _check_parallel(cfg)
+    _check_parallel(cfg, spec)
     if cfg.planner == "adaptive":
         _check_adaptive(cfg)
     _check_optim(cfg.train)
-    _check_backends(cfg)
-    _check_data(cfg)
+    _check_backends(cfg, spec)
+    _check_data(cfg, spec)
     _positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
+    _check_export(cfg)
     return cfg
 
 
-def _check_parallel(cfg: Config) -> None:
-    par, model = cfg.parallel, cfg.model
+def model_spec(model: ModelConfig) -> ModelSpec:
+    """The checked model's description (layers, heads, vocabulary); for a Hugging Face model
+    read from its config (never downloading), which must be one distseq trains exactly."""
+    check_model_config(model)
+    if model.hf_key is not None:
+        from distseq.hf.model import check_trainable, load_hf_config, meta_model
+
+        check_trainable(meta_model(load_hf_config(model), model.hf_key), model.hf_key)
+    return ModelSpec.from_config(model)
+
+
+def model_key(model: ModelConfig, own: str, hf: str) -> str:
+    """How an error names a model value: ``model.<own>`` for distseq's decoder, or the Hugging
+    Face config field ``hf`` of ``model.hf`` / ``model.hf_config``."""
+    return f"model.{own}" if model.hf_key is None else f"{model.hf_key} {hf}"
+
+
+def _check_parallel(cfg: Config, spec: ModelSpec) -> None:
+    par = cfg.parallel
     _one_of("parallel.layout", par.layout, LAYOUTS)
     _one_of("parallel.engine", par.engine, ENGINES)
     _one_of("parallel.zero_stage", par.zero_stage, (0, 1, 2, 3))
-    mixers = set(layer_mixers(model))
+    mixers = set(spec.layers)
     for mixer, registry in REGISTRY_BY_MIXER.items():
         key = STRATEGY_KEYS[mixer]
         name = getattr(par, key.removeprefix("parallel."))
         _one_of(key, name, sorted(registry))
         # The adaptive planner picks each group's strategies from the same capabilities.
         if mixer in mixers and cfg.planner == "static":
-            shape = _group_shape(cfg, mixer)
+            shape = _group_shape(cfg, spec, mixer)
             try:
                 registry.check(name, *shape.values())
             except ValueError as exc:
@@ -267,12 +289,15 @@ def _check_parallel(cfg: Config) -> None:
         )
 
 
-def _group_shape(cfg: Config, mixer: str) -> dict[str, int | str]:
+def _group_shape(cfg: Config, spec: ModelSpec, mixer: str) -> dict[str, int | str]:
     """The arguments of the ``mixer`` strategies' ``check_group`` for this run, in order, by
     the config key each comes from."""
     shape: dict[str, int | str] = {"parallel.sp": cfg.parallel.sp}
     if mixer == "softmax":
-        shape |= {"model.n_heads": cfg.model.n_heads, "model.n_kv_heads": cfg.model.n_kv_heads}
+        shape |= {
+            model_key(cfg.model, "n_heads", "num_attention_heads"): spec.n_heads,
+            model_key(cfg.model, "n_kv_heads", "num_key_value_heads"): spec.n_kv_heads,
+        }
     return shape | {"parallel.layout": cfg.parallel.layout}
 
 
@@ -323,7 +348,7 @@ def _check_optim(opt: OptimConfig) -> None:
     _one_of("train.device", opt.device, DEVICES)
 
 
-def _check_backends(cfg: Config) -> None:
+def _check_backends(cfg: Config, spec: ModelSpec) -> None:
     """Each family's backend is a name of its registry or ``auto``; a named backend that cannot
     run on the training device with ``train.dtype`` fails here instead of at the first layer.
     A config checked away from its GPUs (``train.device=cuda``, none visible, e.g. on a login
@@ -332,7 +357,7 @@ def _check_backends(cfg: Config) -> None:
         device = pick_device(cfg.train.device)
     except ValueError:
         device = None
-    mixers = set(layer_mixers(cfg.model))
+    mixers = set(spec.layers)
     families = (
         ("attention_backend", BACKENDS, "softmax"),
         ("linear_backend", LINEAR_BACKENDS, "linear"),
@@ -355,7 +380,7 @@ def layout_multiple(cfg: Config) -> int:
     return cfg.parallel.sp * chunks_per_rank(cfg.parallel.layout)
 
 
-def _check_data(cfg: Config) -> None:
+def _check_data(cfg: Config, spec: ModelSpec) -> None:
     data, dp = cfg.data, cfg.parallel.dp
     _one_of("data.source", data.source, DATA_SOURCES)
     _positive("data.seq_len", data.seq_len)
@@ -365,21 +390,27 @@ def _check_data(cfg: Config) -> None:
         raise ValueError(
             f"train.global_batch={cfg.train.global_batch} is not divisible by parallel.dp={dp}"
         )
+    vocab_key = model_key(cfg.model, "vocab_size", "vocab_size")
     if data.source == "recall":
-        _check_recall(data.recall, data.seq_len, cfg.model.vocab_size)
+        _check_recall(data.recall, data.seq_len, spec.vocab_size, vocab_key)
     else:
         if not data.paths:
             raise ValueError("data.paths is empty; data.source=text needs local .txt/.jsonl files")
         for path in data.paths:
             if not Path(path).is_file():
                 raise ValueError(f"data.paths entry {path!r} is not a file")
+    if data.tokenizer is None and cfg.model.hf is not None:
+        from distseq.hf.model import has_tokenizer
+
+        if has_tokenizer(cfg.model.hf):
+            data.tokenizer = cfg.model.hf
     if data.tokenizer is not None and not Path(data.tokenizer).is_dir():
         raise ValueError(f"data.tokenizer={data.tokenizer!r} is not a local directory")
     if data.source == "text":
         size = load_tokenizer(data.tokenizer).vocab_size
-        if size > cfg.model.vocab_size:
+        if size > spec.vocab_size:
             raise ValueError(
-                f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                f"{vocab_key}={spec.vocab_size} is smaller than the tokenizer's "
                 f"{size} ids (data.tokenizer={data.tokenizer!r})"
             )
 
@@ -403,7 +434,7 @@ def _check_packing(cfg: Config) -> None:
         )
 
 
-def _check_recall(rc: RecallConfig, seq_len: int, vocab: int) -> None:
+def _check_recall(rc: RecallConfig, seq_len: int, vocab: int, vocab_key: str) -> None:
     for key in ("n_keys", "n_values", "n_pairs", "n_queries", "min_len"):
         _positive(f"data.recall.{key}", getattr(rc, key))
     if rc.n_pairs > rc.n_keys:
@@ -425,5 +456,18 @@ def _check_recall(rc: RecallConfig, seq_len: int, vocab: int) -> None:
         raise ValueError(f"data.recall.max_len={rc.max_len} exceeds data.seq_len={seq_len}")
     if recall_vocab_size(rc) > vocab:
         raise ValueError(
-            f"data.recall needs {recall_vocab_size(rc)} token ids but model.vocab_size={vocab}"
+            f"data.recall needs {recall_vocab_size(rc)} token ids but {vocab_key}={vocab}"
         )
+
+
+def _check_export(cfg: Config) -> None:
+    target = cfg.checkpoint.export_hf
+    if target is None:
+        return
+    if cfg.model.hf_key is None:
+        raise ValueError(
+            f"checkpoint.export_hf={target!r} writes a Hugging Face model, but this run trains "
+            "distseq's own decoder; set model.hf or model.hf_config, or remove export_hf"
+        )
+    if not target or Path(target).is_file():
+        raise ValueError(f"checkpoint.export_hf={target!r} must name a directory")

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from distseq.models import ModelConfig, block_parameters, layer_mixers
+from distseq.planner.spec import ModelSpec
 
 # Dense bf16 peak FLOP/s per device, for the MFU estimate (override with log.peak_flops).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -32,16 +32,15 @@ def peak_flops(device: torch.device, override: float | None) -> float | None:
     return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: ``6 N`` for the matmuls (blocks and output head, tied or not)
-    plus causal attention scores (``6 * 2 * H * hd * seq / 2`` per softmax layer; linear
-    layers add ``6 * 2 * H * hd^2``). Uses the packed length, an upper bound when documents
-    are shorter."""
-    hd, heads = cfg.resolved_head_dim, cfg.n_heads
-    dense = 6 * (sum(block_parameters(cfg)) + cfg.vocab_size * cfg.d_model)
+def flops_per_token(spec: ModelSpec, seq_len: int) -> float:
+    """Training FLOPs per token of the model ``spec`` describes: ``6 N`` for the matmuls
+    (blocks and output head, tied or not) plus causal attention scores
+    (``6 * 2 * H * hd * seq / 2`` per softmax layer; linear layers add ``6 * 2 * H * hd^2``).
+    Uses the packed length, an upper bound when documents are shorter."""
+    hd, heads = spec.head_dim, spec.n_heads
+    dense = 6 * (sum(spec.block_params) + spec.vocab_size * spec.d_model)
     mixer = sum(
-        6 * heads * hd * seq_len if m == "softmax" else 12 * heads * hd * hd
-        for m in layer_mixers(cfg)
+        6 * heads * hd * seq_len if m == "softmax" else 12 * heads * hd * hd for m in spec.layers
     )
     return float(dense + mixer)
 

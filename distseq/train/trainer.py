@@ -6,7 +6,9 @@ the deterministic loader), and scales by the world size because the engines aver
 gradients over all ranks. The result equals a single-process run. With ``planner: static``
 each rank runs its data-parallel share of packed sequences on the ``sp`` group; with
 ``planner: adaptive`` each step's documents are planned over SP groups of different sizes
-(:mod:`distseq.train.adaptive`) and each rank runs its groups' sequences.
+(:mod:`distseq.train.adaptive`) and each rank runs its groups' sequences. The model is
+distseq's :class:`~distseq.models.Decoder` or, with ``model.hf`` / ``model.hf_config``, a
+Hugging Face causal LM (:class:`distseq.hf.model.HFCausalLM`), called the same way.
 """
 
 from __future__ import annotations
@@ -18,17 +20,35 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 from distseq.models import Decoder, SequenceContext
+from distseq.planner.spec import ModelSpec
 from distseq.train import checkpoint
 from distseq.train.adaptive import AdaptiveScheduler, plan_summary
 from distseq.train.config import Config
 from distseq.train.data import DocumentLoader, PackedSequence, StepLoader
 from distseq.train.engine import build_engine, learning_rate
-from distseq.train.mesh import build_mesh, init_distributed, pick_device
+from distseq.train.mesh import Mesh, build_mesh, init_distributed, pick_device
 from distseq.train.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_bytes
 
 Work = tuple[PackedSequence, SequenceContext]  # a sequence this rank runs, and its sharding
+
+
+def build_model(cfg: Config, mesh: Mesh) -> nn.Module:
+    """distseq's decoder, or the Hugging Face model ``model.hf`` / ``model.hf_config`` names
+    (seed torch first: FSDP and DeepSpeed assume every rank built the same weights)."""
+    if cfg.model.hf_key is None:
+        return Decoder(cfg.model)
+    from distseq.hf.model import build_hf_model
+
+    par = cfg.parallel
+    # Every forward passes its SequenceContext, which picks group, strategy and layout; these
+    # are only apply()'s defaults. The adaptive planner picks strategies per group, so it
+    # gets ring, which every group shape allows.
+    strategy = par.attention_strategy if cfg.planner == "static" else "ring"
+    return build_hf_model(cfg.model, strategy=strategy, layout=par.layout,
+                          group=mesh.sp_group, backend=par.attention_backend)  # fmt: skip
 
 
 class Trainer:
@@ -46,7 +66,7 @@ class Trainer:
         init_distributed(self.device)
         self.mesh = build_mesh(cfg.parallel.dp, cfg.parallel.sp, self.device)
         torch.manual_seed(cfg.train.seed)
-        self.model = Decoder(cfg.model).to(self.device)
+        self.model = build_model(cfg, self.mesh).to(self.device)
         self.model.checkpoint_blocks = cfg.train.activation_checkpointing
         self.engine = build_engine(cfg, self.model, self.mesh)
         self.scheduler: AdaptiveScheduler | None = None
@@ -123,7 +143,9 @@ class Trainer:
         logger = MetricsLogger(cfg.out_dir, cfg.train.steps, self.step, is_main, cfg.log.progress)
         world = self.mesh.world_size
         peak = peak_flops(self.device, cfg.log.peak_flops)
-        per_token_flops = flops_per_token(cfg.model, cfg.data.seq_len)
+        # A Hugging Face model's description builds it on the meta device: only when used.
+        spec = ModelSpec.from_config(cfg.model) if peak else None
+        per_token_flops = flops_per_token(spec, cfg.data.seq_len) if spec else 0.0
         try:
             while self.step < cfg.train.steps:
                 start = time.perf_counter()
@@ -148,6 +170,8 @@ class Trainer:
                     record["mfu"] = record["tokens_per_s_per_rank"] * per_token_flops / peak
                 logger.log(record)
                 self._maybe_save()
+            if cfg.checkpoint.export_hf:
+                checkpoint.export_hf(cfg, self.engine)
         finally:
             logger.close()
             if self.scheduler is not None:
