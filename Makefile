@@ -31,11 +31,12 @@ test: install
 test-slow: install
 	$(PY) -m pytest -m slow
 
-# The CPU suite (about 14 minutes on 2 idle cores): planner, scaling and simulate write to
+# The CPU suite (about 19 minutes on 2 idle cores): planner, scaling and simulate write to
 # benchmarks/results/; attention_sp and linear_sp only print (tables: benchmarks/results/*.md).
 bench: install
 	$(PY) benchmarks/attention_sp.py
 	$(PY) benchmarks/linear_sp.py
+	$(PY) benchmarks/hf_sp.py
 	$(PY) benchmarks/planner.py --json benchmarks/results/planner.json
 	$(PY) benchmarks/scaling.py
 	$(PY) benchmarks/simulate.py

@@ -14,6 +14,11 @@ def _float(logits: torch.Tensor) -> torch.Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
+def _chunks(rows: int, chunk: int) -> list[slice]:
+    """Row slices (views, not copies) of at most ``chunk`` rows."""
+    return [slice(start, min(start + chunk, rows)) for start in range(0, rows, chunk)]
+
+
 class _SummedCrossEntropy(torch.autograd.Function):
     """``Σ`` over labelled rows of ``logsumexp(logits) - logits[label]``, times ``scale``.
 
@@ -24,7 +29,7 @@ class _SummedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(fctx, logits, labels, scale: float, chunk: int):
         total = torch.zeros((), dtype=_float(logits[:0]).dtype, device=logits.device)
-        for rows in torch.arange(logits.shape[0], device=logits.device).split(chunk):
+        for rows in _chunks(logits.shape[0], chunk):
             part, target = _float(logits[rows]), labels[rows]
             picked = part.gather(1, target.clamp_min(0)[:, None])[:, 0]
             total += ((torch.logsumexp(part, dim=1) - picked) * (target != IGNORE_INDEX)).sum()
@@ -36,10 +41,10 @@ class _SummedCrossEntropy(torch.autograd.Function):
     def backward(fctx, grad_total):
         logits, labels = fctx.saved_tensors
         grad = torch.empty_like(logits)
-        for rows in torch.arange(logits.shape[0], device=logits.device).split(fctx.chunk):
+        for rows in _chunks(logits.shape[0], fctx.chunk):
             target = labels[rows]
             part = torch.softmax(_float(logits[rows]), dim=1)
-            part[torch.arange(len(rows), device=part.device), target.clamp_min(0)] -= 1
+            part[torch.arange(len(target), device=part.device), target.clamp_min(0)] -= 1
             weight = (target != IGNORE_INDEX) * (grad_total * fctx.scale)
             grad[rows] = (part * weight[:, None]).to(grad.dtype)
         return grad, None, None, None
