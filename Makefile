@@ -32,7 +32,7 @@ test-slow: install
 	$(PY) -m pytest -m slow
 
 # The CPU suite (about 19 minutes on 2 idle cores): planner, scaling and simulate write to
-# benchmarks/results/; attention_sp and linear_sp only print (tables: benchmarks/results/*.md).
+# benchmarks/results/; attention_sp, linear_sp and hf_sp only print (tables: benchmarks/results/*.md).
 bench: install
 	$(PY) benchmarks/attention_sp.py
 	$(PY) benchmarks/linear_sp.py
