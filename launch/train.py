@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         Trainer(cfg).fit()
-    except ValueError as exc:  # bad input found while running (e.g. a document that fits nowhere)
+    # Bad input found while running (e.g. a document that fits nowhere), or a NaN/inf step.
+    except (ValueError, FloatingPointError) as exc:
         rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
         print(f"launch/train.py: error on rank {rank}: {exc}", file=sys.stderr)
         return 2

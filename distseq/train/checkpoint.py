@@ -1,15 +1,26 @@
 """Save / resume with ``torch.distributed.checkpoint`` (DeepSpeed: its own checkpoint format).
 
-Each checkpoint directory ``step_N`` holds the sharded model + optimizer state and
-``meta.json``: the step, the data-loader state and the parallel/data layout the run used.
-Resuming under a different layout refuses loudly, before any process-group work: rank-local
-data state and sequence padding are only valid for the layout that produced them.
-``checkpoint.export_hf`` also writes the final model as a Hugging Face directory.
+Each checkpoint directory ``step_N`` holds the sharded model + optimizer state, ``meta.json``
+(the step, the data-loader state, the layout signature and the layout it was saved with) and,
+written last and atomically by rank 0 once every rank has finished writing, the ``COMPLETE``
+marker: the size of every file, so a checkpoint missing a file, holding a truncated one or
+interrupted before the marker is recognised without reading it. ``checkpoint.resume: auto``
+takes the newest complete one, skipping (with a warning naming it) any newer that is not.
+
+Model and optimizer state are saved with global shapes (DCP), so a run resumes at another
+``dp x sp``, layout or engine (DDP <-> FSDP): the loader state is a position in the global
+data order. Only :func:`layout_signature` (what the data stream depends on, and DeepSpeed's
+format, which is neither DCP nor reshardable here) must match; a mismatch is refused before
+any process-group work. ``checkpoint.export_hf`` also writes the final model as a Hugging Face
+directory.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,51 +35,133 @@ from torch.distributed.checkpoint.state_dict import (
 
 from distseq.train.config import Config
 from distseq.train.engine import DeepSpeedEngine, Engine
+from distseq.train.mesh import launched_rank
 
 META = "meta.json"
+COMPLETE = "COMPLETE"
+PREFIX = "step_"
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped because it is incomplete or unreadable."""
 
 
 def checkpoint_root(cfg: Config) -> Path:
     return Path(cfg.checkpoint.dir or Path(cfg.out_dir) / "checkpoints")
 
 
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix(PREFIX))
+
+
+def step_dirs(root: Path) -> list[Path]:
+    """The ``step_N`` directories under ``root``, newest (largest N) first."""
+    found = [p for p in root.glob(PREFIX + "*") if p.name.removeprefix(PREFIX).isdigit()]
+    return sorted(found, key=_step_of, reverse=True)
+
+
+def _deepspeed(cfg: Config) -> bool:
+    return cfg.parallel.engine == "deepspeed" and cfg.planner == "static"
+
+
 def layout_signature(cfg: Config) -> dict[str, object]:
-    """What must not change between saving and resuming."""
+    """What must not change between saving and resuming: what the global data order depends
+    on, and the state's format. DeepSpeed's ZeRO partitions are per rank in its own format,
+    so it also keeps the world size and stage; DCP state (ddp, fsdp, adaptive) reshards."""
     par, data = cfg.parallel, cfg.data
-    return {
+    signature: dict[str, object] = {
         "planner": cfg.planner,
-        "parallel.dp": par.dp,
-        "parallel.sp": par.sp,
-        "parallel.layout": par.layout,
-        "parallel.engine": par.engine,
         "data.source": data.source,
         "data.seq_len": data.seq_len,
         "data.pad_multiple": data.pad_multiple,
         "train.global_batch": cfg.train.global_batch,
         "train.seed": cfg.train.seed,
+        "state format": "deepspeed" if _deepspeed(cfg) else "torch.distributed.checkpoint",
+    }
+    if _deepspeed(cfg):
+        signature |= {"dp x sp (deepspeed)": par.dp * par.sp, "parallel.zero_stage": par.zero_stage}
+    return signature
+
+
+def saved_with(cfg: Config) -> dict[str, object]:
+    """The layout a checkpoint was taken at (for the record; it may change on resume)."""
+    par = cfg.parallel
+    return {"dp": par.dp, "sp": par.sp, "layout": par.layout, "engine": par.engine}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Readers see the old file or the whole new one, never a part (rename is atomic)."""
+    temp = path.with_name(path.name + ".tmp")
+    with open(temp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+
+
+def _file_sizes(path: Path) -> dict[str, int]:
+    return {
+        str(f.relative_to(path)): f.stat().st_size
+        for f in sorted(path.rglob("*"))
+        if f.is_file() and f.name != COMPLETE
     }
 
 
+def problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete, readable checkpoint, or None if it is (reads only
+    the marker, ``meta.json`` and file sizes)."""
+    marker = path / COMPLETE
+    if not marker.is_file():
+        return f"no {COMPLETE} marker (its save did not finish)"
+    try:
+        expected = json.loads(marker.read_text())["files"]
+        meta = json.loads((path / META).read_text())
+        meta["step"], meta["loader"], meta["layout"]  # noqa: B018 - KeyError if absent
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"unreadable {COMPLETE} or {META} ({type(exc).__name__}: {exc})"
+    for name, size in expected.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written"
+    return None
+
+
 def resolve_resume(cfg: Config) -> Path | None:
-    """The directory to resume from (``checkpoint.resume``: ``latest`` or a path), or None."""
+    """The directory ``checkpoint.resume`` names, or None to start fresh: ``auto`` is the
+    newest complete checkpoint under :func:`checkpoint_root` (None if there is none),
+    ``latest`` the same but none is an error, ``none`` / null never resumes."""
     resume = cfg.checkpoint.resume
-    if not resume:
+    if resume is None or resume == "none":
         return None
-    if resume == "latest":
-        steps = sorted(checkpoint_root(cfg).glob("step_*/" + META))
-        if not steps:
+    if resume in ("auto", "latest"):
+        root = checkpoint_root(cfg)
+        for path in step_dirs(root):
+            why = problem(path)
+            if why is None:
+                return path
+            if launched_rank() == 0:
+                warnings.warn(
+                    f"skipping checkpoint {path}: {why}; trying the previous one",
+                    CheckpointWarning,
+                    stacklevel=2,
+                )
+        if resume == "latest":
             raise ValueError(
-                f"checkpoint.resume=latest but {checkpoint_root(cfg)} holds no checkpoint"
+                f"checkpoint.resume=latest but {root} holds no complete checkpoint; use "
+                "checkpoint.resume=auto to start fresh when there is none"
             )
-        return max((p.parent for p in steps), key=lambda p: int(p.name.split("_")[1]))
+        return None
     path = Path(resume)
-    if not (path / META).is_file():
-        raise ValueError(f"checkpoint.resume={resume!r} is not a checkpoint directory ({META})")
+    why = problem(path)
+    if why is not None:
+        raise ValueError(f"checkpoint.resume={resume!r} is not a complete checkpoint: {why}")
     return path
 
 
 def read_meta(path: Path, cfg: Config) -> dict:
-    """Load ``meta.json`` and refuse if the run's layout differs from the saved one."""
+    """Load ``meta.json`` and refuse if what cannot be resharded differs from the saved run."""
     meta = json.loads((path / META).read_text())
     now = layout_signature(cfg)
     diffs = [
@@ -78,21 +171,29 @@ def read_meta(path: Path, cfg: Config) -> dict:
     ]
     if diffs:
         raise ValueError(
-            f"cannot resume from {path}: the parallel/data layout changed ({'; '.join(diffs)}); "
-            "the data-loader state and padding are only valid for the saved layout - resume "
-            "with the saved values or start a new run"
+            f"cannot resume from {path}: {'; '.join(diffs)}. The data order depends on the "
+            "data keys, planner, batch and seed; DeepSpeed's own format resumes only with "
+            "DeepSpeed at the same dp x sp and stage (ddp / fsdp / adaptive state reshards to "
+            "any dp, sp, layout). Resume with the saved values, or start a new run "
+            "(checkpoint.resume=none or another checkpoint.dir)"
         )
     return meta
 
 
 def resume_point(cfg: Config) -> tuple[Path, dict] | None:
     """The checkpoint to resume from and its checked ``meta.json`` (files only, no
-    process-group work), or None when not resuming."""
+    process-group work), or None when starting fresh."""
     path = resolve_resume(cfg)
     return None if path is None else (path, read_meta(path, cfg))
 
 
 def save(path: Path, cfg: Config, engine: Engine, step: int, loader_state: dict) -> None:
+    """Collective. The ``COMPLETE`` marker is written last; ``checkpoint.keep_last`` then
+    removes older checkpoints (never before a newer one is complete)."""
+    is_main = dist.get_rank() == 0
+    if is_main and path.exists():  # a crashed save's leftovers, or a run resumed before it
+        shutil.rmtree(path)
+    dist.barrier()
     path.mkdir(parents=True, exist_ok=True)
     if isinstance(engine, DeepSpeedEngine):
         engine.module.save_checkpoint(str(path), tag="deepspeed")
@@ -100,13 +201,32 @@ def save(path: Path, cfg: Config, engine: Engine, step: int, loader_state: dict)
         model_state, optim_state = get_state_dict(engine.model, engine.optimizer)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path / "dcp"))
     dist.barrier()
-    if dist.get_rank() == 0:
-        meta = {"step": step, "loader": loader_state, "layout": layout_signature(cfg)}
-        (path / META).write_text(json.dumps(meta, indent=1))
+    if is_main:
+        meta = {"step": step, "loader": loader_state, "layout": layout_signature(cfg),
+                "saved_with": saved_with(cfg)}  # fmt: skip
+        _write_atomic(path / META, json.dumps(meta, indent=1))
+        _write_atomic(path / COMPLETE, json.dumps({"step": step, "files": _file_sizes(path)}))
+        prune(path.parent, cfg.checkpoint.keep_last)
     dist.barrier()
 
 
+def prune(root: Path, keep_last: int) -> None:
+    """Delete every checkpoint older than the ``keep_last``-th newest complete one (0: keep
+    all); incomplete ones newer than it stay until a complete one passes them."""
+    if not keep_last:
+        return
+    complete = [path for path in step_dirs(root) if problem(path) is None]
+    if len(complete) <= keep_last:
+        return
+    oldest_kept = _step_of(complete[keep_last - 1])
+    for path in step_dirs(root):
+        if _step_of(path) < oldest_kept:
+            shutil.rmtree(path)
+
+
 def load(path: Path, engine: Engine) -> None:
+    """Collective: fill ``engine``'s model and optimizer from ``path``, resharding DCP state
+    to this run's engine and mesh."""
     if isinstance(engine, DeepSpeedEngine):
         engine.module.load_checkpoint(str(path), tag="deepspeed")
         return

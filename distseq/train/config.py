@@ -51,11 +51,15 @@ class ParallelConfig:
     zero_stage: int = 2
     attention_backend: str = "auto"
     linear_backend: str = "auto"
+    timeout_s: float = 1800.0
 
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup then cosine decay to ``lr * min_lr_ratio``."""
+    """AdamW with linear warmup then cosine decay to ``lr * min_lr_ratio``. A step whose loss
+    or gradient norm is NaN/inf stops the run, unless ``skip_nonfinite`` allows skipping up to
+    that many such steps in a row (a skipped step's batch is consumed and dropped; weights and
+    optimizer state stay as they were)."""
 
     steps: int = 200
     seed: int = 0
@@ -70,6 +74,7 @@ class OptimConfig:
     dtype: str = "float32"
     device: str = "auto"
     activation_checkpointing: bool = False
+    skip_nonfinite: int = 0
 
 
 @dataclass
@@ -107,14 +112,18 @@ class DataConfig:
 @dataclass
 class CheckpointConfig:
     """Save every ``every`` steps (0: only at the end if ``save_final``) under ``dir``
-    (default ``<out_dir>/checkpoints``); ``resume``: ``latest`` or a ``step_N`` directory;
+    (default ``<out_dir>/checkpoints``), keeping the newest ``keep_last`` (0: all).
+    ``resume``: ``auto`` (the newest complete checkpoint under ``dir`` if there is one, else a
+    fresh start: what ``torchrun --max-restarts`` needs), ``latest`` (the same, but having none
+    is an error), a ``step_N`` directory, or ``none`` / null (always start fresh).
     ``export_hf``: a directory where a Hugging Face model (``model.hf`` / ``model.hf_config``)
     is written at the end of training, loadable by ``AutoModelForCausalLM.from_pretrained``."""
 
     every: int = 0
     save_final: bool = False
     dir: str | None = None
-    resume: str | None = None
+    keep_last: int = 0
+    resume: str | None = "auto"
     export_hf: str | None = None
 
 
@@ -242,7 +251,7 @@ def validate_config(cfg: Config, world_size: int) -> Config:
     _check_optim(cfg.train)
     _check_backends(cfg, spec)
     _check_data(cfg, spec)
-    _positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
+    _check_resilience(cfg)
     _check_export(cfg)
     return cfg
 
@@ -457,6 +466,26 @@ def _check_recall(rc: RecallConfig, seq_len: int, vocab: int, vocab_key: str) ->
     if recall_vocab_size(rc) > vocab:
         raise ValueError(
             f"data.recall needs {recall_vocab_size(rc)} token ids but {vocab_key}={vocab}"
+        )
+
+
+def _check_resilience(cfg: Config) -> None:
+    """Checkpointing, the process-group timeout and non-finite step handling."""
+    ckpt = cfg.checkpoint
+    _positive("checkpoint.every", ckpt.every, allow_zero=True)
+    _positive("checkpoint.keep_last", ckpt.keep_last, allow_zero=True)
+    if ckpt.resume == "":
+        raise ValueError(
+            "checkpoint.resume='' names nothing; use auto, latest, none or a step_N dir"
+        )
+    _positive("parallel.timeout_s", cfg.parallel.timeout_s)
+    skip = cfg.train.skip_nonfinite
+    _positive("train.skip_nonfinite", skip, allow_zero=True)
+    if skip and cfg.parallel.engine == "deepspeed" and cfg.planner == "static":
+        raise ValueError(
+            f"train.skip_nonfinite={skip} with parallel.engine=deepspeed: DeepSpeed clips and "
+            "updates in one call, so a non-finite step cannot be skipped (it stops the run); "
+            "set train.skip_nonfinite=0 or use ddp / fsdp"
         )
 
 

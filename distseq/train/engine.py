@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -64,15 +64,17 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self, lr: float) -> float:
-        """Clip, update with learning rate ``lr``; returns the global gradient norm."""
+    def step(self, lr: float, should_update: Callable[[float], bool]) -> float:
+        """Clip, then update with learning rate ``lr`` if ``should_update(global gradient
+        norm)`` (every rank sees the same norm); returns the norm."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         limit = self.cfg.train.grad_clip or math.inf
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), limit, foreach=False)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
-        self.optimizer.step()
+        if should_update(float(norm)):
+            self.optimizer.step()
         return float(norm)
 
 
@@ -143,12 +145,19 @@ class DeepSpeedEngine(Engine):
         if not sync:  # DeepSpeed counts micro-batches in step() and updates at the boundary
             self.module.step()
 
-    def step(self, lr: float) -> float:
+    def step(self, lr: float, should_update: Callable[[float], bool]) -> float:
+        """DeepSpeed clips and updates in one call, so ``should_update`` sees the norm only
+        afterwards (the config refuses ``train.skip_nonfinite`` with DeepSpeed and the trainer
+        checks the loss first): a non-finite norm then stops the run before the weights are
+        used or saved. A norm DeepSpeed does not report is NaN in the metrics, not checked."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.module.step()
         norm = self.module.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        if norm is None:
+            return float("nan")
+        should_update(float(norm))
+        return float(norm)
 
 
 class ReplicatedEngine(Engine):
@@ -164,9 +173,9 @@ class ReplicatedEngine(Engine):
             for tensor in [*model.parameters(), *model.buffers()]:
                 dist.broadcast(tensor, src=0)
 
-    def step(self, lr: float) -> float:
+    def step(self, lr: float, should_update: Callable[[float], bool]) -> float:
         self.average_gradients()
-        return super().step(lr)
+        return super().step(lr, should_update)
 
     def average_gradients(self) -> None:
         """Mean of every rank's gradients (a rank that ran nothing contributes zeros), in one

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 from pathlib import Path
@@ -45,13 +46,29 @@ def flops_per_token(spec: ModelSpec, seq_len: int) -> float:
     return float(dense + mixer)
 
 
+def drop_after(path: Path, step: int) -> None:
+    """Keep only ``path``'s records of steps up to ``step`` (a resumed run re-runs the later
+    ones; a line cut short by a crash is dropped too), replacing the file atomically."""
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", step + 1) <= step:
+            kept.append(line + "\n")
+    temp = path.with_name(path.name + ".tmp")
+    temp.write_text("".join(kept), encoding="utf-8")
+    os.replace(temp, path)
+
+
 class MetricsLogger:
     """Rank 0 writes; other ranks only keep the history (returned by the trainer)."""
 
     def __init__(self, out_dir: str, total_steps: int, start_step: int, enabled: bool,
                  progress: bool) -> None:  # fmt: skip
-        """A resumed run (``start_step > 0``) appends to ``metrics.jsonl``; a new one starts it
-        afresh."""
+        """A resumed run (``start_step > 0``) keeps the records of ``metrics.jsonl`` up to
+        ``start_step`` and appends; a new one starts it afresh."""
         self.enabled = enabled
         self.history: list[dict] = []
         self._file = None
@@ -61,6 +78,8 @@ class MetricsLogger:
             # Kept open for the whole run (one line per step); closed in close().
             mode = "a" if start_step else "w"
             path = Path(out_dir) / "metrics.jsonl"
+            if start_step and path.is_file():
+                drop_after(path, start_step)
             self._file = open(path, mode, encoding="utf-8")  # noqa: SIM115
             if progress:
                 self._bar = tqdm(

@@ -9,12 +9,19 @@ each rank runs its data-parallel share of packed sequences on the ``sp`` group; 
 (:mod:`distseq.train.adaptive`) and each rank runs its groups' sequences. The model is
 distseq's :class:`~distseq.models.Decoder` or, with ``model.hf`` / ``model.hf_config``, a
 Hugging Face causal LM (:class:`distseq.hf.model.HFCausalLM`), called the same way.
+
+A step whose loss or gradient norm is NaN/inf raises :class:`FloatingPointError` naming the
+step before the optimizer runs, or, within ``train.skip_nonfinite`` such steps in a row, is
+skipped: no update of weights or optimizer state, its batch consumed and dropped, the step
+counted (the learning-rate schedule moves on) and logged with ``skipped: true``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -63,8 +70,9 @@ class Trainer:
         self.cfg = cfg
         resume = checkpoint.resume_point(cfg)
         self.device = pick_device(cfg.train.device)
-        init_distributed(self.device)
-        self.mesh = build_mesh(cfg.parallel.dp, cfg.parallel.sp, self.device)
+        par = cfg.parallel
+        init_distributed(self.device, par.timeout_s)
+        self.mesh = build_mesh(par.dp, par.sp, self.device, par.timeout_s)
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg, self.mesh).to(self.device)
         self.model.checkpoint_blocks = cfg.train.activation_checkpointing
@@ -76,8 +84,12 @@ class Trainer:
         else:
             self.loader = StepLoader(cfg, self.mesh.dp_rank, self.mesh.dp)
         self.step = 0
+        self.nonfinite_in_a_row = 0
         if resume is not None:
             path, meta = resume
+            if dist.get_rank() == 0:
+                print(f"resuming from {path} (step {meta['step']}, saved with "
+                      f"{meta.get('saved_with')})", flush=True)  # fmt: skip
             checkpoint.load(path, self.engine)
             self.loader.load_state_dict(meta["loader"])
             self.step = int(meta["step"])
@@ -107,9 +119,47 @@ class Trainer:
         stats = {"tokens": sum(len(tokens) for tokens, _ in docs), **plan_summary(plan)}
         return self.scheduler.work(plan, docs), real_tokens, stats
 
+    def _skip(self, **values: float) -> bool:
+        """Whether to skip this step for a non-finite one of ``values`` (every rank holds the
+        same); raises when ``train.skip_nonfinite`` allows no more such steps in a row."""
+        bad = ", ".join(
+            f"{name} {value}" for name, value in values.items() if not math.isfinite(value)
+        )
+        if not bad:
+            return False
+        self.nonfinite_in_a_row += 1
+        allowed, step = self.cfg.train.skip_nonfinite, self.step + 1
+        if self.nonfinite_in_a_row > allowed:
+            raise FloatingPointError(
+                f"step {step}: non-finite {bad} ({self.nonfinite_in_a_row} such step(s) in a "
+                f"row, train.skip_nonfinite={allowed}); the weights were not updated. Lower "
+                "train.lr, check the data, or allow skipping with train.skip_nonfinite"
+            )
+        if dist.get_rank() == 0:
+            message = f"step {step}: non-finite {bad}; step skipped (weights and optimizer "
+            warnings.warn(message + "state unchanged, its batch dropped)", RuntimeWarning, 2)
+        return True
+
+    def _update(self, loss: float) -> tuple[float, bool]:
+        """Clip and update unless the loss or gradient norm is non-finite (see ``_skip``);
+        returns (gradient norm, skipped)."""
+        if self._skip(loss=loss):
+            return float("nan"), True
+        skipped = False
+
+        def should_update(norm: float) -> bool:
+            nonlocal skipped
+            skipped = self._skip(grad_norm=norm)
+            return not skipped
+
+        grad_norm = self.engine.step(learning_rate(self.cfg, self.step + 1), should_update)
+        if not skipped:
+            self.nonfinite_in_a_row = 0
+        return grad_norm, skipped
+
     def train_step(self) -> dict:
         """One optimizer step; returns its ``loss`` (global mean), ``grad_norm``,
-        ``real_tokens``, ``tokens`` and, when adaptive, the plan's summary."""
+        ``real_tokens``, ``tokens``, ``skipped`` and, when adaptive, the plan's summary."""
         work, real_tokens, stats = (
             self._adaptive_work() if self.scheduler is not None else self._static_work()
         )
@@ -132,10 +182,11 @@ class Trainer:
                 local = (token_loss * mask.flatten()).sum()
                 self.engine.backward(local * scale)
             loss_sum += local.detach().double()
-        grad_norm = self.engine.step(learning_rate(self.cfg, self.step + 1))
         dist.all_reduce(loss_sum)
         loss = float(loss_sum) / real_tokens
-        return {"loss": loss, "grad_norm": grad_norm, "real_tokens": real_tokens, **stats}
+        grad_norm, skipped = self._update(loss)
+        return {"loss": loss, "grad_norm": grad_norm, "real_tokens": real_tokens,
+                "skipped": skipped, **stats}  # fmt: skip
 
     def fit(self) -> list[dict]:
         cfg = self.cfg
