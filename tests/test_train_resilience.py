@@ -229,3 +229,23 @@ def test_silent_peer_times_out_instead_of_hanging():
     finally:
         pool.close(force=True)
     assert error and elapsed < 10, (elapsed, error)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    (
+        ("checkpoint.keep_last=-1", "checkpoint.keep_last=-1"),
+        ("parallel.timeout_s=0", "parallel.timeout_s=0"),
+        ("train.skip_nonfinite=-2", "train.skip_nonfinite=-2"),
+        ("checkpoint.resume=''", "checkpoint.resume=''"),
+    ),
+)
+def test_bad_resilience_values_name_their_key(override, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        train_cases.build_config([override], 1)
+
+
+def test_deepspeed_refuses_skip_nonfinite():
+    pytest.importorskip("deepspeed")
+    with pytest.raises(ValueError, match="skip_nonfinite=1 with parallel.engine=deepspeed"):
+        train_cases.build_config(["parallel.engine=deepspeed", "train.skip_nonfinite=1"], 1)
