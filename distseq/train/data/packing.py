@@ -1,6 +1,7 @@
 """Varlen packing: documents -> fixed-length sequences with global ``cu_seqlens``.
 
-Each document is padded only to ``multiple`` (the divisibility the sharding layout needs), the
+Each document is padded to ``multiple`` (``data.pad_multiple``: a fixed multiple that every
+sharding layout of the run divides, so the packing does not depend on the layout), the
 sequence's unused tail becomes one padding segment, and padding is masked out of the loss.
 Targets are next tokens *within* a document; a document's last token predicts nothing.
 """
@@ -51,7 +52,9 @@ def split_document(doc: Document, max_len: int) -> list[Document]:
     return pieces
 
 
-def _assemble(docs: list[Document], seq_len: int, multiple: int) -> PackedSequence:
+def assemble(docs: list[Document], seq_len: int, multiple: int) -> PackedSequence:
+    """``docs`` at the start of a ``seq_len`` sequence, each padded to ``multiple``; the rest
+    is one padding segment."""
     tokens = torch.full((seq_len,), PAD_ID, dtype=torch.long)
     targets = torch.full((seq_len,), PAD_ID, dtype=torch.long)
     loss_mask = torch.zeros(seq_len, dtype=torch.bool)
@@ -73,7 +76,7 @@ def pack_group(documents: list[Document], multiple: int) -> PackedSequence:
     """All of ``documents`` in one sequence, each padded to ``multiple`` and nothing after
     them: what one adaptive-planner group runs (``multiple`` = its layout's divisor)."""
     total = sum(padded_length(len(tokens), multiple) for tokens, _ in documents)
-    return _assemble(documents, total, multiple)
+    return assemble(documents, total, multiple)
 
 
 def pack_documents(
@@ -89,9 +92,9 @@ def pack_documents(
         for piece in split_document(doc, seq_len):
             need = padded_length(len(piece[0]), multiple)
             if used + need > seq_len:
-                yield _assemble(current, seq_len, multiple)
+                yield assemble(current, seq_len, multiple)
                 current, used = [], 0
             current.append(piece)
             used += need
     if current:
-        yield _assemble(current, seq_len, multiple)
+        yield assemble(current, seq_len, multiple)
