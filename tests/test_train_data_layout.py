@@ -22,8 +22,14 @@ RUNS = (
 )
 
 
-def test_pad_multiple_default_is_fixed():
+def test_pad_multiple_default_is_fixed_and_layouts_must_divide_it():
     assert DataConfig().pad_multiple == 64
+    cfg = train_cases.build_config(["data.pad_multiple=64", "parallel.sp=4"], 4)
+    assert cfg.data.pad_multiple == 64  # not replaced by the layout's 8
+    with pytest.raises(ValueError, match=r"data\.pad_multiple=12 .*parallel\.sp=4.*zigzag"):
+        train_cases.build_config(["data.pad_multiple=12", "data.seq_len=120"], 4)
+    with pytest.raises(ValueError, match=r"data\.seq_len=100 .*data\.pad_multiple=8"):
+        train_cases.build_config(["data.seq_len=100"], 2)
 
 
 def test_losses_agree_at_every_step_for_any_layout(pools, tmp_path):

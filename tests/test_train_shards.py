@@ -68,6 +68,11 @@ def test_prepare_reads_parquet_and_saved_datasets(tmp_path):
     data = ShardCorpus([str(tmp_path / "out")])
     texts = [bytes(data.tokens(i).tolist()).decode() for i in range(meta["documents"])]
     assert texts == ["from parquet", "second row", "from arrow"]
+    # data.source=hf_dataset trains from the same inputs directly (tokenized at start)
+    cfg = _cfg(f"{tmp_path / 'part.parquet'},{saved}", "data.source=hf_dataset")
+    sequences, real = StepLoader(cfg, 0, 1).next_step()
+    first = bytes(sequences[0].tokens[sequences[0].tokens > 0].tolist()).decode()
+    assert len(sequences) == 4 and real > 0 and "from arrow" in first and "second row" in first
 
 
 def _cfg(out, *overrides):
