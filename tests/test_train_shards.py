@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import train_cases
+from distseq.data.__main__ import main as cli_main
 from distseq.train.data import DocumentLoader, ShardCorpus, StepLoader, prepare, read_meta
 from distseq.train.data.loader import document_source
 from distseq.train.data.sources import ShardSource
@@ -42,15 +43,14 @@ def test_prepare_writes_documents_index_and_header(corpus):
     assert data.tokens(5, 2, 6).tolist() == list(TEXTS[5].encode()[2:6])
 
 
-def test_cli_prepares(tmp_path):
+def test_cli_prepares(tmp_path, capsys):
     (tmp_path / "a.txt").write_text("one doc\n\nanother doc\n")
-    cmd = [sys.executable, "-m", "distseq.data", "prepare", "--input", str(tmp_path / "a.txt"),
-           "--out", str(tmp_path / "out"), "--quiet"]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    args = ["prepare", "--input", str(tmp_path / "a.txt"), "--out", str(tmp_path / "out")]
+    done = subprocess.run([sys.executable, "-m", "distseq.data", *args, "--quiet"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
     assert "2 documents, 18 tokens (uint16)" in done.stdout
-    bad = subprocess.run([*cmd[:5], str(tmp_path / "nope.txt"), *cmd[6:]],
-                         capture_output=True, text=True)  # fmt: skip
-    assert bad.returncode == 2 and "nope.txt" in bad.stderr
+    args[2] = str(tmp_path / "nope.txt")
+    assert cli_main(args) == 2 and "nope.txt" in capsys.readouterr().err
 
 
 def test_prepare_reads_parquet_and_saved_datasets(tmp_path):

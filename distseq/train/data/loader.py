@@ -11,10 +11,9 @@ from __future__ import annotations
 import collections
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from distseq.train.data.packing import PackedSequence, assemble, padded_length
+from distseq.train.data.packing import Cursor, PackedSequence, assemble, next_sequence
 from distseq.train.data.sources import (
     Document,
     DocumentSource,
@@ -44,40 +43,6 @@ def document_stream(cfg: Config) -> Iterator[Document]:
     return (source.piece(g, 0, source.length(g)) for g in itertools.count())
 
 
-@dataclass
-class Cursor:
-    """Walks a source's document order in pieces of at most ``max_len`` tokens (a longer
-    document is cut; each piece is its own document)."""
-
-    source: DocumentSource
-    max_len: int
-    document: int = 0
-    offset: int = 0
-
-    def next_length(self) -> int:
-        """Length of the next piece (from the index where there is one: no tokens read)."""
-        return min(self.max_len, self.source.length(self.document) - self.offset)
-
-    def take(self) -> Document:
-        length = self.next_length()
-        piece = self.source.piece(self.document, self.offset, self.offset + length)
-        self.offset += length
-        if self.offset >= self.source.length(self.document):
-            self.document, self.offset = self.document + 1, 0
-        return piece
-
-    def state_dict(self) -> dict[str, int]:
-        return {"document": self.document, "offset": self.offset}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if set(state) != {"document", "offset"}:
-            raise ValueError(
-                f"loader state {state} is not a data position {{'document', 'offset'}} (a "
-                "checkpoint from an older distseq whose loader replayed the stream); start fresh"
-            )
-        self.document, self.offset = int(state["document"]), int(state["offset"])
-
-
 def real_tokens(document: Document) -> int:
     """Tokens of ``document`` in the loss: every token but the first can be a target."""
     return sum(document[1][1:])
@@ -99,23 +64,12 @@ class StepLoader:
         self.seq_len, self.multiple = cfg.data.seq_len, cfg.data.pad_multiple
         self.cursor = Cursor(document_source(cfg), self.seq_len)
 
-    def _sequence_documents(self) -> list[Document]:
-        """Greedy in-order packing: pieces until the next would not fit ``seq_len``."""
-        docs: list[Document] = []
-        used = 0
-        while True:
-            need = padded_length(self.cursor.next_length(), self.multiple)
-            if docs and used + need > self.seq_len:
-                return docs
-            docs.append(self.cursor.take())
-            used += need
-
     def next_step(self) -> tuple[list[PackedSequence], int]:
         """(this rank's sequences, real tokens in the whole global batch)."""
         per_rank = self.global_batch // self.dp
         mine, total = [], 0
         for index in range(self.global_batch):
-            docs = self._sequence_documents()
+            docs = next_sequence(self.cursor, self.seq_len, self.multiple)
             total += sum(real_tokens(doc) for doc in docs)
             if index // per_rank == self.dp_rank:
                 mine.append(assemble(docs, self.seq_len, self.multiple))

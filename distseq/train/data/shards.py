@@ -10,6 +10,7 @@ reads; document lengths come from the index alone.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from bisect import bisect_right
@@ -110,22 +111,32 @@ def read_meta(directory: str | Path) -> dict:
 
 
 class _Shard:
+    """One shard: sizes are checked on open (``stat`` only); the files are mapped, and the
+    index's ends checked, on first use."""
+
     def __init__(self, directory: Path, entry: dict, dtype: np.dtype) -> None:
-        self.name = entry["name"]
+        self.name, self.dtype = entry["name"], dtype
         self.bin, self.idx = directory / f"{self.name}.bin", directory / f"{self.name}.idx"
         self.documents, self.tokens = int(entry["documents"]), int(entry["tokens"])
         self._check_size(self.bin, self.tokens * dtype.itemsize, f"{self.tokens} tokens")
         self._check_size(self.idx, (self.documents + 1) * _OFFSET.itemsize,
                          f"{self.documents + 1} offsets")  # fmt: skip
-        self.offsets = np.memmap(self.idx, dtype=_OFFSET, mode="r")
-        self.data = np.memmap(self.bin, dtype=dtype, mode="r") if self.tokens else None
-        for position in (0, self.documents):
-            self._check_offset(position, int(self.offsets[position]))
-        if self.offsets[0] != 0 or self.offsets[-1] != self.tokens:
+
+    @functools.cached_property
+    def offsets(self) -> np.memmap:
+        offsets = np.memmap(self.idx, dtype=_OFFSET, mode="r")
+        if offsets[0] != 0 or offsets[-1] != self.tokens:
+            end = self.documents * _OFFSET.itemsize
             raise ValueError(
-                f"{self.idx}: offsets run {int(self.offsets[0])}..{int(self.offsets[-1])} but "
-                f"the shard holds 0..{self.tokens} tokens (byte offset 0)"
+                f"{self.idx}: offsets run {int(offsets[0])} (byte offset 0) .. "
+                f"{int(offsets[-1])} (byte offset {end}) but the shard holds "
+                f"{self.tokens} tokens; the index is malformed"
             )
+        return offsets
+
+    @functools.cached_property
+    def data(self) -> np.memmap:
+        return np.memmap(self.bin, dtype=self.dtype, mode="r")
 
     @staticmethod
     def _check_size(path: Path, expected: int, what: str) -> None:
@@ -138,13 +149,6 @@ class _Shard:
             raise ValueError(
                 f"shard file {path} is {state}: it ends at byte offset {size} but the header "
                 f"says {what} ({expected} bytes); re-run prepare"
-            )
-
-    def _check_offset(self, position: int, value: int) -> None:
-        if not 0 <= value <= self.tokens:
-            raise ValueError(
-                f"{self.idx}: offset {value} at byte offset {position * _OFFSET.itemsize} is "
-                f"outside the shard's {self.tokens} tokens; the index is malformed"
             )
 
     def span(self, document: int) -> tuple[int, int]:
@@ -195,7 +199,6 @@ class ShardCorpus:
         shard, local = self._locate(index)
         first, last = shard.span(local)
         stop = last - first if stop is None else min(stop, last - first)
-        assert shard.data is not None  # a document with tokens lives in a non-empty shard
         piece = np.asarray(shard.data[first + start : first + stop], dtype=np.int64)
         if piece.size and piece.max() >= self.vocab_size:
             raise ValueError(

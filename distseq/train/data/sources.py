@@ -71,6 +71,26 @@ def recall_document(rc: RecallConfig, seed: int, index: int) -> Document:
     return tokens, mask
 
 
+class ListSource:
+    """Documents given in memory, in their order (``pack_documents``, tests)."""
+
+    def __init__(self, documents: list[Document]) -> None:
+        self.documents = documents
+
+    def length(self, index: int) -> int:
+        return len(self.documents[index][0])
+
+    def piece(self, index: int, start: int, stop: int) -> Document:
+        tokens, mask = self.documents[index]
+        return tokens[start:stop], mask[start:stop]
+
+
+def _mask(start: int, length: int) -> list[bool]:
+    """Loss mask of tokens ``[start:start + length]`` of a plain text document: every token
+    but the document's first is a target."""
+    return [start > 0] + [True] * (length - 1)
+
+
 class RecallSource:
     """The recall task as a random-access source: position ``g`` is document ``g``."""
 
@@ -88,13 +108,7 @@ class RecallSource:
 
     def piece(self, index: int, start: int, stop: int) -> Document:
         tokens, mask = self.document(index)
-        # a piece's first token has no context inside the piece
-        return tokens[start:stop], [False] + mask[start + 1 : stop]
-
-
-def recall_documents(rc: RecallConfig, seed: int) -> Iterator[Document]:
-    source = RecallSource(rc, seed)
-    return (source.document(index) for index in itertools.count())
+        return tokens[start:stop], mask[start:stop]
 
 
 def _read_plain(path: Path) -> Iterator[str]:
@@ -213,8 +227,7 @@ class TextSource:
 
     def piece(self, index: int, start: int, stop: int) -> Document:
         ids = self.documents[self.order(index)]
-        piece = ids[start:stop]
-        return piece, [False] + [True] * (len(piece) - 1)
+        return ids[start:stop], _mask(start, len(ids[start:stop]))
 
 
 class ShardSource:
@@ -234,7 +247,7 @@ class ShardSource:
 
     def piece(self, index: int, start: int, stop: int) -> Document:
         tokens = self.corpus.tokens(self.order(index), start, stop).tolist()
-        return tokens, [False] + [True] * (len(tokens) - 1)
+        return tokens, _mask(start, len(tokens))
 
 
 def text_documents(
