@@ -14,6 +14,7 @@ import train_cases
 from distseq.data.__main__ import main as cli_main
 from distseq.train.data import DocumentLoader, ShardCorpus, StepLoader, prepare, read_meta
 from distseq.train.data.loader import document_source
+from distseq.train.data.shards import token_dtype
 from distseq.train.data.sources import ShardSource
 
 TEXTS = [f"document {i} " + "abcdefghij" * (i % 7 + 1) for i in range(40)]
@@ -41,6 +42,10 @@ def test_prepare_writes_documents_index_and_header(corpus):
         assert bytes(data.tokens(index).tolist()).decode() == TEXTS[index]
         assert data.length(index) == len(TEXTS[index])
     assert data.tokens(5, 2, 6).tolist() == list(TEXTS[5].encode()[2:6])
+
+
+def test_token_dtype_is_the_smallest_that_holds_the_vocabulary():
+    assert token_dtype(1 << 16) == np.uint16 and token_dtype((1 << 16) + 1) == np.uint32
 
 
 def test_cli_prepares(tmp_path, capsys):
@@ -173,6 +178,13 @@ def test_truncated_or_malformed_shards_name_the_file_and_offset(corpus):
     with pytest.raises(ValueError, match=rf"{idx_path}.*document 1 .*byte offset 8"):
         data.length(1)
     idx_path.write_bytes(original_idx)
+
+    tokens = np.frombuffer(original_bin, dtype=np.uint16).copy()
+    tokens[3] = 300  # beyond the header's byte vocabulary
+    bin_path.write_bytes(tokens.tobytes())
+    with pytest.raises(ValueError, match=rf"{bin_path}: token 300 near byte offset 0 .*256"):
+        ShardCorpus([str(out)]).tokens(0)
+    bin_path.write_bytes(original_bin)
 
     (out / "meta.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"meta\.json is not valid JSON"):
