@@ -66,7 +66,9 @@ setup(
         "deepspeed": ["deepspeed==0.19.8"],
         # Hugging Face models (distseq.hf, model.hf in training configs).
         "hf": HF,
-        "dev": ["pytest", "hypothesis", "ruff", "triton", "deepspeed==0.19.8", *HF],
+        # Hugging Face datasets on disk / .parquet inputs of `python -m distseq.data prepare`.
+        "data": ["pyarrow"],
+        "dev": ["pytest", "hypothesis", "ruff", "triton", "deepspeed==0.19.8", *HF, "pyarrow"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

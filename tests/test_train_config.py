@@ -108,7 +108,7 @@ def test_config_accepts_exactly_what_attention_strategies_declare(strategy, sp, 
     heads = {"model.n_heads": 12, "model.n_kv_heads": 6, "model.d_model": 96}
     overrides = [f"{k}={v}" for k, v in heads.items()]
     overrides += [f"parallel.attention_strategy={strategy}", f"parallel.layout={layout}"]
-    overrides += ["data.seq_len=768", "data.recall.max_len=96"]
+    overrides += ["data.seq_len=768", "data.recall.max_len=96", "data.pad_multiple=24"]
     try:
         ATTENTION_STRATEGIES.get(strategy).check_group(sp, 12, 6, layout)
         declared = True
@@ -122,7 +122,12 @@ def test_config_accepts_exactly_what_attention_strategies_declare(strategy, sp, 
 @pytest.mark.parametrize("strategy", sorted(LINEAR_STRATEGIES))
 def test_config_accepts_exactly_what_linear_strategies_declare(strategy, sp, layout):
     overrides = ["model.mixers=linear", f"parallel.linear_strategy={strategy}"]
-    overrides += [f"parallel.layout={layout}", "data.seq_len=768", "data.recall.max_len=96"]
+    overrides += [
+        f"parallel.layout={layout}",
+        "data.seq_len=768",
+        "data.recall.max_len=96",
+        "data.pad_multiple=24",
+    ]
     declared = layout in LINEAR_STRATEGIES.get(strategy).layouts
     assert _accepted(overrides, sp) == declared
     # linear ring runs zigzag (it did not pass validation before strategies declared it)
@@ -192,9 +197,9 @@ def test_ratio_override_is_not_read_as_base_60():
 
 def test_world_size_fills_null_dims():
     cfg = check([], world=4)
-    assert (cfg.parallel.dp, cfg.parallel.sp, cfg.data.pad_multiple) == (1, 4, 8)
+    assert (cfg.parallel.dp, cfg.parallel.sp) == (1, 4)
     cfg = check(["parallel.dp=null", "parallel.sp=2", "parallel.layout=contiguous"], world=4)
-    assert (cfg.parallel.dp, cfg.parallel.sp, cfg.data.pad_multiple) == (2, 2, 2)
+    assert (cfg.parallel.dp, cfg.parallel.sp) == (2, 2)
     assert check([], world=1).parallel.sp == 1
 
 

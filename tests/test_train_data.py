@@ -125,7 +125,8 @@ def test_text_and_jsonl_sources(tmp_path):
     stream = text_documents(paths, ByteTokenizer(), "text", seed=0)
     texts = {bytes(next(stream)[0]).decode() for _ in range(3)}
     assert texts == {"first doc", "second doc é", "third"}
-    cfg = _cfg(2, "data.source=text", f"data.paths=[{paths[0]},{paths[1]}]", "data.seq_len=32")
+    cfg = _cfg(2, "data.source=text", f"data.paths=[{paths[0]},{paths[1]}]", "data.seq_len=32",
+               "data.pad_multiple=8")  # fmt: skip
     sequences, real = StepLoader(cfg, 0, 1).next_step()
     assert len(sequences) == 4 and real > 0
 

@@ -21,6 +21,7 @@ from distseq.layout import LAYOUTS, chunks_per_rank
 from distseq.models.config import ModelConfig, check_model_config
 from distseq.planner.spec import ModelSpec
 from distseq.strategies import REGISTRY_BY_MIXER
+from distseq.train.data.shards import ShardCorpus
 from distseq.train.data.sources import recall_vocab_size
 from distseq.train.data.tokenizer import load_tokenizer
 from distseq.train.mesh import pick_device
@@ -28,7 +29,7 @@ from distseq.train.mesh import pick_device
 ENGINES = ("ddp", "fsdp", "deepspeed")
 STRATEGY_KEYS = {"softmax": "parallel.attention_strategy", "linear": "parallel.linear_strategy"}
 PLANNERS = ("static", "adaptive")
-DATA_SOURCES = ("recall", "text")
+DATA_SOURCES = ("recall", "text", "hf_dataset", "shards")
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -95,14 +96,18 @@ class RecallConfig:
 @dataclass
 class DataConfig:
     """``seq_len`` is the global packed length of one sequence (sharded over ``sp``);
-    ``pad_multiple`` (default: what the layout needs, ``sp`` or ``2 sp``) is what every
-    document is padded to; ``paths`` are local ``.txt`` / ``.jsonl`` files for
-    ``source: text``; ``tokenizer`` an optional local Hugging Face tokenizer directory
-    (default: ``model.hf``'s directory when it holds a tokenizer, else bytes)."""
+    ``pad_multiple`` is what every document is padded to: fixed (not derived from the
+    layout) so a step's tokens are the same at any dp / sp / layout; every layout it serves
+    (``sp``, or ``2 sp`` zigzag) must divide it. ``paths``: local ``.txt`` / ``.jsonl``
+    files (``source: text``), Hugging Face datasets saved to disk / ``.parquet`` files
+    (``source: hf_dataset``; column ``jsonl_key``) or shard directories written by
+    ``python -m distseq.data prepare`` (``source: shards``); ``tokenizer`` an optional local
+    Hugging Face tokenizer directory (default: ``model.hf``'s directory when it holds a
+    tokenizer, else bytes; shards are already tokenized)."""
 
     source: str = "recall"
     seq_len: int = 256
-    pad_multiple: int | None = None
+    pad_multiple: int = 64
     paths: list[str] = field(default_factory=list)
     jsonl_key: str = "text"
     tokenizer: str | None = None
@@ -403,11 +408,15 @@ def _check_data(cfg: Config, spec: ModelSpec) -> None:
     if data.source == "recall":
         _check_recall(data.recall, data.seq_len, spec.vocab_size, vocab_key)
     else:
-        if not data.paths:
-            raise ValueError("data.paths is empty; data.source=text needs local .txt/.jsonl files")
-        for path in data.paths:
-            if not Path(path).is_file():
-                raise ValueError(f"data.paths entry {path!r} is not a file")
+        _check_paths(data.source, data.paths)
+    if data.source == "shards":
+        vocab = ShardCorpus(data.paths).vocab_size
+        if vocab > spec.vocab_size:
+            raise ValueError(
+                f"{vocab_key}={spec.vocab_size} is smaller than the shards' vocab_size {vocab} "
+                f"(data.paths={data.paths})"
+            )
+        return
     if data.tokenizer is None and cfg.model.hf is not None:
         from distseq.hf.model import has_tokenizer
 
@@ -415,7 +424,7 @@ def _check_data(cfg: Config, spec: ModelSpec) -> None:
             data.tokenizer = cfg.model.hf
     if data.tokenizer is not None and not Path(data.tokenizer).is_dir():
         raise ValueError(f"data.tokenizer={data.tokenizer!r} is not a local directory")
-    if data.source == "text":
+    if data.source in ("text", "hf_dataset"):
         size = load_tokenizer(data.tokenizer).vocab_size
         if size > spec.vocab_size:
             raise ValueError(
@@ -424,17 +433,35 @@ def _check_data(cfg: Config, spec: ModelSpec) -> None:
             )
 
 
+_PATH_KINDS = {
+    "text": ("file", ".txt/.jsonl files"),
+    "hf_dataset": ("any", "Hugging Face datasets saved to disk or .parquet/.arrow files"),
+    "shards": ("dir", "shard directories from `python -m distseq.data prepare`"),
+}
+
+
+def _check_paths(source: str, paths: list[str]) -> None:
+    kind, what = _PATH_KINDS[source]
+    if not paths:
+        raise ValueError(f"data.paths is empty; data.source={source} needs local {what}")
+    for path in paths:
+        ok = {"file": Path(path).is_file, "dir": Path(path).is_dir, "any": Path(path).exists}
+        if not ok[kind]():
+            noun = {"file": "a file", "dir": "a directory", "any": "an existing path"}[kind]
+            raise ValueError(f"data.paths entry {path!r} is not {noun} (data.source={source})")
+
+
 def _check_packing(cfg: Config) -> None:
-    """Static packing: fixed ``seq_len`` sequences whose documents are padded for the layout
-    (the adaptive planner pads per group instead)."""
-    data = cfg.data
+    """Static packing: fixed ``seq_len`` sequences whose documents are padded to the fixed
+    ``data.pad_multiple`` (the adaptive planner pads per group instead)."""
+    data, par = cfg.data, cfg.parallel
     need = layout_multiple(cfg)
-    if data.pad_multiple is None:
-        data.pad_multiple = need
     if data.pad_multiple <= 0 or data.pad_multiple % need:
         raise ValueError(
-            f"data.pad_multiple={data.pad_multiple} must be a positive multiple of {need} "
-            f"(parallel.layout={cfg.parallel.layout} over parallel.sp={cfg.parallel.sp})"
+            f"data.pad_multiple={data.pad_multiple} is not a positive multiple of the layout's "
+            f"{need} (parallel.sp={par.sp} x {chunks_per_rank(par.layout)} chunks per rank for "
+            f"parallel.layout={par.layout}); set data.pad_multiple to a multiple of {need} "
+            "(the same value for every layout the run may resume at)"
         )
     if data.seq_len % data.pad_multiple:
         raise ValueError(
