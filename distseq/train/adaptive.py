@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -75,15 +76,17 @@ def planner_cost(cfg: Config, world_size: int, device: torch.device) -> CostMode
 
 class GroupCache:
     """Process groups by their ranks. :meth:`ensure` must be called by every rank with the
-    same plan: ``new_group`` is collective over the whole world, in one order everywhere."""
+    same plan: ``new_group`` is collective over the whole world, in one order everywhere.
+    The groups time out after ``timeout_s`` seconds (``parallel.timeout_s``), as the mesh's."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout = timedelta(seconds=timeout_s)
         self._groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
 
     def ensure(self, plan: Plan) -> None:
         wanted = {g.ranks for step in plan.micro_steps for g in step.groups}
         for ranks in sorted(wanted - self._groups.keys()):
-            self._groups[ranks] = dist.new_group(list(ranks))
+            self._groups[ranks] = dist.new_group(list(ranks), timeout=self.timeout)
 
     def __getitem__(self, ranks: tuple[int, ...]) -> dist.ProcessGroup:
         return self._groups[ranks]
@@ -117,7 +120,7 @@ class AdaptiveScheduler:
         self.cost = planner_cost(cfg, self.world_size, device)
         self.time_limit = cfg.adaptive.time_limit
         self.parallel = cfg.parallel  # the kernel backends every group's layers use
-        self.groups = GroupCache()
+        self.groups = GroupCache(cfg.parallel.timeout_s)
         self._executor = ThreadPoolExecutor(1, "distseq-planner") if self.rank == 0 else None
         self._pending: tuple[list[int], Future[Plan]] | None = None
         self.prefetched = 0  # plans (on rank 0) that were solved while the previous step ran
