@@ -130,7 +130,9 @@ def test_ring_posts_communication_before_each_block(pools, world):
         # forward: (post, compute) for the first P-1 steps, then the last block
         assert forward == ["post", "forward"] * (world - 1) + ["forward"], forward
         # backward: K/V post precedes each block but the last; a dK/dV post follows each
-        assert backward == ["post", "backward", "post"] * (world - 1) + ["backward", "post"]
+        # block but the first (the home rank keeps its own block's gradient)
+        steps = ["post", "backward"] + ["post", "backward", "post"] * (world - 2)
+        assert backward == steps + ["backward", "post"], backward
 
 
 def test_allgather_posts_gather_before_local_block(pools):

@@ -63,3 +63,12 @@ def test_single_rank_sends_nothing():
         assert ATTENTION_STRATEGIES.get(name).traffic(1, 64, 4, 2, 16, 2).total == 0
     for name in LINEAR_STRATEGIES:
         assert LINEAR_STRATEGIES.get(name).traffic(1, 3, 4, 16, 16, "contiguous").total == 0
+
+
+@pytest.mark.parametrize("world", (2, 3, 4))
+def test_ring_backward_sends_dkv_only_p_minus_1_hops(world):
+    """The byte minimum: K/V and their float32 gradients each cross P - 1 links."""
+    s, hkv, dim, elem = 12, 2, 16, 2
+    kv = 2 * s * hkv * dim
+    traffic = ATTENTION_STRATEGIES.get("ring").traffic(world, s, 4, hkv, dim, elem)
+    assert (traffic.forward, traffic.backward) == ((world - 1) * kv * elem, (world - 1) * kv * 6)

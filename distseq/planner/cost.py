@@ -282,7 +282,7 @@ class CostModel:
             c_f, a_f = ph.message(
                 link, d - 1, t.forward, per_token=True, sent=fwd_passes * t.forward
             )
-            c_b, a_b = ph.message(link, d, t.backward, per_token=True)
+            c_b, a_b = ph.message(link, d - 1, t.backward, per_token=True)
             ph.overlap((0, q_fwd, 0), (a_f, 0, c_f))
             ph.overlap(
                 (0, q_bwd, 0),

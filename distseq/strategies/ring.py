@@ -4,7 +4,9 @@ Forward: at each of the ``P`` steps the rank posts the send of the K/V it holds 
 rank and the receive of the previous rank's, computes its block against the K/V in hand while
 they travel, and merges the block into float32 accumulators.
 Backward: K/V rotate again (blocks are recomputed from the saved ``out``/``lse``), and float32
-dK/dV accumulators travel with the K/V they belong to, arriving home after ``P`` hops.
+dK/dV accumulators travel one step behind the K/V they belong to: each starts on the first rank
+after its home (the home rank keeps its own block's gradient) and arrives home after ``P - 1``
+hops, the byte minimum (a ring of ``P`` ranks cannot bring ``P - 1`` partial sums home in fewer).
 Bytes: :meth:`RingAttention.traffic`.
 """
 
@@ -23,12 +25,10 @@ class RingAttention(AttentionStrategy):
     name = "ring"
 
     def traffic(self, p, s_local, q_heads, kv_heads, head_dim, elem) -> Traffic:
-        """Forward ``(P-1)·2n·e``; backward ``(P-1)·2n·e + P·2n·4`` (K/V again, and float32
-        dK/dV that travel ``P`` hops home), ``n = S_local·Hkv·D``."""
-        if p == 1:
-            return Traffic(0, 0)
+        """Forward ``(P-1)·2n·e``; backward ``(P-1)·2n·(e+4)`` (K/V again, and float32 dK/dV
+        that travel ``P-1`` hops home), ``n = S_local·Hkv·D``."""
         kv = 2 * s_local * kv_heads * head_dim
-        return Traffic((p - 1) * kv * elem, (p - 1) * kv * elem + p * kv * 4)
+        return Traffic((p - 1) * kv * elem, (p - 1) * kv * (elem + 4))
 
     def forward(self, q, k, v, ctx: AttentionContext):
         info = ctx.info
@@ -64,16 +64,18 @@ class RingAttention(AttentionStrategy):
             if block is not None:
                 block_backward(ctx, block, dout, q, *kv, out, lse, dq, *block_dkv)
             if step == 0:
-                dkv = block_dkv
+                own = block_dkv  # stays home until the others' sums arrive
             else:
-                # The accumulators of the K/V in hand travelled here while the block ran.
-                dkv = grad_ring.wait()
-                dkv[0] += block_dkv[0]
-                dkv[1] += block_dkv[1]
-            if info.world_size > 1:
-                grad_ring.post(dkv)
+                dkv = block_dkv
+                if step > 1:
+                    # The previous rank's sum for the K/V in hand travelled here meanwhile.
+                    dkv = grad_ring.wait()
+                    dkv[0] += block_dkv[0]
+                    dkv[1] += block_dkv[1]
+                grad_ring.post(dkv)  # after the last step this hop brings it home
             if not last:
                 kv = kv_ring.wait()
         if info.world_size > 1:
-            dkv = grad_ring.wait()
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+            others = grad_ring.wait()
+            own = [own[0] + others[0], own[1] + others[1]]
+        return dq.to(q.dtype), own[0].to(k.dtype), own[1].to(v.dtype)
