@@ -65,6 +65,16 @@ def test_matches_dense_reference_fp32(pools, strategy, world):
         assert_close(errors, FP32_TOL)
 
 
+@pytest.mark.parametrize("world, hq, hkv", [(2, 4, 1), (3, 6, 2), (4, 8, 2), (4, 4, 1)])
+def test_ulysses_replicates_too_few_kv_heads(pools, world, hq, hkv):
+    """Hkv not divisible by P: K/V heads are replicated for the all-to-all and their
+    gradients summed back, exactly."""
+    for layout, causal, mode in (("zigzag", True, "gqa"), ("contiguous", False, "varlen")):
+        case = make_case("ulysses", layout, causal, world, mode)
+        case.update(hq=hq, hkv=hkv)
+        assert_close(pools(world).run(cases.attention_vs_reference, case), FP32_TOL)
+
+
 @pytest.mark.parametrize("world", (2, 3, 4))
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_matches_dense_reference_bf16(pools, strategy, world):

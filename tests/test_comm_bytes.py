@@ -58,6 +58,17 @@ def test_linear_bytes_are_the_strategys_traffic(pools, strategy, world, layout):
     assert_busiest_rank_matches(counted, traffic, keys=("forward_sent", "backward_sent"))
 
 
+@pytest.mark.parametrize("world", (2, 3, 4))
+def test_ulysses_sends_replicated_kv_heads_only_as_far_as_needed(pools, world):
+    """Hkv = 1 < P: one K/V head becomes P replicas (lcm(1, P)), no more."""
+    case = dict(ATTENTION_CASE, hq=2 * world, hkv=1, dtype=torch.float32, layout="zigzag")
+    impl = ATTENTION_STRATEGIES.get("ulysses")
+    traffic = impl.traffic(world, case["seq_local"], case["hq"], 1, case["dim"], 4)
+    assert traffic == impl.traffic(world, case["seq_local"], case["hq"], world, case["dim"], 4)
+    counted = pools(world).run(cases.count_attention_bytes, "ulysses", case)
+    assert_busiest_rank_matches(counted, traffic)
+
+
 def test_single_rank_sends_nothing():
     for name in ATTENTION_STRATEGIES:
         assert ATTENTION_STRATEGIES.get(name).traffic(1, 64, 4, 2, 16, 2).total == 0

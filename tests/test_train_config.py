@@ -68,10 +68,12 @@ def test_global_batch_must_split_over_dp():
         check(["train.global_batch=3", "parallel.dp=2", "parallel.sp=1"])
 
 
-def test_ulysses_needs_heads_divisible_by_sp():
-    expected = r"parallel\.sp=4, .*model\.n_kv_heads=2.*can: \[.allgather., .ring.\]"
+def test_ulysses_needs_query_heads_divisible_by_sp():
+    expected = r"parallel\.sp=3, model\.n_heads=4.*4 query heads.*can: \[.allgather., .ring.\]"
     with pytest.raises(ValueError, match=expected):
-        check(["parallel.attention_strategy=ulysses"], world=4)
+        check(["parallel.attention_strategy=ulysses"], world=3)
+    # 2 K/V heads over 4 ranks: replicated for the all-to-all, accepted
+    check(["parallel.attention_strategy=ulysses"], world=4)
 
 
 def test_text_source_needs_existing_files(tmp_path):

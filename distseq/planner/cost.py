@@ -45,6 +45,7 @@ from distseq.layout import check_layout, chunks_per_rank
 from distseq.planner.profile import Link, Profile
 from distseq.planner.spec import Cluster, ModelSpec
 from distseq.strategies import REGISTRY_BY_MIXER
+from distseq.strategies.ulysses import sent_kv_heads
 
 # Strategies whose overlap structure :meth:`CostModel.layer_phases` writes down, in the order
 # plans prefer on ties; a registered strategy missing here cannot be planned (a test checks
@@ -376,6 +377,7 @@ class CostModel:
         saved = e * (4 * m.d_model + (2 * m.n_heads + 2 * m.n_kv_heads) * m.head_dim)
         saved += e * 3 * m.ffn_hidden
         kv = 2 * m.n_kv_heads * m.head_dim
+        all_to_all_heads = 2 * m.n_heads + 2 * sent_kv_heads(m.n_kv_heads, d)  # ulysses: Q,O,K,V
         state = m.n_heads * m.head_dim**2 * 4.0
         per_token = 0.0
         full: list[float] = []
@@ -386,7 +388,7 @@ class CostModel:
                 transient.append(
                     {
                         "ring": 2 * kv * (e + 4) / d,  # K/V and fp32 dK/dV in flight
-                        "ulysses": 2 * (2 * m.n_heads + 2 * m.n_kv_heads) * m.head_dim * e / d,
+                        "ulysses": 2 * all_to_all_heads * m.head_dim * e / d,
                         "allgather": kv * (e + 4),  # the whole gathered K/V and fp32 dK/dV
                     }[strategy]
                 )

@@ -3,11 +3,16 @@
 Each rank trades its ``[S_local, H]`` shard for a ``[S, H/P]`` slice with one all-to-all of the
 packed Q/K/V, restores natural token order (the layout may be zigzag or varlen), runs the local
 kernel over the whole sequence for its heads, and sends the output back with a second
-all-to-all. Backward mirrors it. Needs ``Hq`` and ``Hkv`` divisible by ``P``
-(:meth:`UlyssesAttention.check_group`). Bytes: :meth:`UlyssesAttention.traffic`.
+all-to-all. Backward mirrors it. Needs ``Hq`` divisible by ``P``
+(:meth:`UlyssesAttention.check_group`); when ``Hkv`` is not, each K/V head is replicated only as
+far as the all-to-all needs (to ``lcm(Hkv, P)`` heads, which divides ``Hq``, so every query
+head still meets its own K/V head) and the replicas' gradients are summed back.
+Bytes: :meth:`UlyssesAttention.traffic`.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -47,6 +52,11 @@ def _to_sequence(parts: list[torch.Tensor], ctx: AttentionContext) -> list[torch
     return outs
 
 
+def sent_kv_heads(kv_heads: int, p: int) -> int:
+    """K/V heads after replication: the fewest multiple of ``Hkv`` that ``P`` divides."""
+    return math.lcm(kv_heads, p)
+
+
 def _is_identity(ctx: AttentionContext) -> bool:
     return ctx.shard.layout == "contiguous" and not ctx.varlen
 
@@ -60,23 +70,27 @@ class UlyssesAttention(AttentionStrategy):
     name = "ulysses"
 
     def check_group(self, world_size, q_heads, kv_heads, layout) -> None:
-        """``Hq`` and ``Hkv`` divisible by ``P``."""
+        """``Hq`` divisible by ``P`` (K/V heads are replicated up to ``lcm(Hkv, P)``)."""
         super().check_group(world_size, q_heads, kv_heads, layout)
-        for what, heads in (("query", q_heads), ("key/value", kv_heads)):
-            if heads % world_size:
-                raise ValueError(
-                    f"ulysses: {heads} {what} heads are not divisible by the group size "
-                    f"{world_size}; use a group size dividing {heads} or another strategy"
-                )
+        if q_heads % world_size:
+            raise ValueError(
+                f"ulysses: {q_heads} query heads are not divisible by the group size "
+                f"{world_size}; use a group size dividing {q_heads} or another strategy"
+            )
 
     def traffic(self, p, s_local, q_heads, kv_heads, head_dim, elem) -> Traffic:
-        """Each pass ``(P-1)/P·S_local·D·(2Hq+2Hkv)·e``: Q/K/V out and O back; dO out and
-        dQ/dK/dV back."""
+        """Each pass ``(P-1)/P·S_local·D·(2Hq+2H'kv)·e``, ``H'kv = lcm(Hkv, P)``: Q/K/V out
+        and O back; dO out and dQ/dK/dV back."""
+        sent_kv = sent_kv_heads(kv_heads, p)
         # Each all-to-all keeps 1/P of its buffer; heads divide by P, so this is exact.
-        per_pass = (p - 1) * s_local * head_dim * elem * (2 * q_heads + 2 * kv_heads) / p
+        per_pass = (p - 1) * s_local * head_dim * elem * (2 * q_heads + 2 * sent_kv) / p
         return Traffic(per_pass, per_pass)
 
     def forward(self, q, k, v, ctx: AttentionContext):
+        # Autograd saves only tensors: an empty one whose shape records the K/V head count.
+        kv_heads = k.new_empty(0, k.shape[2])
+        copies = sent_kv_heads(k.shape[2], ctx.info.world_size) // k.shape[2]
+        k, v = (t.repeat_interleave(copies, dim=2) for t in (k, v))
         qh, kh, vh = _to_heads([q, k, v], ctx)
         cu = ctx.global_cu_seqlens
         cu = None if cu is None else cu.to(q.device)
@@ -84,10 +98,10 @@ class UlyssesAttention(AttentionStrategy):
             qh, kh, vh, scale=ctx.scale, causal=ctx.causal, cu_seqlens_q=cu, cu_seqlens_k=cu
         )
         (out,) = _to_sequence([out_h], ctx)
-        return out, (qh, kh, vh, out_h, lse_h)
+        return out, (qh, kh, vh, out_h, lse_h, kv_heads)
 
     def backward(self, dout, saved, ctx: AttentionContext):
-        qh, kh, vh, out_h, lse_h = saved
+        qh, kh, vh, out_h, lse_h, kv_heads = saved
         (dout_h,) = _to_heads([dout], ctx)
         cu = ctx.global_cu_seqlens
         cu = None if cu is None else cu.to(dout.device)
@@ -103,4 +117,7 @@ class UlyssesAttention(AttentionStrategy):
             cu_seqlens_q=cu,
             cu_seqlens_k=cu,
         )
-        return tuple(_to_sequence([dq, dk, dv], ctx))
+        dq, dk, dv = _to_sequence([dq, dk, dv], ctx)
+        # Each K/V head's gradient is the sum over its replicas.
+        dk, dv = (t.unflatten(2, (kv_heads.shape[1], -1)).sum(3) for t in (dk, dv))
+        return dq, dk, dv
