@@ -57,6 +57,7 @@ from _common import environment, peak_rss_since_reset, reset_peak_rss
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from distseq.comm import CommCounter, CommRecorder, hidden_comm_fraction
+from distseq.comm.launch import exit_process
 from distseq.models import Decoder, SequenceContext, layer_mixers
 from distseq.planner.units import parse_bytes
 from distseq.strategies import ATTENTION_STRATEGIES, LINEAR_STRATEGIES
@@ -302,7 +303,9 @@ def worker(args) -> None:
             ["torchrun", f"--nnodes={nnodes}", f"--nproc-per-node={local}", *sys.argv]
         )
         finish(args, rows, memory, command, [], [world], started)
+    dist.barrier()  # no rank tears gloo down while another is still using it
     dist.destroy_process_group()
+    exit_process(0)
 
 
 # ------------------------------------------------------------------------------ driver side

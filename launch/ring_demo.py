@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 import distseq
+from distseq.comm.launch import exit_process
 from distseq.reference import attention_reference
 
 
@@ -70,3 +71,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # the interpreter's teardown can abort under gloo: see exit_process

@@ -16,6 +16,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from distseq.comm.launch import exit_process
 from distseq.train import Trainer, launched_world_size, load_config, validate_config
 from distseq.train.checkpoint import resume_point
 
@@ -49,4 +50,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # sys.exit's teardown can abort under gloo: see exit_process

@@ -196,15 +196,15 @@ def _validate(overrides: list[str], world: int = 2, path: str = hf_train_cases.H
         (["model.hf_config.attention_dropout=0.1"], ["model.hf_config", "attention_dropout"]),
         (["model.hf_config.model_type=mistral", "model.hf_config.sliding_window=16"],
          ["model.hf_config", "sliding_window=16"]),
-        (["parallel.sp=4", "parallel.attention_strategy=ulysses"],
-         ["parallel.attention_strategy='ulysses'", "model.hf_config num_key_value_heads=2"]),
+        (["parallel.sp=3", "parallel.attention_strategy=ulysses"],
+         ["parallel.attention_strategy='ulysses'", "model.hf_config num_attention_heads=4"]),
         (["model.hf_config.vocab_size=16"], ["model.hf_config vocab_size=16"]),
     ),
     ids=("both", "missing-dir", "own-key", "model-type", "typo", "dropout", "sliding-window",
          "ulysses-heads", "vocab"),
 )  # fmt: skip
 def test_bad_values_name_their_key(overrides, expected):
-    world = 4 if "parallel.sp=4" in overrides else 2
+    world = 3 if "parallel.sp=3" in overrides else 2
     with pytest.raises(ValueError) as info:
         _validate(overrides, world)
     assert all(part in str(info.value) for part in expected), str(info.value)

@@ -166,3 +166,16 @@ def _collect(results, procs, timeout: float | None, fn: Callable) -> dict[int, O
             errors.append(f"ranks {silent} did not report (stuck waiting on a failed rank?)")
         raise RuntimeError(f"{fn.__name__} failed:\n" + "\n".join(errors))
     return outcomes
+
+
+def exit_process(code: int = 0) -> None:
+    """End a process that used ``torch.distributed`` now, with ``code``, skipping the
+    interpreter's teardown: with gloo (torch 2.13) that teardown sometimes destroys a backend
+    thread still joinable and aborts ("terminate called without an active exception", exit
+    -6) after all work is done, which turns a finished torchrun worker into a failed one.
+    Call it after ``destroy_process_group``; output is flushed first."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
