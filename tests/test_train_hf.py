@@ -61,7 +61,7 @@ def test_first_step_agrees_across_meshes(pools, tmp_path):
     meshes = {
         "sp=2": ["parallel.sp=2"],
         "dp=2": ["parallel.dp=2", "parallel.sp=1"],
-        # recomputed layers re-run their collectives; ulysses needs sp | kv heads (2)
+        # recomputed layers re-run their collectives; ulysses needs sp | query heads (4)
         "sp=2 ulysses contiguous checkpointed": [
             "parallel.sp=2", "parallel.attention_strategy=ulysses", "parallel.layout=contiguous",
             "train.activation_checkpointing=true",
