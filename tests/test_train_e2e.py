@@ -58,7 +58,7 @@ def test_softmax_sp_exact(pools, tmp_path, strategy):
 
 
 def test_softmax_ulysses_contiguous_checkpointed_exact(pools, tmp_path):
-    # ulysses needs sp | n_kv_heads (2): sp=2 meshes only.
+    # ulysses needs sp | n_heads (4); sp=2 keeps the case small.
     meshes = ((2, 1, 2), (4, 2, 2))
     check_meshes(pools, tmp_path, ["parallel.attention_strategy=ulysses"], meshes)
     # Recomputing blocks in backward re-runs their collectives; gradients must not change.
