@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 
 from distseq.comm import ProcessGroup, resolve_group
-from distseq.hf.attention import Settings, distseq_mask, make_attention_function, new_name
+from distseq.hf.attention import (
+    Settings,
+    distseq_mask,
+    make_attention_function,
+    new_name,
+    refuse,
+)
 from distseq.kernels import BACKENDS
 from distseq.layout import check_layout
 from distseq.strategies import ATTENTION_STRATEGIES
@@ -36,10 +42,7 @@ def check_config(model: torch.nn.Module) -> None:
     )  # fmt: skip
     for field, value, fix in checks:
         if value is not None:
-            raise ValueError(
-                f"distseq.hf: the model's config.{field}={value!r} needs an attention feature "
-                f"distseq does not compute exactly yet; {fix}"
-            )
+            refuse(field, value, fix)
 
 
 def apply(

@@ -38,7 +38,8 @@ class Settings:
     backend: str
 
 
-def _refuse(field: str, value: object, fix: str) -> None:
+def refuse(field: str, value: object, fix: str) -> None:
+    """The ``ValueError`` for a config ``field`` whose ``value`` distseq cannot run exactly."""
     raise ValueError(
         f"distseq.hf: the model's config.{field}={value!r} needs an attention feature distseq "
         f"does not compute exactly yet; {fix}"
@@ -48,15 +49,15 @@ def _refuse(field: str, value: object, fix: str) -> None:
 def check_call(module: torch.nn.Module, dropout: float, kwargs: dict) -> None:
     """Refuse what the call asks for that distseq cannot do exactly (never a silent change)."""
     if kwargs.get("sliding_window") is not None:
-        _refuse("sliding_window", kwargs["sliding_window"], "set it to None for full attention")
+        refuse("sliding_window", kwargs["sliding_window"], "set it to None for full attention")
     if kwargs.get("softcap") is not None:
-        _refuse("attn_logit_softcapping", kwargs["softcap"], "set it to None")
+        refuse("attn_logit_softcapping", kwargs["softcap"], "set it to None")
     if kwargs.get("s_aux") is not None:
-        _refuse("sinks (attention sinks)", "present", "use a model without attention sinks")
+        refuse("sinks (attention sinks)", "present", "use a model without attention sinks")
     if not getattr(module, "is_causal", True):
-        _refuse("is_causal", False, "only causal (decoder) attention is supported")
+        refuse("is_causal", False, "only causal (decoder) attention is supported")
     if dropout:
-        _refuse("attention_dropout", dropout, "set it to 0.0 or call model.eval()")
+        refuse("attention_dropout", dropout, "set it to 0.0 or call model.eval()")
 
 
 def _refuse_mask() -> None:
