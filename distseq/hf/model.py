@@ -17,6 +17,7 @@ from torch import nn
 
 from distseq.comm import ProcessGroup
 from distseq.hf.apply import apply, check_config
+from distseq.hf.attention import refuse
 from distseq.models.config import ModelConfig
 from distseq.models.context import SequenceContext
 
@@ -116,15 +117,13 @@ def check_trainable(model: PreTrainedModel, key: str) -> None:
     """Refuse, naming ``key`` and the config field, what distseq cannot train exactly: the
     attention features :func:`distseq.hf.apply` refuses, and attention dropout (training
     runs with dropout on)."""
+    dropout = getattr(model.config.get_text_config(), "attention_dropout", 0.0) or 0.0
     try:
         check_config(model)
+        if dropout:
+            refuse("attention_dropout", dropout, "set it to 0.0")
     except ValueError as exc:
         raise ValueError(f"{key}: {exc}") from None
-    dropout = getattr(model.config.get_text_config(), "attention_dropout", 0.0) or 0.0
-    if dropout:
-        raise ValueError(
-            f"{key}: config.attention_dropout={dropout} cannot be sharded exactly; set it to 0.0"
-        )
 
 
 class HFCausalLM(nn.Module):
