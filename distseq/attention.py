@@ -19,7 +19,7 @@ from distseq.validation import (
 
 _SIGNATURE = [
     "batch", "local sequence length", "query heads", "key/value heads", "head_dim", "dtype",
-    "strategy", "layout", "causal", "cu_seqlens", "scale",
+    "strategy", "layout", "causal", "cu_seqlens", "scale", "ulysses_degree",
 ]  # fmt: skip
 
 
@@ -35,6 +35,7 @@ def attention(
     cu_seqlens: torch.Tensor | None = None,
     scale: float | None = None,
     backend: str = "auto",
+    ulysses_degree: int | None = None,
 ) -> torch.Tensor:
     """Softmax attention of the local query shard over the whole (sharded) sequence.
 
@@ -45,6 +46,8 @@ def attention(
     on the gathered sequence, and differentiable. ``strategy`` is one of
     ``available_strategies()["attention"]``; ``backend`` picks the local block kernel
     (``"auto"``, ``"torch"``, ``"flash"``, ``"triton"``). ``group=None`` means WORLD.
+    ``ulysses_degree`` (``strategy="usp"`` only): ranks per Ulysses group, ``None`` = the
+    largest divisor of the group size and ``Hq`` within one node (:mod:`distseq.strategies.usp`).
     """
     info = resolve_group(group)
     built: dict[str, object] = {}
@@ -52,7 +55,9 @@ def attention(
     def check() -> list[int]:
         check_layout(layout)
         check_qkv(q, k, v)
-        impl = ATTENTION_STRATEGIES.check(strategy, info.world_size, q.shape[2], k.shape[2], layout)
+        impl = ATTENTION_STRATEGIES.check(
+            strategy, info.world_size, q.shape[2], k.shape[2], layout, ulysses_degree
+        )
         lengths = check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1], info.world_size, layout)
         ctx = AttentionContext(
             info=info,
@@ -61,12 +66,14 @@ def attention(
             causal=bool(causal),
             scale=check_scale(scale, q.shape[-1]),
             kernel=select_backend(backend, q.device, q.dtype),
+            ulysses_degree=ulysses_degree,
         )
         built.update(impl=impl, ctx=ctx)
         return [
             *q.shape[:3], k.shape[2], q.shape[3], signature_code(str(q.dtype)),
             signature_code(strategy), signature_code(layout), int(ctx.causal),
             signature_code(str(lengths)), signature_code(repr(ctx.scale)),
+            signature_code(repr(ulysses_degree)),
         ]  # fmt: skip
 
     validate_on_all_ranks("distseq.attention", info, check, _SIGNATURE)

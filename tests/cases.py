@@ -61,6 +61,7 @@ def attention_vs_reference(rank, world, case: dict) -> dict[str, float]:
         layout=layout,
         cu_seqlens=cu,
         backend=case.get("backend", "auto"),
+        **_options(case),
     )
     out.backward(shard(dout).to(dtype))
     got = {"out": out, "dq": local[0].grad, "dk": local[1].grad, "dv": local[2].grad}
@@ -68,6 +69,11 @@ def attention_vs_reference(rank, world, case: dict) -> dict[str, float]:
     if dtype != torch.float32:
         errors.update(_single_process_errors(q, k, v, dout, dtype, case, cu, expected))
     return errors
+
+
+def _options(case: dict) -> dict:
+    """The strategy-specific keyword arguments a case sets (usp's ``ulysses_degree``)."""
+    return {"ulysses_degree": case["ulysses_degree"]} if "ulysses_degree" in case else {}
 
 
 def _single_process_errors(q, k, v, dout, dtype, case, cu, expected) -> dict[str, float]:
@@ -104,6 +110,15 @@ def bad_attention_call(rank, world, kind: str):
     elif kind == "ulysses_heads":
         q, k, v = _shards(world, hq=world + 1, hkv=world + 1)
         kwargs = dict(strategy="ulysses")
+    elif kind == "usp_degree_not_dividing_world":
+        kwargs = dict(strategy="usp", ulysses_degree=4)  # worlds 2 and 3
+    elif kind == "usp_degree_not_dividing_heads":
+        q, k, v = _shards(world, hq=world + 1, hkv=1)
+        kwargs = dict(strategy="usp", ulysses_degree=world)
+    elif kind == "usp_degree_zero":
+        kwargs = dict(strategy="usp", ulysses_degree=0)
+    elif kind == "ulysses_degree_without_usp":
+        kwargs = dict(strategy="ring", ulysses_degree=1)
     elif kind == "unknown_strategy":
         kwargs = dict(strategy="ringg")
     elif kind == "unknown_backend":
@@ -166,8 +181,9 @@ def count_attention_bytes(rank, world, strategy, case: dict):
     v.requires_grad_()
     with distseq.CommCounter() as fwd:
         out = distseq.attention(
-            q, k, v, strategy=strategy, causal=True, layout=case.get("layout", "zigzag")
-        )
+            q, k, v, strategy=strategy, causal=True, layout=case.get("layout", "zigzag"),
+            **_options(case),
+        )  # fmt: skip
     with distseq.CommCounter() as bwd:
         out.sum().backward()
     return {"forward": fwd.bytes_sent, "backward": bwd.bytes_sent,
@@ -190,7 +206,7 @@ def attention_in_subgroups(rank, world, case: dict) -> dict[str, float]:
         return distseq.shard_sequence(t, group=mine, layout="zigzag")
 
     local = [shard(t).float().requires_grad_() for t in (q, k, v)]
-    out = distseq.attention(*local, strategy=case["strategy"], group=mine)
+    out = distseq.attention(*local, strategy=case["strategy"], group=mine, **_options(case))
     out.backward(shard(dout).float())
     full = distseq.gather_sequence(out.detach(), group=mine)
     return {

@@ -83,3 +83,33 @@ def test_ring_backward_sends_dkv_only_p_minus_1_hops(world):
     kv = 2 * s * hkv * dim
     traffic = ATTENTION_STRATEGIES.get("ring").traffic(world, s, 4, hkv, dim, elem)
     assert (traffic.forward, traffic.backward) == ((world - 1) * kv * elem, (world - 1) * kv * 6)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("ulysses, ring", [(2, 2), (1, 4), (4, 1), (2, 1)])
+def test_usp_bytes_are_its_traffic(pools, ulysses, ring, layout):
+    """All-to-all inside the Ulysses groups plus the ring across them, Hkv = 1 < u replicated."""
+    world = ulysses * ring
+    case = dict(ATTENTION_CASE, hq=2 * ulysses, hkv=1, layout=layout, ulysses_degree=ulysses)
+    traffic = ATTENTION_STRATEGIES.get("usp").traffic(
+        world, case["seq_local"], case["hq"], 1, case["dim"], 4, ulysses
+    )
+    counted = pools(world).run(cases.count_attention_bytes, "usp", case)
+    assert traffic.forward > 0
+    assert_busiest_rank_matches(counted, traffic)
+
+
+@pytest.mark.parametrize("world", (2, 3, 4, 6))
+def test_usp_traffic_spans_ring_and_ulysses(world):
+    """u = 1 is the ring, u = P is ulysses; in between, the sum of a u-rank all-to-all and a
+    P/u-rank ring over the replicated heads."""
+    usp, ring, ulysses = (ATTENTION_STRATEGIES.get(n) for n in ("usp", "ring", "ulysses"))
+    shape = (world, 12, 2 * world, 1, 16, 2)
+    assert usp.traffic(*shape, 1) == ring.traffic(*shape)
+    assert usp.traffic(*shape, world) == ulysses.traffic(*shape)
+    for u in (u for u in range(2, world) if world % u == 0):
+        s, hq, d, e, kv = 12, 2 * world, 16, 2, u  # lcm(1, u) = u K/V heads
+        a2a = (u - 1) * s * d * e * (2 * hq + 2 * kv) / u
+        n = s * kv * d
+        expected = (a2a + (world // u - 1) * 2 * n * e, a2a + (world // u - 1) * 2 * n * (e + 4))
+        assert (usp.traffic(*shape, u).forward, usp.traffic(*shape, u).backward) == expected

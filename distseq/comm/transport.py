@@ -16,20 +16,36 @@ import torch.distributed as dist
 from distseq.comm.hooks import control_plane
 
 ProcessGroup = dist.ProcessGroup
+# Point-to-point all-to-alls on a strided sub-group use their own tag, apart from the rings'.
+_ALL_TO_ALL_TAG = 7
 
 
 @dataclass(frozen=True)
 class GroupInfo:
-    """A process group as seen by this rank (``group`` is ``None`` when single-process)."""
+    """A process group as seen by this rank (``group`` is ``None`` when single-process).
+
+    ``members``, when set, makes this a *strided sub-group* of ``group``: sub-group rank ``i``
+    is ``group``'s rank ``members[i]``. It talks point-to-point on ``group`` (so it needs no
+    ``new_group`` of its own): :class:`RingExchange`, :func:`post_p2p` and :func:`all_to_all`
+    accept it; the other collectives refuse it.
+    """
 
     group: ProcessGroup | None
     rank: int
     world_size: int
+    members: tuple[int, ...] | None = None
 
     def global_rank(self, group_rank: int) -> int:
+        parent_rank = group_rank if self.members is None else self.members[group_rank]
         if self.group is None:
-            return group_rank
-        return dist.get_global_rank(self.group, group_rank)
+            return parent_rank
+        return dist.get_global_rank(self.group, parent_rank)
+
+    def subgroup(self, members: tuple[int, ...]) -> GroupInfo:
+        """The strided sub-group of this group's ranks ``members`` (this rank among them)."""
+        if self.members is not None:
+            raise ValueError("a sub-group of a sub-group is not supported; derive both from one")
+        return GroupInfo(self.group, members.index(self.rank), len(members), tuple(members))
 
 
 def resolve_group(group: ProcessGroup | None) -> GroupInfo:
@@ -105,11 +121,21 @@ def post_p2p(
     return dist.batch_isend_irecv(ops) if ops else []
 
 
+def _collective_group(info: GroupInfo) -> ProcessGroup | None:
+    """The process group a collective runs on; a strided sub-group has none of its own."""
+    if info.members is not None:
+        raise ValueError(
+            f"collective on a strided sub-group (ranks {list(info.members)} of its parent): "
+            "only point-to-point exchanges and all_to_all support it; create a process group"
+        )
+    return info.group
+
+
 def all_reduce_sum(x: torch.Tensor, info: GroupInfo) -> torch.Tensor:
     """The sum of ``x`` over the ranks of the group (a new tensor)."""
     out = x.contiguous().clone()
     if info.world_size > 1:
-        dist.all_reduce(out, group=info.group)
+        dist.all_reduce(out, group=_collective_group(info))
     return out
 
 
@@ -117,7 +143,7 @@ def broadcast(x: torch.Tensor, source: int, info: GroupInfo) -> torch.Tensor:
     """Group rank ``source``'s ``x`` on every rank (``x`` gives the shape elsewhere)."""
     out = x.contiguous().clone()
     if info.world_size > 1:
-        dist.broadcast(out, info.global_rank(source), group=info.group)
+        dist.broadcast(out, info.global_rank(source), group=_collective_group(info))
     return out
 
 
@@ -127,7 +153,8 @@ def all_gather_async(x: torch.Tensor, info: GroupInfo) -> tuple[torch.Tensor, di
         return x.unsqueeze(0).clone(), None
     # gloo wants the output concatenated along dim 0, not stacked.
     flat = x.new_empty((info.world_size * x.shape[0], *x.shape[1:]))
-    work = dist.all_gather_single(flat, x.contiguous(), group=info.group, async_op=True)
+    group = _collective_group(info)
+    work = dist.all_gather_single(flat, x.contiguous(), group=group, async_op=True)
     return flat.view(info.world_size, *x.shape), work
 
 
@@ -137,17 +164,33 @@ def reduce_scatter(stacked: torch.Tensor, info: GroupInfo) -> torch.Tensor:
         return stacked[0]
     out = stacked.new_empty(stacked.shape[1:])
     # gloo wants the input concatenated along dim 0, not stacked.
-    dist.reduce_scatter_single(out, stacked.contiguous().flatten(0, 1), group=info.group)
+    flat = stacked.contiguous().flatten(0, 1)
+    dist.reduce_scatter_single(out, flat, group=_collective_group(info))
     return out
 
 
 def all_to_all(stacked: torch.Tensor, info: GroupInfo) -> torch.Tensor:
-    """Send ``stacked[j]`` to rank ``j``; return ``[world_size, ...]``, ``[i]`` from rank ``i``."""
+    """Send ``stacked[j]`` to rank ``j``; return ``[world_size, ...]``, ``[i]`` from rank ``i``.
+
+    On a strided sub-group (``info.members``) it is ``P - 1`` sends and receives posted at
+    once on the parent group, the same bytes as the collective; the rank's own slice stays.
+    """
     if info.world_size == 1:
         return stacked
     stacked = stacked.contiguous()
     out = torch.empty_like(stacked)
-    dist.all_to_all_single(out, stacked, group=info.group)
+    if info.members is None:
+        dist.all_to_all_single(out, stacked, group=info.group)
+        return out
+    others = [r for r in range(info.world_size) if r != info.rank]
+    works = post_p2p(
+        [(stacked[r], r, _ALL_TO_ALL_TAG) for r in others],
+        [(out[r], r, _ALL_TO_ALL_TAG) for r in others],
+        info,
+    )
+    out[info.rank] = stacked[info.rank]
+    for work in works:
+        work.wait()
     return out
 
 

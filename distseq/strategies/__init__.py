@@ -1,6 +1,14 @@
 """Sequence-parallel strategies: one module each, registered by name on import."""
 
-from distseq.strategies import allgather, allscan, lasp2, linear_ring, ring, ulysses  # noqa: F401
+from distseq.strategies import (  # noqa: F401
+    allgather,
+    allscan,
+    lasp2,
+    linear_ring,
+    ring,
+    ulysses,
+    usp,
+)
 from distseq.strategies.base import ATTENTION_STRATEGIES, get_attention_strategy
 from distseq.strategies.linear_base import LINEAR_STRATEGIES, get_linear_strategy
 from distseq.strategies.registry import Registry

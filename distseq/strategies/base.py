@@ -27,6 +27,8 @@ class AttentionContext:
 
     ``shard`` describes this rank's positions (documents from the global ``cu_seqlens``, or a
     single document of length ``S_local * P`` per batch row); ``varlen`` tells which.
+    ``ulysses_degree``: the ``usp`` strategy's Ulysses group size as the caller gave it
+    (``None``: its default).
     """
 
     info: GroupInfo
@@ -35,6 +37,7 @@ class AttentionContext:
     causal: bool
     scale: float
     kernel: ModuleType
+    ulysses_degree: int | None = None
 
     @property
     def local_cu_seqlens(self) -> torch.Tensor | None:
@@ -56,10 +59,23 @@ class AttentionStrategy(ABC):
     name: ClassVar[str]
     layouts: ClassVar[tuple[str, ...]] = LAYOUTS  # shard layouts the strategy handles
 
-    def check_group(self, world_size: int, q_heads: int, kv_heads: int, layout: str) -> None:
+    def check_group(
+        self,
+        world_size: int,
+        q_heads: int,
+        kv_heads: int,
+        layout: str,
+        ulysses_degree: int | None = None,
+    ) -> None:
         """Raise ``ValueError`` if the strategy cannot run ``q_heads``/``kv_heads`` heads over
-        ``world_size`` ranks in ``layout`` (shapes only: no tensors, no communication)."""
+        ``world_size`` ranks in ``layout`` (shapes only: no tensors, no communication).
+        ``ulysses_degree`` is ``usp``'s alone: the others refuse a value."""
         check_layout_supported(self, layout)
+        if ulysses_degree is not None:
+            raise ValueError(
+                f"ulysses_degree={ulysses_degree!r} applies to strategy 'usp' only, not "
+                f"{self.name!r}; drop it or use strategy='usp'"
+            )
 
     @abstractmethod
     def traffic(

@@ -16,33 +16,39 @@ import math
 
 import torch
 
-from distseq.comm import all_to_all
+from distseq.comm import GroupInfo, all_to_all
 from distseq.strategies.base import AttentionContext, AttentionStrategy, register_attention_strategy
 from distseq.traffic import Traffic
 
 
-def _to_heads(parts: list[torch.Tensor], ctx: AttentionContext) -> list[torch.Tensor]:
-    """``[B, S_local, H_i, D]`` shards -> ``[B, S, H_i/P, D]`` full sequences, natural order."""
-    p = ctx.info.world_size
-    b, s_local, _, d = parts[0].shape
+def to_heads(
+    parts: list[torch.Tensor], info: GroupInfo, order: torch.Tensor | None
+) -> list[torch.Tensor]:
+    """``[B, S_local, H_i, D]`` shards -> ``[B, P*S_local, H_i/P, D]``: rank ``i`` keeps head
+    group ``i`` of every rank's tokens, concatenated rank-major, then reordered by ``order``
+    (indices into that concatenation; ``None`` keeps it)."""
+    p = info.world_size
     # [P (destination), B, S_local, sum_i H_i/P, D]: one message per destination rank.
     packed = torch.cat([t.unflatten(2, (p, -1)).movedim(2, 0) for t in parts], dim=3)
-    received = all_to_all(packed, ctx.info)  # [P (source), B, S_local, sum H_i/P, D]
-    full = received.movedim(0, 1).flatten(1, 2)  # [B, P*S_local, ...] in layout order
-    if not _is_identity(ctx):
-        full = full.index_select(1, _natural_order(ctx).to(full.device))
+    received = all_to_all(packed, info)  # [P (source), B, S_local, sum H_i/P, D]
+    full = received.movedim(0, 1).flatten(1, 2)  # [B, P*S_local, ...] rank-major
+    if order is not None:
+        full = full.index_select(1, order.to(full.device))
     return list(full.split([t.shape[2] // p for t in parts], dim=2))
 
 
-def _to_sequence(parts: list[torch.Tensor], ctx: AttentionContext) -> list[torch.Tensor]:
-    """Inverse of :func:`_to_heads`: ``[B, S, H_i/P, D]`` -> ``[B, S_local, H_i, D]``."""
-    p = ctx.info.world_size
+def to_sequence(
+    parts: list[torch.Tensor], info: GroupInfo, inverse: torch.Tensor | None
+) -> list[torch.Tensor]:
+    """Inverse of :func:`to_heads` (``inverse`` undoes its ``order``):
+    ``[B, P*S_local, H_i/P, D]`` -> ``[B, S_local, H_i, D]``."""
+    p = info.world_size
     full = torch.cat(parts, dim=2)
-    if not _is_identity(ctx):
-        full = full.index_select(1, ctx.shard.all_positions.to(full.device))
+    if inverse is not None:
+        full = full.index_select(1, inverse.to(full.device))
     b, s, h, d = full.shape
     packed = full.unflatten(1, (p, s // p)).movedim(1, 0)  # [P (destination), B, S_local, h, D]
-    received = all_to_all(packed, ctx.info)  # [P (source = head group), B, S_local, h, D]
+    received = all_to_all(packed, info)  # [P (source = head group), B, S_local, h, D]
     merged = received.movedim(0, 2)  # [B, S_local, P, h, D]
     outs, start = [], 0
     for t in parts:
@@ -57,21 +63,41 @@ def sent_kv_heads(kv_heads: int, p: int) -> int:
     return math.lcm(kv_heads, p)
 
 
-def _is_identity(ctx: AttentionContext) -> bool:
-    return ctx.shard.layout == "contiguous" and not ctx.varlen
+def replicate_kv(
+    k: torch.Tensor, v: torch.Tensor, p: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``k``/``v`` ``[B, S, Hkv, D]`` with each head repeated to ``lcm(Hkv, p)`` heads, and an
+    empty tensor whose shape records ``Hkv`` for :func:`sum_kv_replicas` (autograd saves
+    only tensors)."""
+    kv_heads = k.new_empty(0, k.shape[2])
+    copies = sent_kv_heads(k.shape[2], p) // k.shape[2]
+    k, v = (t.repeat_interleave(copies, dim=2) for t in (k, v))
+    return k, v, kv_heads
 
 
-def _natural_order(ctx: AttentionContext) -> torch.Tensor:
-    return torch.argsort(ctx.shard.all_positions)
+def sum_kv_replicas(
+    dk: torch.Tensor, dv: torch.Tensor, kv_heads: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each K/V head's gradient ``[B, S, Hkv, D]``: the sum over its replicas."""
+    dk, dv = (t.unflatten(2, (kv_heads.shape[1], -1)).sum(3) for t in (dk, dv))
+    return dk, dv
+
+
+def _natural_order(ctx: AttentionContext) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(order, inverse)`` for :func:`to_heads`: natural token order of the whole sequence
+    (``None`` when the layout already is: contiguous without documents)."""
+    if ctx.shard.layout == "contiguous" and not ctx.varlen:
+        return None, None
+    return torch.argsort(ctx.shard.all_positions), ctx.shard.all_positions
 
 
 @register_attention_strategy
 class UlyssesAttention(AttentionStrategy):
     name = "ulysses"
 
-    def check_group(self, world_size, q_heads, kv_heads, layout) -> None:
+    def check_group(self, world_size, q_heads, kv_heads, layout, ulysses_degree=None) -> None:
         """``Hq`` divisible by ``P`` (K/V heads are replicated up to ``lcm(Hkv, P)``)."""
-        super().check_group(world_size, q_heads, kv_heads, layout)
+        super().check_group(world_size, q_heads, kv_heads, layout, ulysses_degree)
         if q_heads % world_size:
             raise ValueError(
                 f"ulysses: {q_heads} query heads are not divisible by the group size "
@@ -87,22 +113,21 @@ class UlyssesAttention(AttentionStrategy):
         return Traffic(per_pass, per_pass)
 
     def forward(self, q, k, v, ctx: AttentionContext):
-        # Autograd saves only tensors: an empty one whose shape records the K/V head count.
-        kv_heads = k.new_empty(0, k.shape[2])
-        copies = sent_kv_heads(k.shape[2], ctx.info.world_size) // k.shape[2]
-        k, v = (t.repeat_interleave(copies, dim=2) for t in (k, v))
-        qh, kh, vh = _to_heads([q, k, v], ctx)
+        k, v, kv_heads = replicate_kv(k, v, ctx.info.world_size)
+        order, inverse = _natural_order(ctx)
+        qh, kh, vh = to_heads([q, k, v], ctx.info, order)
         cu = ctx.global_cu_seqlens
         cu = None if cu is None else cu.to(q.device)
         out_h, lse_h = ctx.kernel.forward(
             qh, kh, vh, scale=ctx.scale, causal=ctx.causal, cu_seqlens_q=cu, cu_seqlens_k=cu
         )
-        (out,) = _to_sequence([out_h], ctx)
+        (out,) = to_sequence([out_h], ctx.info, inverse)
         return out, (qh, kh, vh, out_h, lse_h, kv_heads)
 
     def backward(self, dout, saved, ctx: AttentionContext):
         qh, kh, vh, out_h, lse_h, kv_heads = saved
-        (dout_h,) = _to_heads([dout], ctx)
+        order, inverse = _natural_order(ctx)
+        (dout_h,) = to_heads([dout], ctx.info, order)
         cu = ctx.global_cu_seqlens
         cu = None if cu is None else cu.to(dout.device)
         dq, dk, dv = ctx.kernel.backward(
@@ -117,7 +142,6 @@ class UlyssesAttention(AttentionStrategy):
             cu_seqlens_q=cu,
             cu_seqlens_k=cu,
         )
-        dq, dk, dv = _to_sequence([dq, dk, dv], ctx)
-        # Each K/V head's gradient is the sum over its replicas.
-        dk, dv = (t.unflatten(2, (kv_heads.shape[1], -1)).sum(3) for t in (dk, dv))
+        dq, dk, dv = to_sequence([dq, dk, dv], ctx.info, inverse)
+        dk, dv = sum_kv_replicas(dk, dv, kv_heads)
         return dq, dk, dv
