@@ -119,6 +119,28 @@ def test_config_accepts_exactly_what_attention_strategies_declare(strategy, sp, 
     assert _accepted(overrides, sp) == declared
 
 
+@pytest.mark.parametrize(
+    "strategy, degree, error",
+    [
+        ("usp", 2, None),
+        ("usp", 4, None),
+        ("usp", 3, "usp: ulysses_degree=3 must be a positive integer dividing both the group"),
+        ("ring", 2, "ulysses_degree=2 applies to strategy 'usp' only"),
+    ],
+)
+def test_config_ulysses_degree(strategy, degree, error):
+    """``parallel.ulysses_degree`` reaches usp's check (sp=4, 12 heads) and no other's."""
+    overrides = ["model.n_heads=12", "model.n_kv_heads=6", "model.d_model=96"]
+    overrides += [f"parallel.attention_strategy={strategy}", f"parallel.ulysses_degree={degree}"]
+    overrides += ["data.seq_len=768", "data.recall.max_len=96", "data.pad_multiple=24"]
+    if error is None:
+        assert check(overrides, 4).parallel.ulysses_degree == degree
+        return
+    with pytest.raises(ValueError, match=re.escape(error)) as info:
+        check(overrides, 4)
+    assert "parallel.ulysses_degree" in str(info.value)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("sp", (1, 2, 3))
 @pytest.mark.parametrize("strategy", sorted(LINEAR_STRATEGIES))

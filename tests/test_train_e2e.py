@@ -66,6 +66,15 @@ def test_softmax_ulysses_contiguous_checkpointed_exact(pools, tmp_path):
     check_meshes(pools, tmp_path, contiguous, ((2, 1, 2),))
 
 
+def test_softmax_usp_exact(pools, tmp_path):
+    """usp 2 x 2 at sp=4 (the model passes ``parallel.ulysses_degree`` down to attention)
+    trains as one process does (the degree must divide sp, so the reference runs ring)."""
+    common = [f"train.steps={STEPS}", "train.lr=2e-5", "parallel.dp=1"]
+    ref = run(pools, 1, [*common, "parallel.sp=1", f"out_dir={tmp_path}/ref"])
+    usp = ["parallel.attention_strategy=usp", "parallel.ulysses_degree=2", "parallel.sp=4"]
+    assert_same(run(pools, 4, [*common, *usp, f"out_dir={tmp_path}/usp"]), ref, "usp 2x2")
+
+
 @pytest.mark.parametrize(
     "overrides",
     (

@@ -112,7 +112,8 @@ def make_attention_function(settings: Settings):
                           cu_seqlens=kwargs.get(CU_SEQLENS_KWARG))  # fmt: skip
         else:
             chosen = dict(strategy=ctx.attention_strategy, group=ctx.group, layout=ctx.layout,
-                          backend=ctx.attention_backend, cu_seqlens=ctx.cu_seqlens)  # fmt: skip
+                          backend=ctx.attention_backend, cu_seqlens=ctx.cu_seqlens,
+                          ulysses_degree=ctx.ulysses_degree)  # fmt: skip
         query, key, value = _autocast_inputs(query, key, value)
         out = distseq.attention(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),

@@ -27,6 +27,7 @@ class SequenceContext:
     derived from :class:`distseq.layout.ShardLayout` so they follow the sharding layout.
     ``attention_backend`` / ``linear_backend`` name the local kernels of the softmax / linear
     layers (``distseq.kernels.BACKENDS`` / ``LINEAR_BACKENDS``, or ``"auto"``).
+    ``ulysses_degree``: the Ulysses group size when ``attention_strategy`` is ``"usp"``.
     """
 
     group: ProcessGroup | None
@@ -38,6 +39,7 @@ class SequenceContext:
     linear_strategy: str = "lasp2"
     attention_backend: str = "auto"
     linear_backend: str = "auto"
+    ulysses_degree: int | None = None
 
     @classmethod
     def build(
@@ -50,6 +52,7 @@ class SequenceContext:
         linear_strategy: str = "lasp2",
         attention_backend: str = "auto",
         linear_backend: str = "auto",
+        ulysses_degree: int | None = None,
     ) -> SequenceContext:
         info = resolve_group(group)
         shard = shard_layout(tuple(int(n) for n in doc_lengths), info.world_size, info.rank, layout)
@@ -63,6 +66,7 @@ class SequenceContext:
             linear_strategy=linear_strategy,
             attention_backend=attention_backend,
             linear_backend=linear_backend,
+            ulysses_degree=ulysses_degree,
         )
 
     def shard_tokens(self, full: torch.Tensor) -> torch.Tensor:

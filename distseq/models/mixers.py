@@ -36,6 +36,7 @@ class SoftmaxAttention(nn.Module):
             q, k, v,
             strategy=ctx.attention_strategy, group=ctx.group, causal=True, layout=ctx.layout,
             cu_seqlens=ctx.cu_seqlens, backend=ctx.attention_backend,
+            ulysses_degree=ctx.ulysses_degree,
         )  # fmt: skip
         return self.wo(out.flatten(-2))
 

@@ -41,7 +41,10 @@ class ParallelConfig:
     used by the ``deepspeed`` engine only; ``fsdp`` shards parameters, gradients and
     optimizer state (ZeRO-3) over all ``dp x sp`` ranks. ``attention_backend`` /
     ``linear_backend``: the local kernels of softmax / linear layers, a name of
-    ``distseq.kernels.BACKENDS`` / ``LINEAR_BACKENDS``, or ``auto`` (the fastest that runs)."""
+    ``distseq.kernels.BACKENDS`` / ``LINEAR_BACKENDS``, or ``auto`` (the fastest that runs).
+    ``ulysses_degree``: ranks per Ulysses group of ``attention_strategy: usp`` (null: its
+    default, the largest divisor of ``sp`` and the query heads within a node); refused with
+    any other strategy. The adaptive planner picks each group's degree itself."""
 
     dp: int | None = None
     sp: int | None = None
@@ -53,6 +56,7 @@ class ParallelConfig:
     attention_backend: str = "auto"
     linear_backend: str = "auto"
     timeout_s: float = 1800.0
+    ulysses_degree: int | None = None
 
 
 @dataclass
@@ -312,7 +316,10 @@ def _group_shape(cfg: Config, spec: ModelSpec, mixer: str) -> dict[str, int | st
             model_key(cfg.model, "n_heads", "num_attention_heads"): spec.n_heads,
             model_key(cfg.model, "n_kv_heads", "num_key_value_heads"): spec.n_kv_heads,
         }
-    return shape | {"parallel.layout": cfg.parallel.layout}
+    shape |= {"parallel.layout": cfg.parallel.layout}
+    if mixer == "softmax" and cfg.parallel.ulysses_degree is not None:
+        shape["parallel.ulysses_degree"] = cfg.parallel.ulysses_degree
+    return shape
 
 
 def _check_adaptive(cfg: Config) -> None:

@@ -100,6 +100,7 @@ class Trainer:
             seq.doc_lengths, group=self.mesh.sp_group, layout=par.layout,
             attention_strategy=par.attention_strategy, linear_strategy=par.linear_strategy,
             attention_backend=par.attention_backend, linear_backend=par.linear_backend,
+            ulysses_degree=par.ulysses_degree,
         )  # fmt: skip
 
     def _autocast(self) -> contextlib.AbstractContextManager:
