@@ -226,12 +226,15 @@ def test_softmax_bytes_are_the_strategies_traffic(d):
     cost = CostModel(m, _bytes_profile(), Cluster(8, 8, 2**40))
     s, e = 64 * d, 2
     feasible = {combo[0][1] for combo in cost.combos(d)}
-    assert feasible == {"ring", "allgather", "ulysses"}  # ulysses replicates TOY's 2 K/V heads
-    for name in feasible:
-        kind = cost.group_cost(d, (("softmax", name),))
+    # ulysses replicates TOY's 2 K/V heads; usp is planned at each degree strictly between
+    usp = {"usp:2"} if d == 4 else set()
+    assert feasible == {"ring", "allgather", "ulysses"} | usp
+    for planned in feasible:
+        kind = cost.group_cost(d, (("softmax", planned),))
         per_layer = float(kind.time(*sums(np.array([s]), d))) / m.n_layers
+        name, _, degree = planned.partition(":")
         t = ATTENTION_STRATEGIES.get(name).traffic(
-            d, s // d, m.n_heads, m.n_kv_heads, m.head_dim, e
+            d, s // d, m.n_heads, m.n_kv_heads, m.head_dim, e, *([int(degree)] if degree else [])
         )
         assert t.forward > 0 and per_layer == pytest.approx(t.total, rel=1e-9), name
 
@@ -423,5 +426,5 @@ def test_every_registered_strategy_can_be_planned():
         m: sorted(registry) for m, registry in REGISTRY_BY_MIXER.items()
     }
     cost = CostModel(HYBRID, H100, Cluster(64, 8, parse_bytes("80GiB")))
-    planned = {name for combo in cost.combos(4) for name in combo}
+    planned = {(m, name.partition(":")[0]) for combo in cost.combos(4) for m, name in combo}
     assert planned == {(m, n) for m, names in COSTED.items() for n in names}

@@ -78,7 +78,8 @@ FIXED = {
     "hybrid": (
         ["model.mixers=hybrid", "model.n_layers=4", "model.hybrid_ratio=1:1"],
         [
-            [((0, 1, 2, 3), {"softmax": "ring", "linear": "allscan"})],
+            # usp as plans name it, with its Ulysses degree: 2 x 2
+            [((0, 1, 2, 3), {"softmax": "usp:2", "linear": "allscan"})],
             [((0, 1), {"softmax": "ulysses", "linear": "lasp2"}), ((3,), SOFTMAX)],
         ],
     ),

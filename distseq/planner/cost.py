@@ -15,6 +15,10 @@ linear layers: one document's states); what the model adds is when they are on t
 - ``ulysses``: two all-to-alls per pass, not overlapped.
 - ``allgather``: the gather hides behind the local block (1/d of the work); the backward's
   reduce-scatter of dK/dV is not overlapped.
+- ``usp`` at Ulysses degree ``u`` (planned as ``usp:u`` for every ``1 < u < d`` dividing the
+  heads and at most a node, so its all-to-alls use the intra-node link): ulysses' all-to-alls
+  over ``u`` ranks, not overlapped, then a ring of ``d/u`` ranks (``inter`` once the group
+  spans nodes) overlapped as ``ring``'s.
 - ``lasp2`` (linear): one all-gather of states per direction, overlapped with the intra-chunk
   part; ``allscan``: each rank sends/receives one state, pipelined in ``scan_blocks`` pieces
   along the ``d`` ranks; ``ring``: the state hops sequentially rank to rank (LASP-1). Both
@@ -46,12 +50,13 @@ from distseq.planner.profile import Link, Profile
 from distseq.planner.spec import Cluster, ModelSpec
 from distseq.strategies import REGISTRY_BY_MIXER
 from distseq.strategies.ulysses import sent_kv_heads
+from distseq.strategies.usp import planned_name, split_planned
 
 # Strategies whose overlap structure :meth:`CostModel.layer_phases` writes down, in the order
 # plans prefer on ties; a registered strategy missing here cannot be planned (a test checks
 # that none is missing).
 COSTED: dict[str, tuple[str, ...]] = {
-    "softmax": ("ring", "ulysses", "allgather"),
+    "softmax": ("ring", "ulysses", "allgather", "usp"),
     "linear": ("lasp2", "allscan", "ring"),
 }
 SOFTMAX_LAYOUT = "zigzag"  # groups balance causal attention work
@@ -224,6 +229,19 @@ class CostModel:
             return degree, m.n_heads, m.n_kv_heads, SOFTMAX_LAYOUT
         return degree, self.linear_layout
 
+    def _usp_degrees(self, degree: int) -> list[int]:
+        """usp's Ulysses degrees worth planning: ``1 < u < d`` (``u = 1`` is ring, ``u = d``
+        ulysses) within a node, each passing usp's own check."""
+        usp = REGISTRY_BY_MIXER["softmax"].get("usp")
+        out = []
+        for u in range(2, min(degree, self.cluster.gpus_per_node + 1)):
+            try:
+                usp.check_group(*self._group_shape("softmax", degree), u)
+            except ValueError:
+                continue
+            out.append(u)
+        return out
+
     def combos(self, degree: int) -> list[Combo]:
         """Feasible strategy choices (one per layer type) for a group of ``degree`` ranks."""
         per_type = []
@@ -233,7 +251,9 @@ class CostModel:
                 names = [registry.default]  # no communication: every strategy is the local kernel
             else:
                 able = registry.supporting(*self._group_shape(layer_type, degree))
-                names = [n for n in COSTED[layer_type] if n in able]
+                names = [n for n in COSTED[layer_type] if n in able and n != "usp"]
+                if layer_type == "softmax":
+                    names += [planned_name(u) for u in self._usp_degrees(degree)]
             per_type.append([(layer_type, n) for n in names])
         return list(itertools.product(*per_type))
 
@@ -251,22 +271,27 @@ class CostModel:
         return self.profile.inter if self.cluster.spans_nodes(degree) else self.profile.intra
 
     def layer_phases(self, layer_type: str, strategy: str, degree: int) -> _Phases:
-        """Phases of one layer's mixer (attention or linear attention), forward + backward."""
+        """Phases of one layer's mixer (attention or linear attention), forward + backward;
+        ``strategy`` as a plan names it (``usp:u`` for usp at Ulysses degree ``u``)."""
         if layer_type not in COSTED:
             raise ValueError(f"unknown layer type {layer_type!r}; use {list(COSTED)}")
+        strategy, ulysses = split_planned(strategy)
         if strategy not in COSTED[layer_type]:
             raise ValueError(
                 f"unknown {layer_type} strategy {strategy!r}; use {list(COSTED[layer_type])}"
             )
-        impl = REGISTRY_BY_MIXER[layer_type].check(strategy, *self._group_shape(layer_type, degree))
+        shape = self._group_shape(layer_type, degree)
+        if ulysses is not None:
+            shape = (*shape, ulysses)
+        impl = REGISTRY_BY_MIXER[layer_type].check(strategy, *shape)
         ph = _Phases()
         if layer_type == "softmax":
-            self._softmax_phases(ph, impl, degree)
+            self._softmax_phases(ph, impl, degree, ulysses)
         else:
             self._linear_phases(ph, impl, degree)
         return ph
 
-    def _softmax_phases(self, ph: _Phases, impl, d: int) -> None:
+    def _softmax_phases(self, ph: _Phases, impl, d: int, ulysses: int | None) -> None:
         m, pr = self.model, self.profile
         q_fwd = 2.0 * m.n_heads * m.head_dim / (d * pr.attention_flops)
         q_bwd = BWD_OVER_FWD * q_fwd
@@ -280,20 +305,17 @@ class CostModel:
         t = impl.traffic(d, 1.0 / d, m.n_heads, m.n_kv_heads, m.head_dim, pr.elem_bytes)
         fwd_passes = 2 if self.checkpointing else 1  # the recomputed forward resends
         if impl.name == "ring":
-            c_f, a_f = ph.message(
-                link, d - 1, t.forward, per_token=True, sent=fwd_passes * t.forward
-            )
-            c_b, a_b = ph.message(link, d - 1, t.backward, per_token=True)
-            ph.overlap((0, q_fwd, 0), (a_f, 0, c_f))
-            ph.overlap(
-                (0, q_bwd, 0),
-                (a_b + self.checkpointing * a_f, 0, c_b + self.checkpointing * c_f),
-            )
+            self._ring_phases(ph, link, d, t, q_fwd, q_bwd)
         elif impl.name == "ulysses":
-            passes = fwd_passes + 1
-            nbytes = fwd_passes * t.forward + t.backward
-            c, a = ph.message(link, 2 * (d - 1) * passes, nbytes, per_token=True)
+            c, a = self._all_to_all_message(ph, link, d, t)
             ph.serial(a=a, q=q_fwd + q_bwd, c=c)
+        elif impl.name == "usp":
+            a2a, ring = impl.level_traffic(
+                d, 1.0 / d, m.n_heads, m.n_kv_heads, m.head_dim, pr.elem_bytes, ulysses
+            )
+            c, a = self._all_to_all_message(ph, self._link(ulysses), ulysses, a2a)
+            ph.serial(a=a, c=c)
+            self._ring_phases(ph, link, d // ulysses, ring, q_fwd, q_bwd)
         else:  # allgather: the backward gathers again, then reduce-scatters dK/dV
             gather = t.forward
             c_g, a_g = ph.message(
@@ -306,6 +328,26 @@ class CostModel:
                 (a_g * (1 + self.checkpointing), 0, c_g * (1 + self.checkpointing)),
             )
             ph.serial(a=a_rs, q=(q_fwd + q_bwd) * (d - 1) / d, c=c_rs)
+
+    def _ring_phases(self, ph: _Phases, link: Link, ranks: int, t, q_fwd: float, q_bwd: float):
+        """A ring of ``ranks``: K/V (backward: and dK/dV) hops overlap the blocks."""
+        fwd_passes = 2 if self.checkpointing else 1  # the recomputed forward resends
+        c_f, a_f = ph.message(
+            link, ranks - 1, t.forward, per_token=True, sent=fwd_passes * t.forward
+        )
+        c_b, a_b = ph.message(link, ranks - 1, t.backward, per_token=True)
+        ph.overlap((0, q_fwd, 0), (a_f, 0, c_f))
+        ph.overlap(
+            (0, q_bwd, 0),
+            (a_b + self.checkpointing * a_f, 0, c_b + self.checkpointing * c_f),
+        )
+
+    def _all_to_all_message(self, ph: _Phases, link: Link, ranks: int, t) -> tuple[float, float]:
+        """Two all-to-alls over ``ranks`` per pass (recomputed forward included), not
+        overlapped: their ``(c, a)`` time."""
+        fwd_passes = 2 if self.checkpointing else 1
+        nbytes = fwd_passes * t.forward + t.backward
+        return ph.message(link, 2 * (ranks - 1) * (fwd_passes + 1), nbytes, per_token=True)
 
     def _linear_phases(self, ph: _Phases, impl, d: int) -> None:
         m, pr, chunk = self.model, self.profile, self.chunk_size
@@ -382,9 +424,15 @@ class CostModel:
         per_token = 0.0
         full: list[float] = []
         transient = [2.0 * m.vocab_size * 4 / d]  # fp32 logits and their gradient
-        for layer_type, strategy in combo:
+        for layer_type, planned in combo:
+            strategy, ulysses = split_planned(planned)
             if layer_type == "softmax":
                 full.append((saved + 4 * m.n_heads) / d)
+                if strategy == "usp":  # all-to-all buffers, then a ring of replicated K/V
+                    sent = sent_kv_heads(m.n_kv_heads, ulysses)
+                    heads = 2 * m.n_heads + 2 * sent
+                    transient.append((2 * heads * e + 4 * sent * (e + 4)) * m.head_dim / d)
+                    continue
                 transient.append(
                     {
                         "ring": 2 * kv * (e + 4) / d,  # K/V and fp32 dK/dV in flight

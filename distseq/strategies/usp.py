@@ -74,6 +74,17 @@ def ulysses_degrees(world_size: int, q_heads: int) -> list[int]:
     return [u for u in range(1, world_size + 1) if world_size % u == 0 == q_heads % u]
 
 
+def planned_name(ulysses_degree: int) -> str:
+    """The name a plan gives usp at one degree (``"usp:2"``): plans pick the degree too."""
+    return f"{UspAttention.name}:{ulysses_degree}"
+
+
+def split_planned(name: str) -> tuple[str, int | None]:
+    """A plan's strategy name -> ``(registered name, ulysses_degree)``; ``None`` unless usp."""
+    base, _, degree = name.partition(":")
+    return (base, int(degree)) if degree else (base, None)
+
+
 @functools.lru_cache(maxsize=256)
 def _ring_order(shard: ShardLayout, u: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(order, inverse)`` taking the Ulysses group's tokens (its ``u`` shards concatenated,
@@ -140,12 +151,21 @@ class UspAttention(AttentionStrategy):
         """Ulysses over ``u`` ranks plus ring over ``r = P/u``, ``H'kv = lcm(Hkv, u)``: each
         pass ``(u-1)/u·S_local·D·(2Hq+2H'kv)·e``, plus forward ``(r-1)·2n·e`` and backward
         ``(r-1)·2n·(e+4)``, ``n = S_local·H'kv·D``."""
+        a2a, ring = self.level_traffic(
+            p, s_local, q_heads, kv_heads, head_dim, elem, ulysses_degree
+        )
+        return Traffic(a2a.forward + ring.forward, a2a.backward + ring.backward)
+
+    def level_traffic(
+        self, p, s_local, q_heads, kv_heads, head_dim, elem, ulysses_degree=None
+    ) -> tuple[Traffic, Traffic]:
+        """:meth:`traffic` per level: ``(all-to-all inside a Ulysses group, ring across)``."""
         u = resolve_ulysses_degree(p, q_heads, ulysses_degree)
         sent_kv = sent_kv_heads(kv_heads, u)
         a2a = UlyssesAttention().traffic(u, s_local, q_heads, sent_kv, head_dim, elem)
         # The ring holds u·S_local tokens of H'kv/u heads per rank: the same n.
         ring = _RING.traffic(p // u, s_local, q_heads, sent_kv, head_dim, elem)
-        return Traffic(a2a.forward + ring.forward, a2a.backward + ring.backward)
+        return a2a, ring
 
     def forward(self, q, k, v, ctx: AttentionContext):
         levels = _levels(ctx, q.shape[2])

@@ -27,6 +27,7 @@ from distseq.planner.spec import ModelSpec
 from distseq.planner.sync import broadcast_plan
 from distseq.planner.units import parse_bytes
 from distseq.strategies import REGISTRY_BY_MIXER
+from distseq.strategies.usp import split_planned
 from distseq.train.config import Config
 from distseq.train.data import PackedSequence, pack_group
 from distseq.train.data.sources import Document
@@ -39,7 +40,7 @@ def group_layout(group: GroupPlan) -> str:
         return "contiguous"
     handled = set(LAYOUTS)
     for layer_type, name in group.strategies.items():
-        handled &= set(REGISTRY_BY_MIXER[layer_type].get(name).layouts)
+        handled &= set(REGISTRY_BY_MIXER[layer_type].get(split_planned(name)[0]).layouts)
     return "zigzag" if "zigzag" in handled else "contiguous"
 
 
@@ -159,9 +160,11 @@ class AdaptiveScheduler:
             layout = group_layout(group)
             seq = pack_group([docs[i] for i in group.sequences],
                              group.degree * chunks_per_rank(layout))  # fmt: skip
+            # A plan names usp with its degree ("usp:2").
+            attention, ulysses = split_planned(group.strategies.get("softmax", "ring"))
             ctx = SequenceContext.build(
                 seq.doc_lengths, group=self.groups[group.ranks], layout=layout,
-                attention_strategy=group.strategies.get("softmax", "ring"),
+                attention_strategy=attention, ulysses_degree=ulysses,
                 linear_strategy=group.strategies.get("linear", "lasp2"),
                 attention_backend=self.parallel.attention_backend,
                 linear_backend=self.parallel.linear_backend,
