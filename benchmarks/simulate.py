@@ -546,6 +546,61 @@ def summary_table(rows: list[dict], config: str, seq: int, worlds=(8, 64, 512)) 
     return lines
 
 
+def usp_versus_flat(rows: list[dict], config: str, seq: int) -> list[dict]:
+    """Per world size, softmax layers of ``config`` at ``seq`` tokens (strong scaling): the
+    step time of ``ring``, ``ulysses`` (where its heads allow) and the fastest ``usp:u``, and
+    usp's speedup over the faster flat strategy. ``None`` where a strategy is not feasible or
+    does not fit in memory."""
+    out = []
+    points = [
+        r
+        for r in rows
+        if r["config"] == config
+        and r["mixer"] == "softmax"
+        and r["mode"] == "strong"
+        and r["seq_len"] == seq
+    ]
+    for world in sorted({r["world"] for r in points}):
+        fits = {
+            r["strategy"]: r["step_time_s"]
+            for r in points
+            if r["world"] == world and r["efficiency"] is not None
+        }
+        usp = {name: t for name, t in fits.items() if name.startswith("usp:")}
+        best = min(usp, key=usp.get) if usp else None
+        flat = [fits[name] for name in ("ring", "ulysses") if name in fits]
+        out.append(
+            {
+                "world": world,
+                "ring_s": fits.get("ring"),
+                "ulysses_s": fits.get("ulysses"),
+                "usp": best,
+                "usp_s": usp.get(best),
+                "speedup": min(flat) / usp[best] if best and flat else None,
+            }
+        )
+    return out
+
+
+def usp_table(points: list[dict]) -> list[str]:
+    """Markdown of :func:`usp_versus_flat`."""
+
+    def cell(x):
+        return "-" if x is None else f"{x:.3g}"
+
+    lines = [
+        "| P | ring (s) | ulysses (s) | best usp | usp (s) | usp vs faster of ring/ulysses |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in points:
+        speedup = "-" if p["speedup"] is None else f"{p['speedup']:.2f}x"
+        lines.append(
+            f"| {p['world']} | {cell(p['ring_s'])} | {cell(p['ulysses_s'])} | "
+            f"{p['usp'] or '-'} | {cell(p['usp_s'])} | {speedup} |"
+        )
+    return lines
+
+
 def plot_all(out: str, rows: list[dict], longest: list[dict], checks: dict, args, profile):
     import matplotlib
 
@@ -760,6 +815,10 @@ def main(argv=None) -> dict:
         seq = PLOT_SEQ if PLOT_SEQ in args.seqs else args.seqs[-1]
         print(f"\n{config}, strong scaling at seq {seq}:")
         print("\n".join(summary_table(rows, config, seq)))
+    seq = PLOT_SEQ if PLOT_SEQ in args.seqs else args.seqs[-1]
+    usp = usp_versus_flat(rows, args.configs[0], seq)
+    print(f"\nusp vs ring / ulysses, softmax layers of {args.configs[0]}, {seq} tokens:")
+    print("\n".join(usp_table(usp)))
     result = {
         "command": command.strip(),
         "profile": profile.to_dict(),
@@ -770,6 +829,7 @@ def main(argv=None) -> dict:
         "rows": rows,
         "max_seq": longest,
         "sanity": checks,
+        "usp_vs_flat": usp,
     }
     with open(os.path.join(args.out, "simulate.json"), "w") as f:
         json.dump(result, f, default=float)  # compact: ~2k points

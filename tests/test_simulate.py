@@ -164,6 +164,23 @@ def test_sweep_writes_curves_tables_and_plots(tmp_path):
     assert 1.8 * ring[8] <= ring[16] and 1.8 * ring[16] <= ring[32]
 
 
+def test_usp_rows_and_where_it_beats_ring_and_ulysses():
+    """7B softmax layers, 1M tokens, 8 GPUs per node: usp rows at 64 and 512 GPUs; where the
+    ring can no longer hide its inter-node hops (here from 256 GPUs) usp is faster, and
+    ulysses (32 query heads) cannot run at all past 32 GPUs."""
+    args = simulate.parse_args(["--configs", simulate.CONFIGS[0], "--seqs", "1048576"])
+    rows, _ = simulate.sweep(args, H100)
+    softmax = [r for r in rows if r["mixer"] == "softmax" and r["mode"] == "strong"]
+    for world, degrees in ((64, (2, 4, 8)), (512, (2, 4, 8))):
+        names = {r["strategy"] for r in softmax if r["world"] == world}
+        assert {f"usp:{u}" for u in degrees} <= names, names
+    points = {p["world"]: p for p in simulate.usp_versus_flat(rows, simulate.CONFIGS[0], 2**20)}
+    assert points[64]["ulysses_s"] is None and points[32]["ulysses_s"] is not None
+    assert points[64]["speedup"] == pytest.approx(1.0, abs=0.01)  # ring hides its hops
+    assert 1.5 < points[256]["speedup"] < points[512]["speedup"] < points[1024]["speedup"]
+    assert simulate.usp_table(list(points.values()))[2].startswith("| 8 |")
+
+
 def _real_run(tmp_path, rows) -> str:
     path = tmp_path / "scaling.json"
     path.write_text(json.dumps({"command": "synthetic", "env": {}, "rows": rows, "max_seq": []}))
