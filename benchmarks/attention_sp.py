@@ -1,13 +1,16 @@
 """Sequence-parallel attention vs one process on the same cores: time, bytes, memory.
 
     python benchmarks/attention_sp.py [--seq 16384 --heads 8 --head-dim 64 --world 2]
+    python benchmarks/attention_sp.py --world 4 --ulysses-degree 2   # usp as 2 x 2
 
 Baseline: one process with ``world`` threads runs the local kernel (the fused aten CPU flash
 kernel on CPU) forward+backward on the whole sequence. Then ``world`` processes with one
 thread each run every strategy on their shards. Printed per strategy: the median
 forward+backward time (slowest rank), the ratio ``t_single / t_sp`` (1.0 = parallel scaling
-as good as threads in one process), bytes sent per rank next to the strategy's formula, and
-peak resident memory per rank. Timings are taken in the same invocation, back to back.
+as good as threads in one process), bytes sent per rank next to the strategy's formula
+(``traffic()``; ``exact`` says whether they are equal), and peak resident memory per rank.
+Timings are taken in the same invocation, back to back. A strategy that cannot run the shape
+(its ``check_group``) is skipped with its reason.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import distseq
 from distseq.comm import run_ranks
 from distseq.kernels import select_backend
 from distseq.strategies import ATTENTION_STRATEGIES
+from distseq.strategies.usp import resolve_ulysses_degree
 
 
 def _worker(rank: int, world: int, args) -> dict:
@@ -36,11 +40,13 @@ def _worker(rank: int, world: int, args) -> dict:
     dout = torch.randn_like(q)
     rows = {}
     for strategy in args.strategies:
-        if strategy == "ulysses" and (args.heads % world or args.kv_heads % world):
+        if _skip_reason(strategy, args):
             continue
 
         def step(strategy=strategy):
-            out = distseq.attention(q, k, v, strategy=strategy, layout=args.layout)
+            out = distseq.attention(
+                q, k, v, strategy=strategy, layout=args.layout, **_options(strategy, args)
+            )
             out.backward(dout)
 
         dist.barrier()
@@ -50,6 +56,20 @@ def _worker(rank: int, world: int, args) -> dict:
         rows[strategy] = {"times": times, "bytes_sent": counter.bytes_sent}
     rows["peak_rss_bytes"] = peak_rss_bytes()
     return rows
+
+
+def _options(strategy: str, args) -> dict:
+    return {"ulysses_degree": args.ulysses_degree} if strategy == "usp" else {}
+
+
+def _skip_reason(strategy: str, args) -> str | None:
+    """Why ``strategy`` cannot run this shape (its ``check_group``), or ``None``."""
+    shape = (args.world, args.heads, args.kv_heads, args.layout)
+    try:
+        ATTENTION_STRATEGIES.get(strategy).check_group(*shape, **_options(strategy, args))
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _baseline(rank: int, world: int, args) -> dict:
@@ -77,7 +97,10 @@ def main() -> None:
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--threads-per-rank", type=int, default=1)
     parser.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous"])
-    parser.add_argument("--strategies", nargs="+", default=["ring", "allgather", "ulysses"])
+    parser.add_argument("--strategies", nargs="+", default=["ring", "allgather", "ulysses", "usp"])
+    parser.add_argument(
+        "--ulysses-degree", type=int, default=None, help="usp's (default: its own default)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
@@ -94,27 +117,33 @@ def main() -> None:
     print(f"single process, {args.threads_per_rank * args.world} threads: {t_single:.3f} s, "
           f"peak RSS {single['peak_rss_bytes'] / 2**20:.0f} MiB")  # fmt: skip
     header = f"{'strategy':<10} {'P':>2} {'t_sp (s)':>9} {'t_single/t_sp':>14} " \
-             f"{'MiB sent/rank':>14} {'formula':>9} {'peak RSS/rank MiB':>18}"  # fmt: skip
+             f"{'MiB sent/rank':>14} {'formula':>9} {'exact':>5} " \
+             f"{'peak RSS/rank MiB':>18}"  # fmt: skip
     print(header)
     report = {"args": vars(args), "t_single": t_single, "strategies": {}}
     for strategy in args.strategies:
         if strategy not in per_rank[0]:
+            print(f"{strategy:<10} skipped: {_skip_reason(strategy, args)}")
             continue
         # A step ends when its slowest rank ends.
         steps = [max(rows[strategy]["times"][i] for rows in per_rank)
                  for i in range(args.repeats)]  # fmt: skip
         t_sp = statistics.median(steps)
         sent = max(rows[strategy]["bytes_sent"] for rows in per_rank)
-        formula = (
-            ATTENTION_STRATEGIES.get(strategy)
-            .traffic(args.world, s_local, args.heads, args.kv_heads, args.head_dim, elem)
-            .total
-        )
+        shape = (args.world, s_local, args.heads, args.kv_heads, args.head_dim, elem)
+        impl = ATTENTION_STRATEGIES.get(strategy)
+        formula = impl.traffic(*shape, *_options(strategy, args).values()).total
         rss = max(rows["peak_rss_bytes"] for rows in per_rank)
-        print(f"{strategy:<10} {args.world:>2} {t_sp:>9.3f} {t_single / t_sp:>14.2f} "
-              f"{sent / 2**20:>14.1f} {formula / 2**20:>9.1f} {rss / 2**20:>18.0f}")  # fmt: skip
+        label = strategy
+        if strategy == "usp":
+            u = resolve_ulysses_degree(args.world, args.heads, args.ulysses_degree)
+            label = f"usp {u}x{args.world // u}"
+        print(f"{label:<10} {args.world:>2} {t_sp:>9.3f} {t_single / t_sp:>14.2f} "
+              f"{sent / 2**20:>14.1f} {formula / 2**20:>9.1f} {str(sent == formula):>5} "
+              f"{rss / 2**20:>18.0f}")  # fmt: skip
         report["strategies"][strategy] = {"t_sp": t_sp, "ratio": t_single / t_sp,
                                           "bytes_sent": sent, "formula_bytes": formula,
+                                          "label": label,
                                           "peak_rss_bytes": rss}  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
