@@ -18,6 +18,7 @@ import torch.distributed as dist
 import distseq
 from distseq.comm.launch import exit_process
 from distseq.reference import attention_reference
+from distseq.strategies import ATTENTION_STRATEGIES
 
 
 def main() -> None:
@@ -45,8 +46,9 @@ def main() -> None:
     if rank == 0:
         print(f"world={world} seq={args.seq} heads={args.heads}/{args.kv_heads} "
               f"head_dim={args.head_dim} layout={args.layout} (causal, fp32)")  # fmt: skip
+    able = ATTENTION_STRATEGIES.supporting(world, args.heads, args.kv_heads, args.layout)
     for strategy in distseq.available_strategies()["attention"]:
-        if strategy == "ulysses" and (args.heads % world or args.kv_heads % world):
+        if strategy not in able:  # e.g. ulysses needs the query heads divisible by P
             continue
         local = [distseq.shard_sequence(t, layout=args.layout).requires_grad_() for t in (q, k, v)]
         start = time.perf_counter()
