@@ -96,8 +96,9 @@ def theory_bytes(cfg: Config, world: int, seq_len: int) -> int:
     total = 0
     for mixer in layer_mixers(m):
         if mixer == "softmax":
+            usp = [par.ulysses_degree] if par.attention_strategy == "usp" else []
             t = ATTENTION_STRATEGIES.get(par.attention_strategy).traffic(
-                world, s_local, m.n_heads, m.n_kv_heads, hd, ELEM_BYTES
+                world, s_local, m.n_heads, m.n_kv_heads, hd, ELEM_BYTES, *usp
             )
         else:
             t = LINEAR_STRATEGIES.get(par.linear_strategy).traffic(
@@ -139,7 +140,7 @@ class _Step:
         self.ctx = SequenceContext.build(
             (seq_len,), layout=par.layout, attention_strategy=par.attention_strategy,
             linear_strategy=par.linear_strategy, attention_backend=par.attention_backend,
-            linear_backend=par.linear_backend,
+            linear_backend=par.linear_backend, ulysses_degree=par.ulysses_degree,
         )  # fmt: skip
         gen = torch.Generator().manual_seed(seq_len)
         full = torch.randint(self.cfg.model.vocab_size, (1, seq_len + 1), generator=gen)
