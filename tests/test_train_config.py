@@ -69,7 +69,10 @@ def test_global_batch_must_split_over_dp():
 
 
 def test_ulysses_needs_query_heads_divisible_by_sp():
-    expected = r"parallel\.sp=3, model\.n_heads=4.*4 query heads.*can: \[.allgather., .ring.\]"
+    # usp can: its default degree (1 here, a ring) divides both
+    expected = (
+        r"parallel\.sp=3, model\.n_heads=4.*4 query heads.*can: \[.allgather., .ring., .usp.\]"
+    )
     with pytest.raises(ValueError, match=expected):
         check(["parallel.attention_strategy=ulysses"], world=3)
     # 2 K/V heads over 4 ranks: replicated for the all-to-all, accepted
