@@ -1,7 +1,9 @@
 """Sequence-parallel strategies: one module each, registered by name on import."""
 
 from distseq.strategies import allgather, allscan, lasp2, linear_ring, ring, ulysses  # noqa: F401
+from distseq.strategies import delta  # noqa: F401  (after the linear ones it extends)
 from distseq.strategies.base import ATTENTION_STRATEGIES, get_attention_strategy
+from distseq.strategies.delta_base import DELTA_STRATEGIES
 from distseq.strategies.linear_base import LINEAR_STRATEGIES, get_linear_strategy
 from distseq.strategies.registry import Registry
 
@@ -9,10 +11,12 @@ from distseq.strategies.registry import Registry
 REGISTRY_BY_MIXER: dict[str, Registry] = {
     "softmax": ATTENTION_STRATEGIES,
     "linear": LINEAR_STRATEGIES,
+    "gdn": DELTA_STRATEGIES,
 }
 
 __all__ = [
     "ATTENTION_STRATEGIES",
+    "DELTA_STRATEGIES",
     "LINEAR_STRATEGIES",
     "REGISTRY_BY_MIXER",
     "get_attention_strategy",

@@ -24,6 +24,12 @@ from distseq.strategies.transition import combine
 from distseq.traffic import Traffic
 
 
+def gathered_traffic(p: int, docs: int, layout: str, floats_per_piece: int) -> Traffic:
+    """Each pass ``(P-1)`` times every local piece's float32 payload (all-gather)."""
+    per_pass = (p - 1) * docs * chunks_per_rank(layout) * floats_per_piece * 4
+    return Traffic(per_pass, per_pass)
+
+
 class GatheredScan:
     """The all-gather scan of :meth:`LinearStrategy.scan` (any transition shape)."""
 
@@ -59,9 +65,7 @@ class Lasp2(LinearStrategy):
     def traffic(self, p, docs, heads, dk, dv, layout) -> Traffic:
         """Each pass ``(P-1)·n·H·(Dk·Dv+1)·4``: every piece's float32 state and log decays,
         ``n`` = documents (twice that with zigzag)."""
-        pieces = docs * chunks_per_rank(layout)
-        per_pass = (p - 1) * pieces * heads * (dk * dv + 1) * 4
-        return Traffic(per_pass, per_pass)
+        return gathered_traffic(p, docs, layout, heads * (dk * dv + 1))
 
     def scan(self, states, transitions, start, ctx, *, reverse, need_end):
         return GatheredScan(states, transitions, start, ctx, reverse, need_end)

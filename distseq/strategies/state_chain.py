@@ -48,8 +48,8 @@ class ChainScan:
         self.states = states.view(ctx.docs, ctx.slots, *states.shape[1:])
         self.transitions = transitions.view(ctx.docs, ctx.slots, *transitions.shape[1:])
         dv = states.shape[3]
-        self.blocks = [(int(b[0]), int(b[-1]) + 1) for b in torch.arange(dv).tensor_split(blocks)]
-        self.blocks = [(lo, hi) for lo, hi in self.blocks if hi > lo]
+        splits = torch.arange(dv).tensor_split(blocks)  # fewer than `blocks` columns: some empty
+        self.blocks = [(int(b[0]), int(b[-1]) + 1) for b in splits if len(b)]
         me = ctx.info.rank
         self.mine = [i for i, (rank, _) in enumerate(self.order) if rank == me]
         self.received: dict[tuple[int, int], tuple[torch.Tensor, object]] = {}

@@ -1,0 +1,230 @@
+"""The ``torch`` delta-rule backend: the chunked (WY / UT-transform) gated delta rule in PyTorch.
+
+Per head ``S_t = exp(g_t)(I - β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ``, ``o_t = scale · q_t S_t``.
+Segments are cut into chunks of ``C`` tokens as in :mod:`distseq.kernels.linear_torch` (padding
+tokens have ``k = v = 0``, ``β = g = 0``: identity transitions). Within a chunk, with ``b`` the
+in-chunk cumulative log decay and ``D_ij = exp(b_i - b_j)`` (``j <= i``), the state after
+token ``i`` is ``exp(b_i) S + Σ_{j<=i} D_ij k_j u_jᵀ``, where the corrected values ``u``
+solve the unit lower-triangular system (the UT transform)
+
+    ``(I + L) U = β ⊙ V - (β exp(b) ⊙ K) S``,  ``L_ij = β_i D_ij k_i·k_j`` (``j < i``),
+
+i.e. ``U = W_v - W_k S`` with ``W_v = (I+L)⁻¹(β ⊙ V)``, ``W_k = (I+L)⁻¹(β exp(b) ⊙ K)``. So a
+chunk maps its incoming state affinely, ``S' = A_c S + M_c`` with
+``A_c = exp(b_C) I - K̄ᵀ W_k``, ``M_c = K̄ᵀ W_v`` (``K̄ = exp(b_C - b) ⊙ K``), and its outputs
+are ``scale · (Q Kᵀ ⊙ D) W_v + scale · q̃ S`` with ``q̃ = exp(b) ⊙ Q - (Q Kᵀ ⊙ D) W_k``. Only the
+``Dk × Dk`` / ``Dk × Dv`` chunk recurrence is sequential; everything else is batched matmuls
+and one batched triangular solve, accumulated in float32 (float64 for float64 inputs).
+
+A *piece* (a row, or a ``cu_seqlens`` segment) is the product of its chunks: ``A`` (the
+ordered product of the ``A_c``), ``M`` (its final state from zero) and per token
+``q̃_t P_{c-1}`` (``P`` the product of the chunks before), which is what sequence parallelism
+exchanges and applies (:func:`pieces`).
+
+The backward differentiates this chunked form with autograd, recomputing it from the inputs
+(nothing is stored between the passes). A hand-written backward of the UT transform is
+several times the code for the same asymptotic cost; the chunked form's graph is small
+(per-chunk ``C × C`` and ``D × D`` products), so autograd's extra memory is one chunked
+forward's intermediates, alive only during the backward call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distseq.kernels.common import accumulator_dtype
+from distseq.kernels.linear_torch import _Packing
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def is_available(device: torch.device, dtype: torch.dtype) -> str | None:
+    if dtype not in _SUPPORTED_DTYPES:
+        return f"unsupported dtype {dtype}"
+    return None
+
+
+class _Chunks:
+    """Chunk-level quantities ``[N, H, chunks, ...]`` of one call (see the module docstring).
+
+    ``transitions`` ``A_c`` ``[N, H, chunks, Dk, Dk]``, ``memories`` ``M_c``
+    ``[N, H, chunks, Dk, Dv]``; with queries also ``scores`` ``(Q Kᵀ ⊙ D)``, ``local`` the
+    zero-state output ``(Q Kᵀ ⊙ D) W_v`` and ``queries`` ``q̃`` (both unscaled).
+    """
+
+    def __init__(self, q, k, v, beta, log_decay, cu_seqlens, chunk_size):
+        batch, length = k.shape[:2]
+        self.work = work = accumulator_dtype(k.dtype)
+        self.packing = packing = _Packing(batch, length, cu_seqlens, chunk_size)
+        kk = packing.pack(k.to(work))
+        beta = packing.pack(beta.to(work)).unsqueeze(-1)  # [N, H, chunks, C, 1]
+        causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=k.device).tril()
+        eye_k = torch.eye(kk.shape[-1], dtype=work, device=k.device)
+        if log_decay is None:
+            decay, start_decay, end_decay, chunk_decay = causal.to(work), 1.0, 1.0, 1.0
+        else:
+            b = packing.pack(log_decay.to(work)).cumsum(-1)  # [N, H, chunks, C]
+            # Mask before exp: only exponents <= 0 are ever evaluated.
+            diff = (b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill(~causal, float("-inf"))
+            decay = diff.exp()
+            last = b[..., -1:]
+            start_decay = b.exp().unsqueeze(-1)
+            end_decay = (last - b).exp().unsqueeze(-1)
+            chunk_decay = last.exp().unsqueeze(-1)
+        lower = (beta * (kk @ kk.transpose(-1, -2)) * decay).tril(-1)
+        system = lower + torch.eye(chunk_size, dtype=work, device=k.device)
+        self.w_k = torch.linalg.solve_triangular(
+            system, beta * start_decay * kk, upper=False, unitriangular=True
+        )
+        k_end = (end_decay * kk).transpose(-1, -2)
+        self.transitions = chunk_decay * eye_k - k_end @ self.w_k
+        if v is not None:
+            vv = packing.pack(v.to(work))
+            w_v = torch.linalg.solve_triangular(system, beta * vv, upper=False, unitriangular=True)
+            self.memories = k_end @ w_v
+        if q is not None:
+            qq = packing.pack(q.to(work))
+            self.scores = (qq @ kk.transpose(-1, -2)) * decay
+            self.queries = start_decay * qq - self.scores @ self.w_k
+            if v is not None:
+                self.local = self.scores @ w_v
+
+    def run(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """States entering every chunk ``[N, H, chunks, Dk, Dv]`` from ``state``, and the last."""
+        incoming = []
+        for c in range(self.packing.chunks):
+            incoming.append(state)
+            state = self.transitions[:, :, c] @ state + self.memories[:, :, c]
+        return torch.stack(incoming, dim=2), state
+
+    def prefixes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Products ``P_{c-1}`` of the transitions before each chunk, and the whole piece's."""
+        n, heads, _, dk, _ = self.transitions.shape
+        product = torch.eye(dk, dtype=self.work, device=self.transitions.device)
+        product = product.expand(n, heads, dk, dk)
+        before = []
+        for c in range(self.packing.chunks):
+            before.append(product)
+            product = self.transitions[:, :, c] @ product
+        return torch.stack(before, dim=2), product
+
+
+def _zeros_state(k: torch.Tensor, v: torch.Tensor, n: int) -> torch.Tensor:
+    work = accumulator_dtype(k.dtype)
+    return k.new_zeros(n, k.shape[2], k.shape[3], v.shape[3], dtype=work)
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    log_decay: torch.Tensor | None,
+    *,
+    scale: float,
+    initial_state: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked gated delta rule; see :mod:`distseq.kernels` for the contract (``beta``
+    ``[B, S, H]``). Returns ``o`` ``[B, S, H, Dv]`` (``q.dtype``) and the final states
+    ``[N, H, Dk, Dv]`` (float32; float64 for float64 inputs). Differentiable."""
+    ch = _Chunks(q, k, v, beta, log_decay, cu_seqlens, chunk_size)
+    state = _zeros_state(k, v, ch.packing.n) if initial_state is None else initial_state
+    incoming, final = ch.run(state.to(ch.work))
+    out = (ch.local + ch.queries @ incoming) * scale
+    return ch.packing.unpack(out).to(q.dtype), final
+
+
+def pieces(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    log_decay: torch.Tensor | None,
+    *,
+    scale: float,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every piece's affine map, for sequence parallelism.
+
+    Returns ``(o0, M, A, q̃)``: the zero-state output ``o0`` ``[B, S, H, Dv]`` (accumulator
+    dtype), the final states from zero ``M`` ``[N, H, Dk, Dv]``, the transitions ``A``
+    ``[N, H, Dk, Dk]`` and the effective queries ``q̃`` ``[B, S, H, Dk]``, such that from an
+    incoming state ``S_in`` the outputs are ``o0 + scale · q̃_t S_in`` and the final state is
+    ``A S_in + M``.
+    """
+    ch = _Chunks(q, k, v, beta, log_decay, cu_seqlens, chunk_size)
+    incoming, memory = ch.run(_zeros_state(k, v, ch.packing.n))
+    before, transition = ch.prefixes()
+    out = (ch.local + ch.queries @ incoming) * scale
+    queries = ch.queries @ before
+    return ch.packing.unpack(out), memory, transition, ch.packing.unpack(queries)
+
+
+def maps(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    beta: torch.Tensor,
+    log_decay: torch.Tensor | None,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``A`` and ``q̃`` of :func:`pieces` alone (no values): for backends whose kernels
+    give only outputs and states."""
+    ch = _Chunks(q, k, None, beta, log_decay, cu_seqlens, chunk_size)
+    before, transition = ch.prefixes()
+    return transition, ch.packing.unpack(ch.queries @ before)
+
+
+def backward(
+    do: torch.Tensor,
+    dfinal_state: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    log_decay: torch.Tensor | None,
+    *,
+    scale: float,
+    initial_state: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, ...]:
+    """Gradients ``(dq, dk, dv, dbeta, dlog_decay, dinitial_state)`` of :func:`forward`."""
+    return autograd_backward(
+        forward, do, dfinal_state, q, k, v, beta, log_decay, scale=scale,
+        initial_state=initial_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+    )  # fmt: skip
+
+
+def autograd_backward(
+    forward_fn, do, dfinal_state, q, k, v, beta, log_decay, *, scale, initial_state,
+    cu_seqlens, chunk_size,
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """Recompute ``forward_fn`` under autograd and differentiate it (see the module docstring).
+
+    ``dlog_decay`` is ``None`` iff ``log_decay`` is; ``dinitial_state`` (float32 ``[N, H, Dk,
+    Dv]``) is always returned.
+    """
+    if initial_state is None:
+        n = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+        initial_state = _zeros_state(k, v, n)
+    inputs = [q, k, v, beta, initial_state] + ([] if log_decay is None else [log_decay])
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        o, final = forward_fn(
+            *leaves[:4], leaves[5] if log_decay is not None else None, scale=scale,
+            initial_state=leaves[4], cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+        )  # fmt: skip
+        outputs, grads = [o], [do]
+        if dfinal_state is not None:
+            outputs.append(final)
+            grads.append(dfinal_state.to(final.dtype))
+        dq, dk, dv, dbeta, dinit, *dg = torch.autograd.grad(
+            outputs, leaves, grads, allow_unused=True
+        )
+    dinit = torch.zeros_like(leaves[4]) if dinit is None else dinit
+    return dq, dk, dv, dbeta, dg[0] if dg else None, dinit
