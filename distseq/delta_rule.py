@@ -12,6 +12,7 @@ from distseq.strategies import DELTA_STRATEGIES
 from distseq.strategies.delta_base import SequenceParallelDeltaRule
 from distseq.validation import validate_on_all_ranks
 
+
 def delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -6,11 +6,12 @@ import torch
 
 from distseq.comm import ProcessGroup, resolve_group
 from distseq.kernels import select_linear_backend
-from distseq.layout import check_layout, shard_layout
+from distseq.layout import check_layout
+from distseq.linear_validation import SIGNATURE, check_call
 from distseq.strategies import LINEAR_STRATEGIES
-from distseq.strategies.linear_base import LinearContext, SequenceParallelLinearAttention
-from distseq.linear_validation import check_initial_state, check_log_decay, check_qkv
-from distseq.validation import check_cu_seqlens, check_scale, signature_code, validate_on_all_ranks
+from distseq.strategies.linear_base import SequenceParallelLinearAttention
+from distseq.validation import validate_on_all_ranks
+
 
 def linear_attention(
     q: torch.Tensor,

@@ -130,7 +130,7 @@ def delta_rule_reference(
 
 
 def _token_recurrence(q, k, v, update, log_decay, scale, initial_state, cu_seqlens):
-    """Run ``state = update(exp(g_t) state, b, t)`` over every row/segment, ``o_t = scale q_t S_t``."""
+    """``state = update(exp(g_t) state, b, t)`` over each row/segment; ``o_t = scale q_t S_t``."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     batch, length, heads, dk = q.shape
     dv = v.shape[-1]

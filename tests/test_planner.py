@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -422,6 +423,9 @@ def test_every_registered_strategy_can_be_planned():
     assert {m: sorted(names) for m, names in COSTED.items()} == {
         m: sorted(registry) for m, registry in REGISTRY_BY_MIXER.items()
     }
-    cost = CostModel(HYBRID, H100, Cluster(64, 8, parse_bytes("80GiB")))
+    # Every layer type once (the hybrid config plus a Gated DeltaNet layer).
+    every = replace(HYBRID, layers=(*HYBRID.layers, "gdn"),
+                    block_params=(*HYBRID.block_params, HYBRID.block_params[0]))  # fmt: skip
+    cost = CostModel(every, H100, Cluster(64, 8, parse_bytes("80GiB")))
     planned = {name for combo in cost.combos(4) for name in combo}
     assert planned == {(m, n) for m, names in COSTED.items() for n in names}

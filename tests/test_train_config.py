@@ -86,6 +86,14 @@ def test_text_source_needs_existing_files(tmp_path):
         check(["data.source=text", f"data.paths=[{tmp_path}/a.txt]", "model.vocab_size=100"])
 
 
+def test_gdn_convolution_needs_pieces_of_three_tokens():
+    gdn = ["model.mixers=gdn", "parallel.sp=2", "parallel.dp=1", "parallel.layout=zigzag"]
+    with pytest.raises(ValueError, match=r"pad_multiple=8 leaves pieces of 2 tokens.*least 12"):
+        check([*gdn, "data.pad_multiple=8"])
+    check([*gdn, "data.pad_multiple=16"])
+    check(["model.mixers=linear", "parallel.sp=2", "parallel.dp=1", "data.pad_multiple=8"])
+
+
 def test_zigzag_allscan_names_the_strategies_that_can():
     expected = r"parallel\.linear_strategy='allscan'.*contiguous.*can: \['lasp2', 'ring'\]"
     with pytest.raises(ValueError, match=expected):

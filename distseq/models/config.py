@@ -7,8 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-MIXERS = ("softmax", "linear")
-MIXER_SCHEDULES = ("softmax", "linear", "hybrid")
+MIXERS = ("softmax", "linear", "gdn")
+MIXER_SCHEDULES = ("softmax", "linear", "gdn", "hybrid")
+GDN_CONV_SIZE = 4  # the Gated DeltaNet layer's short causal convolution (taps)
 LINEAR_DECAYS = ("none", "constant", "data")
 
 
@@ -16,9 +17,10 @@ LINEAR_DECAYS = ("none", "constant", "data")
 class ModelConfig:
     """A Llama-style decoder whose token mixer is chosen per layer, or a Hugging Face model.
 
-    ``mixers`` is ``"softmax"``, ``"linear"``, ``"hybrid"`` (layers follow ``hybrid_ratio``
-    ``"linear:softmax"``, e.g. ``"3:1"`` = three linear layers then one softmax layer,
-    repeated) or an explicit per-layer list such as ``[linear, linear, linear, softmax]``.
+    ``mixers`` is ``"softmax"``, ``"linear"``, ``"gdn"`` (Gated DeltaNet), ``"hybrid"``
+    (layers follow ``hybrid_ratio`` ``"linear:softmax"``, e.g. ``"3:1"`` = three linear layers
+    then one softmax layer, repeated) or an explicit per-layer list such as
+    ``[linear, linear, linear, softmax]`` or ``[gdn, gdn, gdn, softmax]``.
     ``head_dim`` defaults to ``d_model // n_heads``.
 
     ``hf``: a local Hugging Face directory (``config.json`` + safetensors, optionally a
@@ -189,7 +191,16 @@ def block_parameters(cfg: ModelConfig) -> list[int]:
         + (d * cfg.n_heads + cfg.n_heads) * (cfg.linear_decay == "data")
         + hd
     )
-    mixer = {"softmax": softmax, "linear": linear}
+    # Gated DeltaNet: q/k/v, gate and output projections, the q/k/v conv, the beta (with
+    # bias) and decay projections, the decay's A_log and dt_bias, the output norm.
+    gdn = (
+        5 * d * hd * cfg.n_heads
+        + GDN_CONV_SIZE * 3 * hd * cfg.n_heads
+        + 2 * d * cfg.n_heads
+        + 3 * cfg.n_heads
+        + hd
+    )
+    mixer = {"softmax": softmax, "linear": linear, "gdn": gdn}
     rest = 3 * d * cfg.ffn_hidden + 2 * d
     return [mixer[m] + rest for m in layer_mixers(cfg)]
 

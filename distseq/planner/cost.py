@@ -30,6 +30,11 @@ strategy's ``check_group`` decides (e.g. ulysses needs heads divisible by ``d``)
 Compute: causal softmax attention ``2·s²·Hq·D`` FLOPs forward (2.5x that backward), chunked
 linear attention ``H·(2·C·D + 4·D²)`` per token forward (3x fwd+bwd), projections and FFN
 ``6·params`` per token; everything divided by ``d`` (zigzag balances causal work).
+Gated DeltaNet (``gdn``) layers cost as linear ones with the chunked delta rule's FLOPs,
+``H·(10·C·D + 8·D² + 4·D³/C)`` per token forward (the ``K Kᵀ``/``Q Kᵀ`` scores, the UT
+transform's triangular solves, ``W_k``/``W_v`` products, the chunk transitions and their
+prefix products), and their ``lasp2`` gathers each piece's ``A`` with its state
+(``traffic()``; twice the gathered buffer in memory).
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from distseq.strategies.ulysses import sent_kv_heads
 COSTED: dict[str, tuple[str, ...]] = {
     "softmax": ("ring", "ulysses", "allgather"),
     "linear": ("lasp2", "allscan", "ring"),
+    "gdn": ("lasp2", "allscan", "ring"),
 }
 SOFTMAX_LAYOUT = "zigzag"  # groups balance causal attention work
 BWD_OVER_FWD = 2.5  # flash-attention backward FLOPs relative to forward (recompute included)
@@ -263,7 +269,7 @@ class CostModel:
         if layer_type == "softmax":
             self._softmax_phases(ph, impl, degree)
         else:
-            self._linear_phases(ph, impl, degree)
+            self._linear_phases(ph, impl, degree, delta=layer_type == "gdn")
         return ph
 
     def _softmax_phases(self, ph: _Phases, impl, d: int) -> None:
@@ -307,12 +313,15 @@ class CostModel:
             )
             ph.serial(a=a_rs, q=(q_fwd + q_bwd) * (d - 1) / d, c=c_rs)
 
-    def _linear_phases(self, ph: _Phases, impl, d: int) -> None:
+    def _linear_phases(self, ph: _Phases, impl, d: int, delta: bool = False) -> None:
         m, pr, chunk = self.model, self.profile, self.chunk_size
         h, dh = m.n_heads, m.head_dim
         rate = d * pr.linear_attention_flops
         intra_f = 2.0 * h * chunk * dh / rate  # per token: causal chunk-local scores and values
         inter_f = 4.0 * h * dh * dh / rate  # per token: q·S and the state update kᵀv
+        if delta:  # the chunked delta rule (module docstring)
+            intra_f = 10.0 * h * chunk * dh / rate
+            inter_f = h * (8.0 * dh * dh + 4.0 * dh**3 / chunk) / rate
         pieces = chunks_per_rank(self.linear_layout)  # per rank and document
         state = h * dh * dh * 4.0  # one fp32 H·Dk·Dv message
         t = impl.traffic(d, 1, h, dh, dh, self.linear_layout)
@@ -394,7 +403,8 @@ class CostModel:
                 )
             else:
                 full.append((saved + state / self.chunk_size) / d)
-                static += state * (d if strategy == "lasp2" else 2)
+                gathered = state * (2 if layer_type == "gdn" else 1)  # gdn: A with each state
+                static += gathered * d if strategy == "lasp2" else state * 2
         for (layer_type, _), layer in zip(combo, full):
             kept = e * m.d_model / d if self.checkpointing else layer
             per_token += m.count(layer_type) * kept

@@ -1,7 +1,15 @@
 """Sequence-parallel strategies: one module each, registered by name on import."""
 
-from distseq.strategies import allgather, allscan, lasp2, linear_ring, ring, ulysses  # noqa: F401
-from distseq.strategies import delta  # noqa: F401  (after the linear ones it extends)
+# delta (the delta-rule strategies) subclasses the linear ones it imports itself.
+from distseq.strategies import (  # noqa: F401
+    allgather,
+    allscan,
+    delta,
+    lasp2,
+    linear_ring,
+    ring,
+    ulysses,
+)
 from distseq.strategies.base import ATTENTION_STRATEGIES, get_attention_strategy
 from distseq.strategies.delta_base import DELTA_STRATEGIES
 from distseq.strategies.linear_base import LINEAR_STRATEGIES, get_linear_strategy

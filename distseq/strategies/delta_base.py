@@ -85,7 +85,8 @@ class SequenceParallelDeltaRule(torch.autograd.Function):
             dinit = first if ctx.info.rank == 0 else torch.zeros_like(first)
             dinit = dinit.to(fctx.initial_dtype)
         dg = None if log_decay is None else ctx.from_kernel(dg).to(log_decay.dtype)
-        grads = (ctx.from_kernel(g).to(t.dtype) for g, t in zip((dq, dk, dv, dbeta), (q, k, v, beta)))
+        pairs = zip((dq, dk, dv, dbeta), (q, k, v, beta))
+        grads = (ctx.from_kernel(g).to(t.dtype) for g, t in pairs)
         return *grads, dg, dinit, None, None
 
 

@@ -4,8 +4,9 @@ The piece order of a document is a chain of ranks (``0 → 1 → … → P-1``; 
 ``P-1 → … → 0``). Each rank waits for the state entering its piece from the previous rank,
 combines ``X_out = T X_in + Y`` and sends ``X_out`` on. The state is cut into ``blocks``
 column slices along ``Dv``; since the transition ``T`` (a per-head factor, or the delta rule's
-``Dk × Dk`` matrix) acts on the left, each slice combines on its own, so with ``blocks > 1`` a rank forwards slice ``j`` while slice ``j + 1`` is still arriving (the
-All-Scan pipeline), and with ``blocks == 1`` the chain is fully sequential (LASP-1).
+``Dk × Dk`` matrix) acts on the left, each slice combines on its own, so with ``blocks > 1``
+a rank forwards slice ``j`` while slice ``j + 1`` is still arriving (the All-Scan pipeline),
+and with ``blocks == 1`` the chain is fully sequential (LASP-1).
 When the scan is created (before the local kernel runs) every rank posts its receives and
 the chain's head sends its state at once.
 

@@ -162,7 +162,10 @@ class AdaptiveScheduler:
             ctx = SequenceContext.build(
                 seq.doc_lengths, group=self.groups[group.ranks], layout=layout,
                 attention_strategy=group.strategies.get("softmax", "ring"),
-                linear_strategy=group.strategies.get("linear", "lasp2"),
+                # linear and gdn layers share parallel.linear_strategy's slot
+                linear_strategy=group.strategies.get(
+                    "linear", group.strategies.get("gdn", "lasp2")
+                ),
                 attention_backend=self.parallel.attention_backend,
                 linear_backend=self.parallel.linear_backend,
             )  # fmt: skip
