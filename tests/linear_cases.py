@@ -300,3 +300,49 @@ def linear_comm_compute_order(rank, world, strategy: str) -> list[str]:
             setattr(linear_torch, name, fn)
         os.environ.pop("DISTSEQ_CHECK_RANKS", None)
     return events
+
+
+def delta_comm_compute_order(rank, world, strategy: str) -> list[str]:
+    """Like :func:`linear_comm_compute_order` for ``delta_rule``: 'outputs' marks the forward's
+    query-side matmuls (``Prepared.outputs``), 'backward' the local backward."""
+    import os
+
+    from distseq.kernels import delta_torch
+
+    events: list[str] = []
+    originals = {"batch_isend_irecv": dist.batch_isend_irecv,
+                 "all_gather_single": dist.all_gather_single}  # fmt: skip
+    outputs, backward = delta_torch.Prepared.outputs, delta_torch.backward
+
+    def posting(name):
+        def wrapper(*args, **kwargs):
+            events.append("post")
+            return originals[name](*args, **kwargs)
+
+        return wrapper
+
+    def logged(name, fn):
+        def wrapper(*args, **kwargs):
+            events.append(name)
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    try:
+        for name in originals:
+            setattr(dist, name, posting(name))
+        delta_torch.Prepared.outputs = logged("outputs", outputs)
+        delta_torch.backward = logged("backward", backward)
+        os.environ["DISTSEQ_CHECK_RANKS"] = "0"  # keep the agreement's all-gather out of the log
+        q, k, v = (t.requires_grad_() for t in _linear_shards())
+        beta = torch.rand(1, 8, 2).requires_grad_()
+        out = distseq.delta_rule(q, F.normalize(k, dim=-1), v, beta, strategy=strategy,
+                                 backend="torch")  # fmt: skip
+        events.append("|")
+        out.sum().backward()
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+        delta_torch.Prepared.outputs, delta_torch.backward = outputs, backward
+        os.environ.pop("DISTSEQ_CHECK_RANKS", None)
+    return events

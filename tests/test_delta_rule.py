@@ -67,6 +67,16 @@ def test_bytes_are_the_strategys_traffic(pools, strategy, layout, world):
     assert_busiest_rank_matches(counted, traffic, keys=("forward_sent", "backward_sent"))
 
 
+@pytest.mark.parametrize("strategy", ("lasp2", "allscan"))
+def test_exchange_is_posted_before_the_query_side(pools, strategy):
+    """Forward: lasp2's all-gather, allscan's receives and its head's sends are in flight
+    while the query-side matmuls run; backward: posted before the local backward."""
+    for events in pools(3).run(linear_cases.delta_comm_compute_order, strategy):
+        split = events.index("|")
+        for phase, local in ((events[:split], "outputs"), (events[split + 1 :], "backward")):
+            assert phase[0] == "post" and phase.count(local) == 1, events
+
+
 def test_lasp2_bytes_formula():
     """The issue's pin: (P-1)·H·(Dk² + Dk·Dv)·4 per rank per pass (one document)."""
     p, heads, dk, dv = 4, 3, 16, 8
@@ -114,9 +124,10 @@ def test_single_process_matches_reference_with_small_chunks():
                                chunk_size=4)  # fmt: skip
     assert linear_cases.relative_error(o, ref_o) <= FP32_TOL
     assert linear_cases.relative_error(h, ref_h) <= FP32_TOL
-    o0, memory, transition, queries = delta_torch.pieces(*f32, scale=8**-0.5, cu_seqlens=cu,
-                                                        chunk_size=4)  # fmt: skip
+    prepared = delta_torch.prepare(*f32, scale=8**-0.5, cu_seqlens=cu, chunk_size=4)
+    transition, memory = prepared.transitions, prepared.memories
     assert linear_cases.relative_error(transition @ h0.float() + memory, ref_h) <= FP32_TOL
+    o0, queries = prepared.outputs()
     segments = [(a, b) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
     with_state = torch.cat(
         [o0[:, a:b] + 8**-0.5 * torch.einsum("bshk,hkv->bshv", queries[:, a:b], h0[n].float())

@@ -44,8 +44,9 @@ Delta-rule backends (``delta_torch``, ``delta_fla``) expose ``is_available`` and
 ``forward``/``backward`` with ``beta`` ``[B, S, H]`` after ``v`` (``backward`` returns
 ``(dq, dk, dv, dbeta, dlog_decay, dinitial_state)``), computing
 ``S_t = exp(g_t)(I - β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ``, ``o_t = scale · q_t S_t``, plus
-``pieces(q, k, v, beta, log_decay, *, scale, cu_seqlens=None, chunk_size=64)
--> (o0, M, A, q̃)``: each segment's affine map (:func:`distseq.kernels.delta_torch.pieces`).
+``prepare(q, k, v, beta, log_decay, *, scale, cu_seqlens=None, chunk_size=64)``: each
+segment's affine map ``(A, M)`` and, via ``outputs()``, its zero-state output and effective
+queries (:func:`distseq.kernels.delta_torch.prepare`).
 """
 
 from __future__ import annotations

@@ -49,13 +49,24 @@ def forward(
     return o, final.float()
 
 
-def pieces(q, k, v, beta, log_decay, *, scale, cu_seqlens=None, chunk_size=64):
-    """See :func:`distseq.kernels.delta_torch.pieces`."""
+class _Prepared:
+    """:class:`distseq.kernels.delta_torch.Prepared` from fla's outputs (all computed at once)."""
+
+    def __init__(self, out, memories, transitions, queries):
+        self._out, self._queries = out, queries
+        self.memories, self.transitions = memories, transitions
+
+    def outputs(self):
+        return self._out, self._queries
+
+
+def prepare(q, k, v, beta, log_decay, *, scale, cu_seqlens=None, chunk_size=64):
+    """See :func:`distseq.kernels.delta_torch.prepare`."""
     out, memory = forward(q, k, v, beta, log_decay, scale=scale, cu_seqlens=cu_seqlens)
     transition, queries = delta_torch.maps(
         q, k, beta, log_decay, cu_seqlens=cu_seqlens, chunk_size=chunk_size
     )
-    return out.float(), memory, transition, queries
+    return _Prepared(out.float(), memory, transition, queries)
 
 
 def backward(

@@ -19,7 +19,7 @@ and one batched triangular solve, accumulated in float32 (float64 for float64 in
 A *piece* (a row, or a ``cu_seqlens`` segment) is the product of its chunks: ``A`` (the
 ordered product of the ``A_c``), ``M`` (its final state from zero) and per token
 ``q̃_t P_{c-1}`` (``P`` the product of the chunks before), which is what sequence parallelism
-exchanges and applies (:func:`pieces`).
+exchanges and applies (:func:`prepare`).
 
 The backward differentiates this chunked form with autograd, recomputing it from the inputs
 (nothing is stored between the passes). A hand-written backward of the UT transform is
@@ -47,12 +47,11 @@ def is_available(device: torch.device, dtype: torch.dtype) -> str | None:
 class _Chunks:
     """Chunk-level quantities ``[N, H, chunks, ...]`` of one call (see the module docstring).
 
-    ``transitions`` ``A_c`` ``[N, H, chunks, Dk, Dk]``, ``memories`` ``M_c``
-    ``[N, H, chunks, Dk, Dv]``; with queries also ``scores`` ``(Q Kᵀ ⊙ D)``, ``local`` the
-    zero-state output ``(Q Kᵀ ⊙ D) W_v`` and ``queries`` ``q̃`` (both unscaled).
+    ``transitions`` ``A_c`` ``[N, H, chunks, Dk, Dk]`` and (given values) ``memories`` ``M_c``
+    ``[N, H, chunks, Dk, Dv]``; :meth:`query_side` adds what the queries need.
     """
 
-    def __init__(self, q, k, v, beta, log_decay, cu_seqlens, chunk_size):
+    def __init__(self, k, v, beta, log_decay, cu_seqlens, chunk_size):
         batch, length = k.shape[:2]
         self.work = work = accumulator_dtype(k.dtype)
         self.packing = packing = _Packing(batch, length, cu_seqlens, chunk_size)
@@ -78,16 +77,22 @@ class _Chunks:
         )
         k_end = (end_decay * kk).transpose(-1, -2)
         self.transitions = chunk_decay * eye_k - k_end @ self.w_k
+        self._kk, self._decay, self._start_decay = kk, decay, start_decay
+        self.w_v = None
         if v is not None:
             vv = packing.pack(v.to(work))
-            w_v = torch.linalg.solve_triangular(system, beta * vv, upper=False, unitriangular=True)
-            self.memories = k_end @ w_v
-        if q is not None:
-            qq = packing.pack(q.to(work))
-            self.scores = (qq @ kk.transpose(-1, -2)) * decay
-            self.queries = start_decay * qq - self.scores @ self.w_k
-            if v is not None:
-                self.local = self.scores @ w_v
+            self.w_v = torch.linalg.solve_triangular(
+                system, beta * vv, upper=False, unitriangular=True
+            )
+            self.memories = k_end @ self.w_v
+
+    def query_side(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``q̃`` ``[N, H, chunks, C, Dk]`` and the zero-state output ``(Q Kᵀ ⊙ D) W_v``
+        ``[N, H, chunks, C, Dv]`` (``None`` without values), both unscaled."""
+        qq = self.packing.pack(q.to(self.work))
+        scores = (qq @ self._kk.transpose(-1, -2)) * self._decay
+        queries = self._start_decay * qq - scores @ self.w_k
+        return queries, None if self.w_v is None else scores @ self.w_v
 
     def run(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """States entering every chunk ``[N, H, chunks, Dk, Dv]`` from ``state``, and the last."""
@@ -129,14 +134,33 @@ def forward(
     """Chunked gated delta rule; see :mod:`distseq.kernels` for the contract (``beta``
     ``[B, S, H]``). Returns ``o`` ``[B, S, H, Dv]`` (``q.dtype``) and the final states
     ``[N, H, Dk, Dv]`` (float32; float64 for float64 inputs). Differentiable."""
-    ch = _Chunks(q, k, v, beta, log_decay, cu_seqlens, chunk_size)
+    ch = _Chunks(k, v, beta, log_decay, cu_seqlens, chunk_size)
     state = _zeros_state(k, v, ch.packing.n) if initial_state is None else initial_state
     incoming, final = ch.run(state.to(ch.work))
-    out = (ch.local + ch.queries @ incoming) * scale
+    queries, local = ch.query_side(q)
+    out = (local + queries @ incoming) * scale
     return ch.packing.unpack(out).to(q.dtype), final
 
 
-def pieces(
+class Prepared:
+    """A shard's piece maps, and (on demand) what the queries need: see :func:`prepare`."""
+
+    def __init__(self, q, k, v, beta, log_decay, *, scale, cu_seqlens, chunk_size):
+        self._q, self._scale = q, scale
+        self._chunks = ch = _Chunks(k, v, beta, log_decay, cu_seqlens, chunk_size)
+        self._incoming, self.memories = ch.run(_zeros_state(k, v, ch.packing.n))
+        self._before, self.transitions = ch.prefixes()
+
+    def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The zero-state outputs ``o0`` ``[B, S, H, Dv]`` and effective queries ``q̃``
+        ``[B, S, H, Dk]`` (accumulator dtype)."""
+        ch = self._chunks
+        queries, local = ch.query_side(self._q)
+        out = (local + queries @ self._incoming) * self._scale
+        return ch.packing.unpack(out), ch.packing.unpack(queries @ self._before)
+
+
+def prepare(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -146,21 +170,18 @@ def pieces(
     scale: float,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> Prepared:
     """Every piece's affine map, for sequence parallelism.
 
-    Returns ``(o0, M, A, q̃)``: the zero-state output ``o0`` ``[B, S, H, Dv]`` (accumulator
-    dtype), the final states from zero ``M`` ``[N, H, Dk, Dv]``, the transitions ``A``
-    ``[N, H, Dk, Dk]`` and the effective queries ``q̃`` ``[B, S, H, Dk]``, such that from an
-    incoming state ``S_in`` the outputs are ``o0 + scale · q̃_t S_in`` and the final state is
-    ``A S_in + M``.
+    The result's ``memories`` ``M`` ``[N, H, Dk, Dv]`` (final states from zero) and
+    ``transitions`` ``A`` ``[N, H, Dk, Dk]`` are ready at once (the chunk recurrence, the
+    sequential part); its ``outputs()`` then does the query-side matmuls, which a strategy runs
+    while ``(A, M)`` are exchanged. From an incoming state ``S_in`` the outputs are
+    ``o0 + scale · q̃_t S_in`` and the final state is ``A S_in + M``.
     """
-    ch = _Chunks(q, k, v, beta, log_decay, cu_seqlens, chunk_size)
-    incoming, memory = ch.run(_zeros_state(k, v, ch.packing.n))
-    before, transition = ch.prefixes()
-    out = (ch.local + ch.queries @ incoming) * scale
-    queries = ch.queries @ before
-    return ch.packing.unpack(out), memory, transition, ch.packing.unpack(queries)
+    return Prepared(
+        q, k, v, beta, log_decay, scale=scale, cu_seqlens=cu_seqlens, chunk_size=chunk_size
+    )
 
 
 def maps(
@@ -172,11 +193,12 @@ def maps(
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``A`` and ``q̃`` of :func:`pieces` alone (no values): for backends whose kernels
+    """The ``A`` and ``q̃`` of :func:`prepare` alone (no values): for backends whose kernels
     give only outputs and states."""
-    ch = _Chunks(q, k, None, beta, log_decay, cu_seqlens, chunk_size)
+    ch = _Chunks(k, None, beta, log_decay, cu_seqlens, chunk_size)
     before, transition = ch.prefixes()
-    return transition, ch.packing.unpack(ch.queries @ before)
+    queries, _ = ch.query_side(q)
+    return transition, ch.packing.unpack(queries @ before)
 
 
 def backward(

@@ -5,18 +5,21 @@ dimension, so a piece of the sequence maps an incoming state *affinely*, ``S_out
 with ``A`` ``[Dk, Dk]``. The strategies are the linear-attention ones
 (:mod:`distseq.strategies.linear_base`) with a matrix transition:
 
-1. *prepare*: the local kernel's :func:`~distseq.kernels.delta_torch.pieces` gives every local
-   piece's ``(A, M)``, its zero-state output and effective queries ``q̃`` (``o = o0 +
-   scale · q̃ S_in``);
+1. *prepare*: the local kernel's :func:`~distseq.kernels.delta_torch.prepare` gives every
+   local piece's ``(A, M)`` (the chunk recurrence);
 2. *exchange*: the exclusive scan ``S_in(p+1) = A_p S_in(p) + M_p`` (the strategy's
-   :meth:`~distseq.strategies.linear_base.LinearStrategy.scan`);
+   :meth:`~distseq.strategies.linear_base.LinearStrategy.scan`), posted before the query-side
+   matmuls run (zero-state output ``o0`` and effective queries ``q̃``, ``o = o0 +
+   scale · q̃ S_in``), so they overlap;
 3. *apply*: ``o += scale · q̃_t S_in``.
 
 Backward: the gradient reaching each ``S_in`` from the outputs, ``R = Σ_t scale · q̃_tᵀ do_t``,
 goes through the reversed scan with ``Aᵀ`` (``dS_in = Aᵀ dS_out + R``), giving every piece its
 outgoing state's gradient; the kernel's backward from ``S_in`` with ``dS_out`` then gives all
-input gradients and ``dS_in``. Unlike the scalar case the exchange waits for the local chunk
-pass (``A`` and ``M`` are its result), so compute and communication do not overlap yet.
+input gradients and ``dS_in``. ``R`` needs only the saved ``q̃``, so the backward exchange is
+posted first; the kernel's backward needs its result, so unlike the scalar case's nothing
+overlaps it there (splitting the backward into a zero-state and a state part would, at the
+price of a second local backward).
 """
 
 from __future__ import annotations
@@ -44,13 +47,13 @@ class SequenceParallelDeltaRule(torch.autograd.Function):
     def forward(fctx, q, k, v, beta, log_decay, initial_state, strategy: LinearStrategy, ctx):
         inputs = _kernel_inputs(ctx, q, k, v, beta, log_decay)
         cu = ctx.kernel_cu_seqlens(q.device)
-        out, memories, transitions, queries = ctx.kernel.pieces(
-            *inputs, scale=ctx.scale, cu_seqlens=cu
-        )
+        prepared = ctx.kernel.prepare(*inputs, scale=ctx.scale, cu_seqlens=cu)
+        memories, transitions = prepared.memories, prepared.transitions
         start = None if initial_state is None else initial_state.to(memories.dtype)
         pending = strategy.scan(
             memories, transitions, start, ctx, reverse=False, need_end=ctx.output_final_state
         )
+        out, queries = prepared.outputs()  # the query-side matmuls overlap the exchange
         incoming, final = pending.wait()
         segments = linear_local.Segments(cu)
         out = out + linear_local.apply_incoming(queries, incoming, None, segments, ctx.scale)
