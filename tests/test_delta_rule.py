@@ -134,3 +134,61 @@ def test_single_process_matches_reference_with_small_chunks():
          for n, (a, b) in enumerate(segments)], dim=1,
     )  # fmt: skip
     assert linear_cases.relative_error(with_state, ref_o) <= FP32_TOL
+
+
+@pytest.mark.parametrize("decay", DECAYS)
+def test_kernel_backward_over_many_chunks(decay):
+    """delta_torch.backward (chunk_size 4, packed documents) vs the float64 recurrence."""
+    from distseq.kernels import delta_torch
+    from distseq.reference import delta_rule_reference
+
+    case = {"op": "delta", "decay": decay, "docs": [9, 0, 14, 3], "dk": 8, "dv": 4}
+    full, cu = linear_cases.linear_inputs(case)
+    names = [n for n in ("q", "k", "v", "beta", "g", "h0") if full[n] is not None]
+    leaves = {n: full[n].clone().requires_grad_() for n in names}
+    ref_o, ref_h = delta_rule_reference(
+        *(leaves[n] for n in ("q", "k", "v", "beta")), log_decay=leaves.get("g"),
+        initial_state=leaves["h0"], cu_seqlens=cu,
+    )  # fmt: skip
+    ((ref_o * full["do"]).sum() + (ref_h * full["dh"]).sum()).backward()
+    f32 = {n: full[n].float() for n in names}
+    grads = delta_torch.backward(
+        full["do"].float(), full["dh"].float(), *(f32[n] for n in ("q", "k", "v", "beta")),
+        f32.get("g"), scale=8**-0.5, initial_state=f32["h0"], cu_seqlens=cu, chunk_size=4,
+    )  # fmt: skip
+    for name, grad in zip(("q", "k", "v", "beta", "g", "h0"), grads):
+        if name in leaves:
+            assert linear_cases.relative_error(grad, leaves[name].grad) <= FP32_TOL, name
+        else:
+            assert grad is None, name
+
+
+@pytest.mark.parametrize("strategy", ("lasp2", "allscan"))
+def test_bf16_single_process_close_to_reference(strategy):
+    """bf16 inputs: float32 chunk products and states keep the error at bf16 rounding level."""
+    from distseq.reference import delta_rule_reference
+
+    case = {"op": "delta", "decay": "data", "seq": 96, "dk": 16, "dv": 16}
+    full, _ = linear_cases.linear_inputs(case)
+    bf16 = [full[n].to(torch.bfloat16) for n in ("q", "k", "v", "beta")]
+    leaves = [t.clone().requires_grad_() for t in (*bf16, full["g"].float())]
+    out = distseq.delta_rule(*leaves[:4], log_decay=leaves[4], strategy=strategy)
+    assert out.dtype == torch.bfloat16
+    out.backward(full["do"].to(torch.bfloat16))
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    ref_out, _ = delta_rule_reference(*ref[:4], log_decay=ref[4])
+    ref_out.backward(full["do"])
+    assert linear_cases.relative_error(out, ref_out) <= 2e-2
+    for got, want in zip(leaves, ref):
+        assert got.grad.dtype == got.dtype
+        assert linear_cases.relative_error(got.grad, want.grad) <= 3e-2
+
+
+def test_fla_backend_needs_cuda():
+    from distseq.kernels import DELTA_BACKENDS, unavailable_reason
+
+    reason = unavailable_reason("fla", torch.device("cpu"), torch.float32, DELTA_BACKENDS)
+    assert reason is not None and ("CUDA" in reason or "not usable" in reason)
+    with pytest.raises(ValueError, match="backend 'fla' cannot run"):
+        distseq.delta_rule(*(torch.randn(1, 4, 1, 2) for _ in range(3)), torch.rand(1, 4, 1),
+                           backend="fla")  # fmt: skip
