@@ -402,7 +402,8 @@ class CostModel:
                     }[strategy]
                 )
             else:
-                full.append((saved + state / self.chunk_size) / d)
+                kept = 4.0 * m.n_heads * m.head_dim if layer_type == "gdn" else 0.0  # fp32 q̃
+                full.append((saved + kept + state / self.chunk_size) / d)
                 gathered = state * (2 if layer_type == "gdn" else 1)  # gdn: A with each state
                 static += gathered * d if strategy == "lasp2" else state * 2
         for (layer_type, _), layer in zip(combo, full):
