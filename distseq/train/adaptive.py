@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from distseq.layout import LAYOUTS, chunks_per_rank
 from distseq.models import SequenceContext
+from distseq.models.config import GDN_CONV_SIZE
 from distseq.planner import Cluster, CostModel, Plan, load_profile, plan_batch
 from distseq.planner.plan import GroupPlan
 from distseq.planner.spec import ModelSpec
@@ -157,8 +158,10 @@ class AdaptiveScheduler:
             if group is None:
                 continue
             layout = group_layout(group)
-            seq = pack_group([docs[i] for i in group.sequences],
-                             group.degree * chunks_per_rank(layout))  # fmt: skip
+            multiple = group.degree * chunks_per_rank(layout)
+            if group.degree > 1 and "gdn" in self.cost.model.layers:
+                multiple *= GDN_CONV_SIZE - 1  # the convolution's halo needs 3-token pieces
+            seq = pack_group([docs[i] for i in group.sequences], multiple)
             ctx = SequenceContext.build(
                 seq.doc_lengths, group=self.groups[group.ranks], layout=layout,
                 attention_strategy=group.strategies.get("softmax", "ring"),
