@@ -73,8 +73,23 @@ def backward(
     do, dfinal_state, q, k, v, beta, log_decay, *, scale, initial_state=None, cu_seqlens=None,
     chunk_size=64,
 ):  # fmt: skip
-    """See :func:`distseq.kernels.delta_torch.backward`."""
-    return delta_torch.autograd_backward(
-        forward, do, dfinal_state, q, k, v, beta, log_decay, scale=scale,
-        initial_state=initial_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
-    )  # fmt: skip
+    """See :func:`distseq.kernels.delta_torch.backward`: fla's own autograd function,
+    re-run from the inputs."""
+    if initial_state is None:
+        n = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+        initial_state = q.new_zeros(n, q.shape[2], k.shape[-1], v.shape[-1], dtype=torch.float32)
+    inputs = [q, k, v, beta, initial_state.float()] + ([] if log_decay is None else [log_decay])
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        o, final = forward(
+            *leaves[:4], leaves[5] if log_decay is not None else None, scale=scale,
+            initial_state=leaves[4], cu_seqlens=cu_seqlens,
+        )  # fmt: skip
+        outputs, grads = [o], [do]
+        if dfinal_state is not None:
+            outputs.append(final)
+            grads.append(dfinal_state.float())
+        dq, dk, dv, dbeta, dinit, *dg = torch.autograd.grad(
+            outputs, leaves, grads, allow_unused=True
+        )
+    return dq, dk, dv, dbeta, dg[0] if dg else None, dinit

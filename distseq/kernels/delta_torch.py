@@ -21,11 +21,10 @@ ordered product of the ``A_c``), ``M`` (its final state from zero) and per token
 ``q̃_t P_{c-1}`` (``P`` the product of the chunks before), which is what sequence parallelism
 exchanges and applies (:func:`prepare`).
 
-The backward differentiates this chunked form with autograd, recomputing it from the inputs
-(nothing is stored between the passes). A hand-written backward of the UT transform is
-several times the code for the same asymptotic cost; the chunked form's graph is small
-(per-chunk ``C × C`` and ``D × D`` products), so autograd's extra memory is one chunked
-forward's intermediates, alive only during the backward call.
+The backward is written out (:func:`backward`): it recomputes the chunks and the states entering
+them (nothing is stored between the passes), runs the state gradient's chunk recurrence in
+reverse, then forms every gradient chunk-batched, back through the triangular solve. The
+forward stays differentiable too; the tests compare the two in float64.
 """
 
 from __future__ import annotations
@@ -78,9 +77,16 @@ class _Chunks:
         k_end = (end_decay * kk).transpose(-1, -2)
         self.transitions = chunk_decay * eye_k - k_end @ self.w_k
         self._kk, self._decay, self._start_decay = kk, decay, start_decay
-        self.w_v = None
+        self.beta, self.end_decay, self.chunk_decay, self.system = (
+            beta,
+            end_decay,
+            chunk_decay,
+            system,
+        )
+        self.decayed = log_decay is not None
+        self.w_v = self.vv = None
         if v is not None:
-            vv = packing.pack(v.to(work))
+            self.vv = vv = packing.pack(v.to(work))
             self.w_v = torch.linalg.solve_triangular(
                 system, beta * vv, upper=False, unitriangular=True
             )
@@ -215,38 +221,66 @@ def backward(
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
 ) -> tuple[torch.Tensor, ...]:
-    """Gradients ``(dq, dk, dv, dbeta, dlog_decay, dinitial_state)`` of :func:`forward`."""
-    return autograd_backward(
-        forward, do, dfinal_state, q, k, v, beta, log_decay, scale=scale,
-        initial_state=initial_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
-    )  # fmt: skip
+    """Gradients ``(dq, dk, dv, dbeta, dlog_decay, dinitial_state)`` of :func:`forward`.
 
-
-def autograd_backward(
-    forward_fn, do, dfinal_state, q, k, v, beta, log_decay, *, scale, initial_state,
-    cu_seqlens, chunk_size,
-) -> tuple[torch.Tensor, ...]:  # fmt: skip
-    """Recompute ``forward_fn`` under autograd and differentiate it (see the module docstring).
-
-    ``dlog_decay`` is ``None`` iff ``log_decay`` is; ``dinitial_state`` (float32 ``[N, H, Dk,
-    Dv]``) is always returned.
+    Written out chunk by chunk (nothing is kept from the forward: it recomputes the chunks
+    and the states entering them). With ``dO`` the scaled output gradient, ``S`` a chunk's
+    incoming state and ``dS'`` its outgoing state's gradient (the reverse chunk recurrence
+    ``dS = A_cᵀ dS' + q̃ᵀ dO``), ``U = W_v - W_k S``:
+    ``dU = (QKᵀ⊙D)ᵀ dO + K̄ dS'``; through the UT transform ``dR = (I+L)⁻ᵀ dW`` and
+    ``dL = -dR Wᵀ`` (strictly lower); every exponent's gradient is gathered per token as
+    ``db`` and ``dlog_decay`` is its reverse cumulative sum within the chunk.
+    ``dlog_decay`` is ``None`` iff ``log_decay`` is; ``dinitial_state`` is always returned.
     """
-    if initial_state is None:
-        n = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
-        initial_state = _zeros_state(k, v, n)
-    inputs = [q, k, v, beta, initial_state] + ([] if log_decay is None else [log_decay])
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in inputs]
-        o, final = forward_fn(
-            *leaves[:4], leaves[5] if log_decay is not None else None, scale=scale,
-            initial_state=leaves[4], cu_seqlens=cu_seqlens, chunk_size=chunk_size,
-        )  # fmt: skip
-        outputs, grads = [o], [do]
-        if dfinal_state is not None:
-            outputs.append(final)
-            grads.append(dfinal_state.to(final.dtype))
-        dq, dk, dv, dbeta, dinit, *dg = torch.autograd.grad(
-            outputs, leaves, grads, allow_unused=True
-        )
-    dinit = torch.zeros_like(leaves[4]) if dinit is None else dinit
-    return dq, dk, dv, dbeta, dg[0] if dg else None, dinit
+    ch = _Chunks(k, v, beta, log_decay, cu_seqlens, chunk_size)
+    packing = ch.packing
+    state = _zeros_state(k, v, packing.n) if initial_state is None else initial_state
+    incoming, final = ch.run(state.to(ch.work))
+    qq, kk, vv = packing.pack(q.to(ch.work)), ch._kk, ch.vv
+    gamma, eps, beta_c = ch._start_decay, ch.end_decay, ch.beta  # exp(b), exp(b_C - b), β
+    qk = qq @ kk.transpose(-1, -2)
+    scores = qk * ch._decay
+    queries = gamma * qq - scores @ ch.w_k
+    dout = packing.pack(do.to(ch.work)) * scale
+    reaching = queries.transpose(-1, -2) @ dout
+    grad = torch.zeros_like(final) if dfinal_state is None else dfinal_state.to(ch.work)
+    outgoing = [None] * packing.chunks
+    for c in reversed(range(packing.chunks)):
+        outgoing[c] = grad
+        grad = ch.transitions[:, :, c].transpose(-1, -2) @ grad + reaching[:, :, c]
+    d_out_state = torch.stack(outgoing, dim=2)  # dS' of every chunk
+    values = ch.w_v - ch.w_k @ incoming  # U
+    k_end = eps * kk
+    d_values = scores.transpose(-1, -2) @ dout + k_end @ d_out_state
+    d_scores = (dout @ values.transpose(-1, -2)) * ch._decay
+    dout_state = dout @ incoming.transpose(-1, -2)  # dO Sᵀ
+    values_state = values @ d_out_state.transpose(-1, -2)  # U dS'ᵀ
+    dq = d_scores @ kk + gamma * dout_state
+    dk = d_scores.transpose(-1, -2) @ qq + eps * values_state
+    # Through W = (I+L)⁻¹ R: R_v = β V, R_k = β exp(b) K.
+    d_rv = torch.linalg.solve_triangular(ch.system.mT, d_values, upper=True, unitriangular=True)
+    d_rk = torch.linalg.solve_triangular(
+        ch.system.mT, -d_values @ incoming.transpose(-1, -2), upper=True, unitriangular=True
+    )
+    d_lower = -(d_rv @ ch.w_v.transpose(-1, -2) + d_rk @ ch.w_k.transpose(-1, -2)).tril(-1)
+    kk_t = kk @ kk.transpose(-1, -2)
+    dv = beta_c * d_rv
+    k_rk = (kk * d_rk).sum(-1, keepdim=True)
+    dbeta = (vv * d_rv).sum(-1) + (gamma * k_rk).squeeze(-1)
+    dbeta = dbeta + (d_lower * kk_t * ch._decay).sum(-1)
+    dk = dk + beta_c * gamma * d_rk
+    d_kk = beta_c * d_lower * ch._decay
+    dk = dk + (d_kk + d_kk.transpose(-1, -2)) @ kk
+    dlog_decay = None
+    if ch.decayed:
+        d_mask = d_scores * qk + d_kk * kk_t  # dD ⊙ D, from the scores and from L
+        db = d_mask.sum(-1) - d_mask.sum(-2)
+        db = db + ((qq * dout_state).sum(-1, keepdim=True) + beta_c * k_rk).mul(gamma).squeeze(-1)
+        d_eps = (kk * values_state).sum(-1) * eps.squeeze(-1)
+        db = db - d_eps
+        last = d_eps.sum(-1) + (incoming * d_out_state).sum((-1, -2)) * ch.chunk_decay[..., 0, 0]
+        db[..., -1] += last
+        dg = db.flip(-1).cumsum(-1).flip(-1)
+        dlog_decay = packing.unpack(dg).to(log_decay.dtype)
+    dq, dk, dv, dbeta = (packing.unpack(t) for t in (dq, dk, dv, dbeta))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype), dlog_decay, grad
