@@ -9,6 +9,9 @@ Public API (all tensors ``[batch, seq, heads, head_dim]``, ``q``/``k``/``v`` loc
     distseq.linear_attention(q, k, v, strategy="lasp2", group=None, log_decay=None,
                              layout="contiguous", cu_seqlens=None, scale=None,
                              initial_state=None, output_final_state=False, backend="auto")
+    distseq.delta_rule(q, k, v, beta, strategy="lasp2", group=None, log_decay=None,
+                       layout="contiguous", cu_seqlens=None, scale=None, initial_state=None,
+                       output_final_state=False, backend="auto")   # beta [batch, seq, heads]
     distseq.causal_conv1d(x, weight, bias=None, group=None, layout="contiguous",
                           cu_seqlens=None, activation=None)     # x [batch, seq, channels]
     distseq.available_strategies()
@@ -18,6 +21,7 @@ Public API (all tensors ``[batch, seq, heads, head_dim]``, ``q``/``k``/``v`` loc
 from distseq.attention import attention, available_strategies
 from distseq.comm import CommCounter
 from distseq.conv import causal_conv1d
+from distseq.delta_rule import delta_rule
 from distseq.layout import cu_seqlens
 from distseq.linear_attention import linear_attention
 from distseq.sharding import gather_sequence, shard_sequence
@@ -28,6 +32,7 @@ __all__ = [
     "available_strategies",
     "causal_conv1d",
     "cu_seqlens",
+    "delta_rule",
     "gather_sequence",
     "linear_attention",
     "shard_sequence",

@@ -7,7 +7,7 @@ import torch
 from distseq.comm import ProcessGroup, resolve_group
 from distseq.kernels import select_backend
 from distseq.layout import check_layout, shard_layout
-from distseq.strategies import ATTENTION_STRATEGIES, LINEAR_STRATEGIES
+from distseq.strategies import ATTENTION_STRATEGIES, DELTA_STRATEGIES, LINEAR_STRATEGIES
 from distseq.strategies.base import AttentionContext, SequenceParallelAttention
 from distseq.validation import (
     check_cu_seqlens,
@@ -81,8 +81,10 @@ def attention(
 
 
 def available_strategies() -> dict[str, list[str]]:
-    """Registered strategy names per family: ``{"attention": [...], "linear_attention": [...]}``."""
+    """Registered strategy names per family: ``{"attention": [...], "linear_attention": [...],
+    "delta_rule": [...]}``."""
     return {
         "attention": sorted(ATTENTION_STRATEGIES),
         "linear_attention": sorted(LINEAR_STRATEGIES),
+        "delta_rule": sorted(DELTA_STRATEGIES),
     }

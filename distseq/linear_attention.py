@@ -6,60 +6,11 @@ import torch
 
 from distseq.comm import ProcessGroup, resolve_group
 from distseq.kernels import select_linear_backend
-from distseq.layout import check_layout, shard_layout
+from distseq.layout import check_layout
+from distseq.linear_validation import SIGNATURE, check_call
 from distseq.strategies import LINEAR_STRATEGIES
-from distseq.strategies.linear_base import LinearContext, SequenceParallelLinearAttention
-from distseq.validation import (
-    check_cu_seqlens,
-    check_scale,
-    check_tensors,
-    signature_code,
-    validate_on_all_ranks,
-)
-
-_SIGNATURE = [
-    "batch", "local sequence length", "heads", "key head_dim", "value head_dim", "dtype",
-    "strategy", "layout", "cu_seqlens", "scale", "log_decay given", "initial_state given",
-    "output_final_state",
-]  # fmt: skip
-
-
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    check_tensors({"q": q, "k": k, "v": v}, 4, "[batch, seq, heads, head_dim]")
-    if q.shape != k.shape or q.shape[:3] != v.shape[:3]:
-        raise ValueError(
-            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: q and k must have "
-            "the same shape [B, S, H, Dk] and v the same batch, sequence and heads [B, S, H, Dv]"
-        )
-
-
-def _check_log_decay(log_decay: torch.Tensor | None, q: torch.Tensor) -> None:
-    if log_decay is None:
-        return
-    check_tensors({"log_decay": log_decay}, 3, "[batch, seq, heads]")
-    if log_decay.shape != q.shape[:3] or log_decay.device != q.device:
-        raise ValueError(
-            f"log_decay has shape {tuple(log_decay.shape)} on {log_decay.device}; expected "
-            f"{tuple(q.shape[:3])} ([batch, seq, heads] of q) on {q.device}"
-        )
-    if not bool(((log_decay <= 0) & log_decay.isfinite()).all()):
-        raise ValueError(
-            "log_decay must be finite and <= 0 (the natural log of a decay in (0, 1]); "
-            "e.g. pass -softplus(x) or logsigmoid(x)"
-        )
-
-
-def _check_initial_state(state: torch.Tensor | None, q, v, docs: int) -> None:
-    if state is None:
-        return
-    check_tensors({"initial_state": state}, 4, "[documents, heads, Dk, Dv]")
-    expected = (docs, q.shape[2], q.shape[3], v.shape[3])
-    if tuple(state.shape) != expected or state.device != q.device:
-        raise ValueError(
-            f"initial_state has shape {tuple(state.shape)} on {state.device}; expected "
-            f"{expected} on {q.device} (one state per batch row, or per document with "
-            "cu_seqlens, [N, heads, Dk, Dv])"
-        )
+from distseq.strategies.linear_base import SequenceParallelLinearAttention
+from distseq.validation import validate_on_all_ranks
 
 
 def linear_attention(
@@ -102,27 +53,17 @@ def linear_attention(
     def check() -> list[int]:
         check_layout(layout)
         impl = LINEAR_STRATEGIES.check(strategy, info.world_size, layout)
-        _check_qkv(q, k, v)
-        _check_log_decay(log_decay, q)
-        lengths = check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1], info.world_size, layout)
-        ctx = LinearContext(
-            info=info,
-            shard=shard_layout(lengths, info.world_size, info.rank, layout),
-            varlen=cu_seqlens is not None,
-            batch=q.shape[0],
-            scale=check_scale(scale, q.shape[-1]),
-            kernel=select_linear_backend(backend, q.device, q.dtype),
-            output_final_state=bool(output_final_state),
-        )
-        _check_initial_state(initial_state, q, v, ctx.docs)
+        ctx, signature = check_call(
+            info,
+            {"q": q, "k": k, "v": v, "log_decay": log_decay, "initial_state": initial_state},
+            {"strategy": strategy, "layout": layout, "cu_seqlens": cu_seqlens, "scale": scale,
+             "output_final_state": output_final_state, "backend": backend},
+            select_linear_backend,
+        )  # fmt: skip
         built.update(impl=impl, ctx=ctx)
-        return [
-            *q.shape, v.shape[3], signature_code(str(q.dtype)), signature_code(strategy),
-            signature_code(layout), signature_code(str(lengths)), signature_code(repr(ctx.scale)),
-            int(log_decay is not None), int(initial_state is not None), int(output_final_state),
-        ]  # fmt: skip
+        return signature
 
-    validate_on_all_ranks("distseq.linear_attention", info, check, _SIGNATURE)
+    validate_on_all_ranks("distseq.linear_attention", info, check, SIGNATURE)
     out, final = SequenceParallelLinearAttention.apply(
         q, k, v, log_decay, initial_state, built["impl"], built["ctx"]
     )

@@ -94,6 +94,43 @@ def linear_attention_reference(
     segment count). Returns ``o`` ``[B, S, H, Dv]`` and the final states ``[N, H, Dk, Dv]``,
     both float64.
     """
+
+    def add(state, b, t):
+        return state + k64[b, t].unsqueeze(-1) * v64[b, t].unsqueeze(-2)
+
+    k64, v64 = k.double(), v.double()
+    return _token_recurrence(q, k, v, add, log_decay, scale, initial_state, cu_seqlens)
+
+
+def delta_rule_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    log_decay: torch.Tensor | None = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated delta rule token by token, in float64, differentiable.
+
+    ``S_t = exp(g_t) (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T``, ``o_t = scale q_t S_t``
+    (flash-linear-attention's ``fused_recurrent_gated_delta_rule`` without its in-kernel
+    L2 norm). ``beta`` ``[B, S, H]``; everything else as :func:`linear_attention_reference`.
+    """
+
+    def correct(state, b, t):
+        kt, bt = k64[b, t], beta64[b, t][:, None]  # [H, Dk], [H, 1]
+        new_value = bt * (v64[b, t] - torch.einsum("hk,hkv->hv", kt, state))
+        return state + kt.unsqueeze(-1) * new_value.unsqueeze(-2)
+
+    k64, v64, beta64 = k.double(), v.double(), beta.double()
+    return _token_recurrence(q, k, v, correct, log_decay, scale, initial_state, cu_seqlens)
+
+
+def _token_recurrence(q, k, v, update, log_decay, scale, initial_state, cu_seqlens):
+    """``state = update(exp(g_t) state, b, t)`` over each row/segment; ``o_t = scale q_t S_t``."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     batch, length, heads, dk = q.shape
     dv = v.shape[-1]
@@ -101,7 +138,7 @@ def linear_attention_reference(
         rows = [(b, 0, length) for b in range(batch)]
     else:
         rows = [(0, s, e) for s, e in _segments(cu_seqlens, length)]
-    q64, k64, v64 = q.double(), k.double(), v.double()
+    q64 = q.double()
     g64 = None if log_decay is None else log_decay.double()
     pieces: list[list[torch.Tensor]] = [[] for _ in range(batch)]
     finals = []
@@ -112,7 +149,7 @@ def linear_attention_reference(
         for t in range(start, end):
             if g64 is not None:
                 state = state * g64[b, t].exp()[:, None, None]
-            state = state + k64[b, t].unsqueeze(-1) * v64[b, t].unsqueeze(-2)
+            state = update(state, b, t)
             pieces[b].append(scale * torch.einsum("hk,hkv->hv", q64[b, t], state))
         finals.append(state)
     empty = q64.new_zeros(0, heads, dv)

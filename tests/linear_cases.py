@@ -10,7 +10,13 @@ import torch.nn.functional as F
 
 import distseq
 from cases import relative_error
-from distseq.reference import linear_attention_reference
+from distseq.reference import delta_rule_reference, linear_attention_reference
+
+# case["op"]: the reference, the distributed op, and its positional inputs.
+OPS = {
+    "linear": (linear_attention_reference, distseq.linear_attention, ("q", "k", "v")),
+    "delta": (delta_rule_reference, distseq.delta_rule, ("q", "k", "v", "beta")),
+}
 
 
 def log_decay_for(kind: str, batch: int, total: int, heads: int, gen) -> torch.Tensor | None:
@@ -39,7 +45,11 @@ def linear_inputs(case: dict):
     do = torch.randn(batch, total, heads, dv, generator=gen, dtype=torch.float64)
     dh = torch.randn(states, heads, dk, dv, generator=gen, dtype=torch.float64)
     cu = distseq.cu_seqlens(docs) if docs else None
-    return {"q": q, "k": k, "v": v, "g": g, "h0": h0, "do": do, "dh": dh}, cu
+    beta = None
+    if case.get("op") == "delta":  # unit keys and beta in [0, 1] keep the recurrence bounded
+        k = F.normalize(k, dim=-1)
+        beta = torch.rand(batch, total, heads, generator=gen, dtype=torch.float64)
+    return {"q": q, "k": k, "v": v, "beta": beta, "g": g, "h0": h0, "do": do, "dh": dh}, cu
 
 
 def linear_vs_reference(rank, world, case_list: list[dict]) -> list[dict[str, float]]:
@@ -60,10 +70,11 @@ def _one_linear_case(rank, world, case):
         case = dict(case, seed=case.get("seed", 0) + 100 * (rank // size))
         group, rank = groups[rank // size], rank % size
     full, cu = linear_inputs(case)
-    names = [n for n in ("q", "k", "v", "g", "h0") if full[n] is not None]
+    reference, op, positional = OPS[case.get("op", "linear")]
+    names = [n for n in ("q", "k", "v", "beta", "g", "h0") if full[n] is not None]
     ref_leaves = {n: full[n].clone().requires_grad_() for n in names}
-    ref_o, ref_h = linear_attention_reference(
-        ref_leaves["q"], ref_leaves["k"], ref_leaves["v"], log_decay=ref_leaves.get("g"),
+    ref_o, ref_h = reference(
+        *(ref_leaves[n] for n in positional), log_decay=ref_leaves.get("g"),
         initial_state=ref_leaves["h0"], cu_seqlens=cu,
     )  # fmt: skip
     ((ref_o * full["do"]).sum() + (ref_h * full["dh"]).sum()).backward()
@@ -73,14 +84,14 @@ def _one_linear_case(rank, world, case):
         return distseq.shard_sequence(t, group=group, layout=layout, cu_seqlens=cu)
 
     local = {n: (full[n] if n == "h0" else shard(full[n])).float().requires_grad_() for n in names}
-    o, h = distseq.linear_attention(
-        local["q"], local["k"], local["v"], strategy=case["strategy"], log_decay=local.get("g"),
+    o, h = op(
+        *(local[n] for n in positional), strategy=case["strategy"], log_decay=local.get("g"),
         layout=layout, cu_seqlens=cu, initial_state=local["h0"], output_final_state=True,
         group=group, backend=case.get("backend", "auto"),
     )  # fmt: skip
     ((o * shard(full["do"]).float()).sum() + (h * full["dh"].float()).sum() / size).backward()
     errors = {"o": relative_error(o, shard(ref_o)), "final": relative_error(h, ref_h)}
-    for n in ("q", "k", "v", "g"):
+    for n in ("q", "k", "v", "beta", "g"):
         if n in local:
             errors[f"d{n}"] = relative_error(local[n].grad, shard(ref_leaves[n].grad))
     dinit = local["h0"].grad
@@ -99,10 +110,13 @@ def count_linear_bytes(rank, world, strategy, case: dict) -> dict[str, int]:
     v = torch.randn(b, s, h, dv, generator=gen).requires_grad_()
     g = (-torch.rand(b, s, h, generator=gen)).requires_grad_()
     final = case.get("output_final_state", False)
+    _, op, positional = OPS[case.get("op", "linear")]
+    beta = torch.rand(b, s, h, generator=gen).requires_grad_()
+    inputs = {"q": q, "k": k, "v": v, "beta": beta}
     with distseq.CommCounter() as fwd:
-        out = distseq.linear_attention(
-            q, k, v, log_decay=g, strategy=strategy, output_final_state=final,
-            layout=case.get("layout", "contiguous"),
+        out = op(
+            *(inputs[n] for n in positional), log_decay=g, strategy=strategy,
+            output_final_state=final, layout=case.get("layout", "contiguous"),
         )  # fmt: skip
     loss = out[0].sum() + out[1].sum() if final else out.sum()
     with distseq.CommCounter() as bwd:
@@ -220,6 +234,29 @@ def bad_linear_call(rank, world, kind: str):
     return "no error"
 
 
+def bad_delta_call(rank, world, kind: str):
+    """Call ``delta_rule`` with the defect named by ``kind``."""
+    q, k, v = _linear_shards()
+    beta = torch.rand(1, 8, 2)
+    kwargs: dict = {}
+    if kind == "beta_range":
+        beta = beta + 1.0
+    elif kind == "beta_shape":
+        beta = torch.rand(1, 8, 3)
+    elif kind == "one_rank_beta":
+        beta = beta - 1.0 if rank == world - 1 else beta
+    elif kind == "allscan_zigzag":
+        kwargs = {"strategy": "allscan", "layout": "zigzag"}
+    elif kind == "qk_shape":
+        k = k[..., :3]
+    elif kind == "unknown_strategy":
+        kwargs = {"strategy": "lasp3"}
+    else:
+        raise AssertionError(f"unknown case {kind}")
+    distseq.delta_rule(q, k, v, beta, **kwargs)
+    return "no error"
+
+
 def linear_comm_compute_order(rank, world, strategy: str) -> list[str]:
     """'post' (a collective or P2P message issued), 'forward'/'backward' (the local kernel)
     events of one forward, '|', and one backward."""
@@ -261,5 +298,51 @@ def linear_comm_compute_order(rank, world, strategy: str) -> list[str]:
             setattr(dist, name, fn)
         for name, fn in kernels.items():
             setattr(linear_torch, name, fn)
+        os.environ.pop("DISTSEQ_CHECK_RANKS", None)
+    return events
+
+
+def delta_comm_compute_order(rank, world, strategy: str) -> list[str]:
+    """Like :func:`linear_comm_compute_order` for ``delta_rule``: 'outputs' marks the forward's
+    query-side matmuls (``Prepared.outputs``), 'backward' the local backward."""
+    import os
+
+    from distseq.kernels import delta_torch
+
+    events: list[str] = []
+    originals = {"batch_isend_irecv": dist.batch_isend_irecv,
+                 "all_gather_single": dist.all_gather_single}  # fmt: skip
+    outputs, backward = delta_torch.Prepared.outputs, delta_torch.backward
+
+    def posting(name):
+        def wrapper(*args, **kwargs):
+            events.append("post")
+            return originals[name](*args, **kwargs)
+
+        return wrapper
+
+    def logged(name, fn):
+        def wrapper(*args, **kwargs):
+            events.append(name)
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    try:
+        for name in originals:
+            setattr(dist, name, posting(name))
+        delta_torch.Prepared.outputs = logged("outputs", outputs)
+        delta_torch.backward = logged("backward", backward)
+        os.environ["DISTSEQ_CHECK_RANKS"] = "0"  # keep the agreement's all-gather out of the log
+        q, k, v = (t.requires_grad_() for t in _linear_shards())
+        beta = torch.rand(1, 8, 2).requires_grad_()
+        out = distseq.delta_rule(q, F.normalize(k, dim=-1), v, beta, strategy=strategy,
+                                 backend="torch")  # fmt: skip
+        events.append("|")
+        out.sum().backward()
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+        delta_torch.Prepared.outputs, delta_torch.backward = outputs, backward
         os.environ.pop("DISTSEQ_CHECK_RANKS", None)
     return events

@@ -11,9 +11,10 @@ import torch
 import cases
 import distseq
 import distseq.reference
-from distseq.strategies import get_attention_strategy, get_linear_strategy
+from distseq.strategies import DELTA_STRATEGIES, get_attention_strategy, get_linear_strategy
 from distseq.strategies.allgather import AllGatherAttention
 from distseq.strategies.allscan import AllScan
+from distseq.strategies.delta import DeltaAllScan, DeltaLasp2, DeltaRing
 from distseq.strategies.lasp2 import Lasp2
 from distseq.strategies.linear_ring import LinearRing
 from distseq.strategies.ring import RingAttention
@@ -155,6 +156,7 @@ def test_available_strategies_lists_each_family_exactly():
             (AllGatherAttention, RingAttention, UlyssesAttention, UspAttention),
         ),
         "linear_attention": (get_linear_strategy, (AllScan, Lasp2, LinearRing)),
+        "delta_rule": (DELTA_STRATEGIES.get, (DeltaAllScan, DeltaLasp2, DeltaRing)),
     }
     expected = {
         family: sorted(cls.name for cls in classes) for family, (_, classes) in families.items()

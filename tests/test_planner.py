@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -425,6 +426,30 @@ def test_every_registered_strategy_can_be_planned():
     assert {m: sorted(names) for m, names in COSTED.items()} == {
         m: sorted(registry) for m, registry in REGISTRY_BY_MIXER.items()
     }
-    cost = CostModel(HYBRID, H100, Cluster(64, 8, parse_bytes("80GiB")))
+    # Every layer type once (the hybrid config plus a Gated DeltaNet layer).
+    every = replace(HYBRID, layers=(*HYBRID.layers, "gdn"),
+                    block_params=(*HYBRID.block_params, HYBRID.block_params[0]))  # fmt: skip
+    cost = CostModel(every, H100, Cluster(64, 8, parse_bytes("80GiB")))
     planned = {(m, name.partition(":")[0]) for combo in cost.combos(4) for m, name in combo}
     assert planned == {(m, n) for m, names in COSTED.items() for n in names}
+
+
+def test_gated_deltanet_layers_cost_more_than_linear_ones():
+    """gdn: the chunked delta rule's FLOPs and lasp2's (A, M) gather; chains send states."""
+    base = {k: getattr(TOY, k) for k in ("vocab_size", "d_model", "n_heads", "n_kv_heads",
+                                         "ffn_hidden", "n_layers")}  # fmt: skip
+    linear, gdn = (model_from_dict({**base, "mixers": m}) for m in ("linear", "gdn"))
+    assert gdn.params > linear.params and gdn.layers == ("gdn", "gdn")
+    cluster = Cluster(8, 8, parse_bytes("80GiB"))
+    costs = {m.layers[0]: CostModel(m, H100, cluster) for m in (linear, gdn)}
+    lengths, dh, heads = np.array([4096]), gdn.head_dim, gdn.n_heads
+    for strategy in ("lasp2", "allscan", "ring"):
+        assert costs["gdn"].mixer_time("gdn", strategy, 1, 4096) > costs["linear"].mixer_time(
+            "linear", strategy, 1, 4096
+        )
+        sent = {t: c.bytes_sent(4, ((t, strategy),), lengths) for t, c in costs.items()}
+        if strategy == "lasp2":  # per layer and pass: (P-1)·H·(Dk²+Dk·Dv)·4 vs ·(Dk·Dv+1)·4
+            assert sent["gdn"] == 2 * gdn.n_layers * 3 * heads * 2 * dh * dh * 4
+            assert sent["linear"] == 2 * linear.n_layers * 3 * heads * (dh * dh + 1) * 4
+        else:
+            assert sent["gdn"] == sent["linear"] > 0

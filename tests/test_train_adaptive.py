@@ -83,6 +83,16 @@ FIXED = {
             [((0, 1), {"softmax": "ulysses", "linear": "lasp2"}), ((3,), SOFTMAX)],
         ],
     ),
+    "gdn": (
+        ["model.mixers=[gdn,softmax]"],
+        [
+            [
+                ((0, 1), {"softmax": "ring", "gdn": "lasp2"}),
+                ((2, 3), {"softmax": "ulysses", "gdn": "allscan"}),
+            ],
+            [((0, 1, 2, 3), {"softmax": "allgather", "gdn": "ring"})],
+        ],  # fmt: skip
+    ),
 }
 
 

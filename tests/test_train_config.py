@@ -43,6 +43,7 @@ def check(overrides, world=2):
         ("model.mixers=[softmax]", "model.mixers"),
         ("model.hybrid_ratio=3-1", "model.hybrid_ratio"),
         ("model.linear_decay=fast", "model.linear_decay"),
+        ("model.hybrid_linear=mamba", "model.hybrid_linear"),
         ("train.lr=-1", "train.lr"),
         ("train.steps=0", "train.steps"),
         ("train.global_batch=0", "train.global_batch"),
@@ -87,6 +88,24 @@ def test_text_source_needs_existing_files(tmp_path):
     (tmp_path / "a.txt").write_text("hello")
     with pytest.raises(ValueError, match=r"model\.vocab_size=100 .*256"):
         check(["data.source=text", f"data.paths=[{tmp_path}/a.txt]", "model.vocab_size=100"])
+
+
+def test_gdn_convolution_needs_pieces_of_three_tokens():
+    gdn = ["model.mixers=gdn", "parallel.sp=2", "parallel.dp=1", "parallel.layout=zigzag"]
+    with pytest.raises(ValueError, match=r"pad_multiple=8 leaves pieces of 2 tokens.*least 12"):
+        check([*gdn, "data.pad_multiple=8"])
+    check([*gdn, "data.pad_multiple=16"])
+    check(["model.mixers=linear", "parallel.sp=2", "parallel.dp=1", "data.pad_multiple=8"])
+
+
+def test_hybrid_pattern_with_gdn_layers():
+    from distseq.models.config import ModelConfig, layer_mixers
+
+    cfg = ModelConfig(mixers="hybrid", n_layers=4, hybrid_ratio="1:1", hybrid_linear="gdn")
+    assert layer_mixers(cfg) == ["gdn", "softmax", "gdn", "softmax"]
+    assert layer_mixers(ModelConfig(mixers="hybrid", n_layers=2, hybrid_ratio="1:1")) == [
+        "linear", "softmax"
+    ]  # fmt: skip
 
 
 def test_zigzag_allscan_names_the_strategies_that_can():

@@ -101,6 +101,30 @@ def test_linear_and_hybrid_sp_exact(pools, tmp_path, overrides):
     check_meshes(pools, tmp_path, overrides)
 
 
+@pytest.mark.parametrize(
+    "overrides, meshes",
+    (
+        # zigzag pieces of pad_multiple / 4 tokens: the convolution needs 3
+        (
+            ["model.mixers=gdn", "parallel.linear_strategy=lasp2", "data.pad_multiple=16"],
+            ((2, 1, 2), (2, 2, 1)),
+        ),
+        (
+            [
+                "model.mixers=[gdn,softmax]",
+                "parallel.linear_strategy=allscan",
+                "parallel.layout=contiguous",
+            ],
+            ((2, 1, 2),),
+        ),
+    ),  # fmt: skip
+    ids=("gdn-lasp2-zigzag", "gdn-hybrid-allscan"),
+)
+def test_gated_deltanet_sp_exact(pools, tmp_path, overrides, meshes):
+    """Gated DeltaNet layers (conv halo + delta rule): sp=2 and dp=2 give sp=1's losses."""
+    check_meshes(pools, tmp_path, overrides, meshes)
+
+
 def test_fsdp_matches_ddp_and_resumes(pools, tmp_path):
     common = ["train.steps=2", "parallel.dp=1", "parallel.sp=2"]
     ddp = run(pools, 2, [*common, f"out_dir={tmp_path}/ddp"])

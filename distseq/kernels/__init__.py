@@ -40,6 +40,13 @@ Linear attention backends (``linear_torch``, ``linear_triton``, ``linear_fla``) 
 cu_seqlens=None, chunk_size=64) -> (dq, dk, dv, dlog_decay, dinitial_state)``
     ``dfinal_state`` may be ``None`` (zeros); ``dlog_decay`` is ``None`` iff ``log_decay`` is;
     ``dinitial_state`` ``[N, H, Dk, Dv]`` float32 is always returned.
+Delta-rule backends (``delta_torch``, ``delta_fla``) expose ``is_available`` and the same
+``forward``/``backward`` with ``beta`` ``[B, S, H]`` after ``v`` (``backward`` returns
+``(dq, dk, dv, dbeta, dlog_decay, dinitial_state)``), computing
+``S_t = exp(g_t)(I - β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ``, ``o_t = scale · q_t S_t``, plus
+``prepare(q, k, v, beta, log_decay, *, scale, cu_seqlens=None, chunk_size=64)``: each
+segment's affine map ``(A, M)`` and, via ``outputs()``, its zero-state output and effective
+queries (:func:`distseq.kernels.delta_torch.prepare`).
 """
 
 from __future__ import annotations
@@ -59,9 +66,14 @@ LINEAR_BACKENDS: dict[str, str] = {
     "fla": "distseq.kernels.linear_fla",
     "triton": "distseq.kernels.linear_triton",
 }
+DELTA_BACKENDS: dict[str, str] = {
+    "torch": "distseq.kernels.delta_torch",
+    "fla": "distseq.kernels.delta_fla",
+}
 # "auto" tries these in order; the first that can run on the device wins.
 _AUTO_ORDER = {"cuda": ("flash", "triton", "torch"), "cpu": ("torch",)}
 _LINEAR_AUTO_ORDER = {"cuda": ("fla", "triton", "torch"), "cpu": ("torch",)}
+_DELTA_AUTO_ORDER = {"cuda": ("fla", "torch"), "cpu": ("torch",)}
 
 
 def unavailable_reason(
@@ -106,3 +118,8 @@ def select_backend(name: str, device: torch.device, dtype: torch.dtype) -> Modul
 def select_linear_backend(name: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
     """Return the linear-attention kernel module for ``name`` (``"auto"``: fastest available)."""
     return _select("linear attention", LINEAR_BACKENDS, _LINEAR_AUTO_ORDER, name, device, dtype)
+
+
+def select_delta_backend(name: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
+    """Return the delta-rule kernel module for ``name`` (``"auto"``: fastest available)."""
+    return _select("delta rule", DELTA_BACKENDS, _DELTA_AUTO_ORDER, name, device, dtype)

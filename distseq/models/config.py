@@ -7,8 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-MIXERS = ("softmax", "linear")
-MIXER_SCHEDULES = ("softmax", "linear", "hybrid")
+MIXERS = ("softmax", "linear", "gdn")
+MIXER_SCHEDULES = ("softmax", "linear", "gdn", "hybrid")
+GDN_CONV_SIZE = 4  # the Gated DeltaNet layer's short causal convolution (taps)
 LINEAR_DECAYS = ("none", "constant", "data")
 
 
@@ -16,9 +17,11 @@ LINEAR_DECAYS = ("none", "constant", "data")
 class ModelConfig:
     """A Llama-style decoder whose token mixer is chosen per layer, or a Hugging Face model.
 
-    ``mixers`` is ``"softmax"``, ``"linear"``, ``"hybrid"`` (layers follow ``hybrid_ratio``
-    ``"linear:softmax"``, e.g. ``"3:1"`` = three linear layers then one softmax layer,
-    repeated) or an explicit per-layer list such as ``[linear, linear, linear, softmax]``.
+    ``mixers`` is ``"softmax"``, ``"linear"``, ``"gdn"`` (Gated DeltaNet), ``"hybrid"``
+    (layers follow ``hybrid_ratio`` ``"linear:softmax"``, e.g. ``"3:1"`` = three linear layers
+    then one softmax layer, repeated; ``hybrid_linear: gdn`` makes those linear layers Gated
+    DeltaNet ones) or an explicit per-layer list such as ``[linear, linear, linear, softmax]``
+    or ``[gdn, gdn, gdn, softmax]``.
     ``head_dim`` defaults to ``d_model // n_heads``.
 
     ``hf``: a local Hugging Face directory (``config.json`` + safetensors, optionally a
@@ -37,6 +40,7 @@ class ModelConfig:
     ffn_hidden: int = 176
     mixers: Any = "softmax"
     hybrid_ratio: str = "3:1"
+    hybrid_linear: str = "linear"  # the recurrent mixer of `hybrid` layers: linear or gdn
     linear_decay: str = "data"
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -90,7 +94,7 @@ def layer_mixers(cfg: ModelConfig) -> list[str]:
         if schedule != "hybrid":
             return [schedule] * cfg.n_layers
         n_linear, n_softmax = parse_hybrid_ratio(cfg.hybrid_ratio)
-        period = ["linear"] * n_linear + ["softmax"] * n_softmax
+        period = [cfg.hybrid_linear] * n_linear + ["softmax"] * n_softmax
         return [period[i % len(period)] for i in range(cfg.n_layers)]
     layers = [str(m) for m in schedule]
     if len(layers) != cfg.n_layers or any(m not in MIXERS for m in layers):
@@ -162,6 +166,8 @@ def check_model_config(cfg: ModelConfig) -> None:
         raise ValueError(
             f"model.linear_decay={cfg.linear_decay!r}; choose one of {list(LINEAR_DECAYS)}"
         )
+    if cfg.hybrid_linear not in ("linear", "gdn"):
+        raise ValueError(f"model.hybrid_linear={cfg.hybrid_linear!r}; choose linear or gdn")
     if not cfg.rope_theta > 0:
         raise ValueError(f"model.rope_theta={cfg.rope_theta} must be positive")
     if not cfg.init_std > 0:
@@ -189,7 +195,16 @@ def block_parameters(cfg: ModelConfig) -> list[int]:
         + (d * cfg.n_heads + cfg.n_heads) * (cfg.linear_decay == "data")
         + hd
     )
-    mixer = {"softmax": softmax, "linear": linear}
+    # Gated DeltaNet: q/k/v, gate and output projections, the q/k/v conv, the beta (with
+    # bias) and decay projections, the decay's A_log and dt_bias, the output norm.
+    gdn = (
+        5 * d * hd * cfg.n_heads
+        + GDN_CONV_SIZE * 3 * hd * cfg.n_heads
+        + 2 * d * cfg.n_heads
+        + 3 * cfg.n_heads
+        + hd
+    )
+    mixer = {"softmax": softmax, "linear": linear, "gdn": gdn}
     rest = 3 * d * cfg.ffn_hidden + 2 * d
     return [mixer[m] + rest for m in layer_mixers(cfg)]
 

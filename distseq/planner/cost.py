@@ -34,6 +34,11 @@ strategy's ``check_group`` decides (e.g. ulysses needs heads divisible by ``d``)
 Compute: causal softmax attention ``2·s²·Hq·D`` FLOPs forward (2.5x that backward), chunked
 linear attention ``H·(2·C·D + 4·D²)`` per token forward (3x fwd+bwd), projections and FFN
 ``6·params`` per token; everything divided by ``d`` (zigzag balances causal work).
+Gated DeltaNet (``gdn``) layers cost as linear ones with the chunked delta rule's FLOPs,
+``H·(10·C·D + 8·D² + 4·D³/C)`` per token forward (the ``K Kᵀ``/``Q Kᵀ`` scores, the UT
+transform's triangular solves, ``W_k``/``W_v`` products, the chunk transitions and their
+prefix products), and their ``lasp2`` gathers each piece's ``A`` with its state
+(``traffic()``; twice the gathered buffer in memory).
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ from distseq.strategies.usp import planned_name, split_planned
 COSTED: dict[str, tuple[str, ...]] = {
     "softmax": ("ring", "ulysses", "allgather", "usp"),
     "linear": ("lasp2", "allscan", "ring"),
+    "gdn": ("lasp2", "allscan", "ring"),
 }
 SOFTMAX_LAYOUT = "zigzag"  # groups balance causal attention work
 BWD_OVER_FWD = 2.5  # flash-attention backward FLOPs relative to forward (recompute included)
@@ -288,7 +294,7 @@ class CostModel:
         if layer_type == "softmax":
             self._softmax_phases(ph, impl, degree, ulysses)
         else:
-            self._linear_phases(ph, impl, degree)
+            self._linear_phases(ph, impl, degree, delta=layer_type == "gdn")
         return ph
 
     def _softmax_phases(self, ph: _Phases, impl, d: int, ulysses: int | None) -> None:
@@ -349,12 +355,15 @@ class CostModel:
         nbytes = fwd_passes * t.forward + t.backward
         return ph.message(link, 2 * (ranks - 1) * (fwd_passes + 1), nbytes, per_token=True)
 
-    def _linear_phases(self, ph: _Phases, impl, d: int) -> None:
+    def _linear_phases(self, ph: _Phases, impl, d: int, delta: bool = False) -> None:
         m, pr, chunk = self.model, self.profile, self.chunk_size
         h, dh = m.n_heads, m.head_dim
         rate = d * pr.linear_attention_flops
         intra_f = 2.0 * h * chunk * dh / rate  # per token: causal chunk-local scores and values
         inter_f = 4.0 * h * dh * dh / rate  # per token: q·S and the state update kᵀv
+        if delta:  # the chunked delta rule (module docstring)
+            intra_f = 10.0 * h * chunk * dh / rate
+            inter_f = h * (8.0 * dh * dh + 4.0 * dh**3 / chunk) / rate
         pieces = chunks_per_rank(self.linear_layout)  # per rank and document
         state = h * dh * dh * 4.0  # one fp32 H·Dk·Dv message
         t = impl.traffic(d, 1, h, dh, dh, self.linear_layout)
@@ -441,8 +450,10 @@ class CostModel:
                     }[strategy]
                 )
             else:
-                full.append((saved + state / self.chunk_size) / d)
-                static += state * (d if strategy == "lasp2" else 2)
+                kept = 4.0 * m.n_heads * m.head_dim if layer_type == "gdn" else 0.0  # fp32 q̃
+                full.append((saved + kept + state / self.chunk_size) / d)
+                gathered = state * (2 if layer_type == "gdn" else 1)  # gdn: A with each state
+                static += gathered * d if strategy == "lasp2" else state * 2
         for (layer_type, _), layer in zip(combo, full):
             kept = e * m.d_model / d if self.checkpointing else layer
             per_token += m.count(layer_type) * kept

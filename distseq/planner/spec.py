@@ -26,7 +26,7 @@ class ModelSpec:
     :meth:`from_config` (layers from :func:`layer_mixers`, parameters from
     :func:`block_parameters` / :func:`count_parameters`; a Hugging Face model's from
     :meth:`from_hf`), so the planner and the model never disagree. ``layers``: one mixer
-    type (``softmax``/``linear``) per layer; ``block_params``: parameters of each block;
+    type (``softmax``/``linear``/``gdn``) per layer; ``block_params``: parameters of each block;
     ``params``: the whole model's."""
 
     vocab_size: int

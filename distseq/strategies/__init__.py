@@ -1,8 +1,10 @@
 """Sequence-parallel strategies: one module each, registered by name on import."""
 
+# delta (the delta-rule strategies) subclasses the linear ones it imports itself.
 from distseq.strategies import (  # noqa: F401
     allgather,
     allscan,
+    delta,
     lasp2,
     linear_ring,
     ring,
@@ -10,6 +12,7 @@ from distseq.strategies import (  # noqa: F401
     usp,
 )
 from distseq.strategies.base import ATTENTION_STRATEGIES, get_attention_strategy
+from distseq.strategies.delta_base import DELTA_STRATEGIES
 from distseq.strategies.linear_base import LINEAR_STRATEGIES, get_linear_strategy
 from distseq.strategies.registry import Registry
 
@@ -17,10 +20,12 @@ from distseq.strategies.registry import Registry
 REGISTRY_BY_MIXER: dict[str, Registry] = {
     "softmax": ATTENTION_STRATEGIES,
     "linear": LINEAR_STRATEGIES,
+    "gdn": DELTA_STRATEGIES,
 }
 
 __all__ = [
     "ATTENTION_STRATEGIES",
+    "DELTA_STRATEGIES",
     "LINEAR_STRATEGIES",
     "REGISTRY_BY_MIXER",
     "get_attention_strategy",

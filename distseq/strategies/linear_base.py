@@ -6,7 +6,9 @@ Every strategy runs the same three steps; only the exchange differs:
    memory ``M`` (decay-weighted ``kᵀv``, float32 ``[H, Dk, Dv]``) and total log decay;
 2. *exchange*: an exclusive scan ``S_in(p+1) = exp(G_p) S_in(p) + M_p`` over the global piece
    order, starting from the initial state (:meth:`LinearStrategy.scan`), posted before the
-   local chunked kernel runs so communication overlaps it;
+   local chunked kernel runs so communication overlaps it (the scan takes any per-piece
+   transition: a scalar factor here, a ``Dk × Dk`` matrix for the delta rule,
+   :mod:`distseq.strategies.delta_base`);
 3. *apply*: ``o_t += scale · exp(G_t) q_t S_in`` on top of the kernel's zero-state output.
 
 Backward is the mirror: the outputs' gradient reaching each piece's incoming state goes
@@ -70,17 +72,19 @@ class LinearStrategy(ABC):
     def scan(
         self,
         states: torch.Tensor,
-        log_decays: torch.Tensor,
+        transitions: torch.Tensor,
         start: torch.Tensor | None,
-        ctx: LinearContext,
+        ctx: Pieces,
         *,
         reverse: bool,
         need_end: bool,
     ) -> PendingScan:
-        """Post the exclusive scan ``X(p+1) = exp(a_p) X(p) + Y_p`` over the pieces.
+        """Post the exclusive scan ``X(p+1) = T_p X(p) + Y_p`` over the pieces.
 
-        ``states`` ``[N_local, H, Dk, Dv]`` are the local ``Y`` and ``log_decays``
-        ``[N_local, H]`` the local ``a`` (float32, local segment order); ``start``
+        ``states`` ``[N_local, H, Dk, Dv]`` are the local ``Y`` and ``transitions`` the local
+        ``T`` (float32, local segment order): ``[N_local, H, 1, 1]`` scalar factors
+        ``exp(a_p)``, or ``[N_local, H, Dk, Dk]`` matrices (see
+        :func:`distseq.strategies.transition.combine`); ``start``
         ``[docs, H, Dk, Dv]`` is ``X(0)`` (zeros if ``None``, only read where needed).
         Pieces run in :meth:`LinearContext.order` (reversed if ``reverse``). ``wait()``
         returns ``X`` entering each local piece ``[N_local, ...]`` and, if ``need_end``,
@@ -109,13 +113,14 @@ class SequenceParallelLinearAttention(torch.autograd.Function):
         segments = linear_local.Segments(cu)
         memories, log_decays = linear_local.memories(kk, vk, gk, segments)
         start = None if initial_state is None else initial_state.to(memories.dtype)
+        factors = log_decays.exp()[..., None, None]
         pending = strategy.scan(
-            memories, log_decays, start, ctx, reverse=False, need_end=ctx.output_final_state
+            memories, factors, start, ctx, reverse=False, need_end=ctx.output_final_state
         )
         out, _ = ctx.kernel.forward(qk, kk, vk, gk, scale=ctx.scale, cu_seqlens=cu)
         incoming, final = pending.wait()
         out = out + linear_local.apply_incoming(qk, incoming, gk, segments, ctx.scale)
-        fctx.save_for_backward(q, k, v, log_decay, incoming, log_decays)
+        fctx.save_for_backward(q, k, v, log_decay, incoming, factors)
         fctx.strategy, fctx.ctx = strategy, ctx
         fctx.initial_dtype = None if initial_state is None else initial_state.dtype
         final = memories.new_zeros(0) if final is None else final
@@ -123,7 +128,7 @@ class SequenceParallelLinearAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(fctx, dout, dfinal):
-        q, k, v, log_decay, incoming, log_decays = fctx.saved_tensors
+        q, k, v, log_decay, incoming, factors = fctx.saved_tensors
         strategy, ctx = fctx.strategy, fctx.ctx
         qk, kk, vk, do_k = (ctx.to_kernel(t) for t in (q, k, v, dout.contiguous()))
         gk = ctx.to_kernel(None if log_decay is None else log_decay.float())
@@ -132,7 +137,7 @@ class SequenceParallelLinearAttention(torch.autograd.Function):
         # Every rank returned the final state, so its gradient is the sum over ranks.
         end_grad = all_reduce_sum(dfinal.float(), ctx.info) if ctx.output_final_state else None
         reaching = linear_local.incoming_gradient(qk, do_k, gk, segments, ctx.scale)
-        pending = strategy.scan(reaching, log_decays, end_grad, ctx, reverse=True, need_end=False)
+        pending = strategy.scan(reaching, factors, end_grad, ctx, reverse=True, need_end=False)
         # The zero-state, zero-final-gradient backward needs nothing from other ranks.
         grads = ctx.kernel.backward(do_k, None, qk, kk, vk, gk, scale=ctx.scale, cu_seqlens=cu)
         outgoing, _ = pending.wait()
@@ -146,7 +151,7 @@ class SequenceParallelLinearAttention(torch.autograd.Function):
         dg = None if dg is None else ctx.from_kernel(dg)
         dinit = None
         if fctx.initial_dtype is not None:
-            dincoming = reaching + log_decays.exp()[..., None, None] * outgoing
+            dincoming = reaching + factors * outgoing
             first = dincoming.view(ctx.docs, ctx.slots, *dincoming.shape[1:])[:, 0]
             dinit = first if ctx.info.rank == 0 else torch.zeros_like(first)
             dinit = dinit.to(fctx.initial_dtype)

@@ -18,5 +18,5 @@ class LinearRing(LinearStrategy):
     name = "ring"
     traffic = staticmethod(chain_traffic)
 
-    def scan(self, states, log_decays, start, ctx, *, reverse, need_end):
-        return ChainScan(states, log_decays, start, ctx, reverse, need_end, blocks=1)
+    def scan(self, states, transitions, start, ctx, *, reverse, need_end):
+        return ChainScan(states, transitions, start, ctx, reverse, need_end, blocks=1)

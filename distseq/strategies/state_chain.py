@@ -2,10 +2,11 @@
 
 The piece order of a document is a chain of ranks (``0 → 1 → … → P-1``; zigzag continues
 ``P-1 → … → 0``). Each rank waits for the state entering its piece from the previous rank,
-combines ``X_out = exp(a) X_in + Y`` and sends ``X_out`` on. The state is cut into ``blocks``
-slices along ``Dk``; since the decay is a per-head scalar, each slice combines on its own, so
-with ``blocks > 1`` a rank forwards slice ``j`` while slice ``j + 1`` is still arriving (the
-All-Scan pipeline), and with ``blocks == 1`` the chain is fully sequential (LASP-1).
+combines ``X_out = T X_in + Y`` and sends ``X_out`` on. The state is cut into ``blocks``
+column slices along ``Dv``; since the transition ``T`` (a per-head factor, or the delta rule's
+``Dk × Dk`` matrix) acts on the left, each slice combines on its own, so with ``blocks > 1``
+a rank forwards slice ``j`` while slice ``j + 1`` is still arriving (the All-Scan pipeline),
+and with ``blocks == 1`` the chain is fully sequential (LASP-1).
 When the scan is created (before the local kernel runs) every rank posts its receives and
 the chain's head sends its state at once.
 
@@ -19,7 +20,8 @@ from __future__ import annotations
 import torch
 
 from distseq.comm import broadcast, post_p2p
-from distseq.strategies.linear_base import LinearContext
+from distseq.pieces import Pieces
+from distseq.strategies.transition import combine
 from distseq.traffic import Traffic
 
 _TAG_BASE = 1000  # apart from RingExchange's tags
@@ -39,21 +41,23 @@ def chain_traffic(p: int, docs: int, heads: int, dk: int, dv: int, layout: str) 
 
 
 class ChainScan:
-    def __init__(self, states, log_decays, start, ctx: LinearContext, reverse, need_end, blocks):
+    """The point-to-point scan of :meth:`LinearStrategy.scan`, in ``blocks`` column slices."""
+
+    def __init__(self, states, transitions, start, ctx: Pieces, reverse, need_end, blocks):
         self.ctx, self.start, self.need_end = ctx, start, need_end
         self.order = ctx.order(reverse)
         self.states = states.view(ctx.docs, ctx.slots, *states.shape[1:])
-        self.decays = log_decays.view(ctx.docs, ctx.slots, -1).exp()[..., None, None]
-        dk = states.shape[2]
-        self.blocks = [(int(b[0]), int(b[-1]) + 1) for b in torch.arange(dk).tensor_split(blocks)]
-        self.blocks = [(lo, hi) for lo, hi in self.blocks if hi > lo]
+        self.transitions = transitions.view(ctx.docs, ctx.slots, *transitions.shape[1:])
+        dv = states.shape[3]
+        splits = torch.arange(dv).tensor_split(blocks)  # fewer than `blocks` columns: some empty
+        self.blocks = [(int(b[0]), int(b[-1]) + 1) for b in splits if len(b)]
         me = ctx.info.rank
         self.mine = [i for i, (rank, _) in enumerate(self.order) if rank == me]
         self.received: dict[tuple[int, int], tuple[torch.Tensor, object]] = {}
         for i in self.mine:
             if i > 0 and self.order[i - 1][0] != me:
                 for j, (lo, hi) in enumerate(self.blocks):
-                    buf = self.states.new_empty(ctx.docs, states.shape[1], hi - lo, states.shape[3])
+                    buf = self.states.new_empty(ctx.docs, *states.shape[1:3], hi - lo)
                     (work,) = post_p2p([], [(buf, self.order[i - 1][0], self._tag(i, j))], ctx.info)
                     self.received[i, j] = (buf, work)
         self._incoming = torch.empty_like(self.states)
@@ -81,11 +85,11 @@ class ChainScan:
                 elif self._previous is not None:
                     x = self._previous[j]
                 elif self.start is not None:
-                    x = self.start[:, :, lo:hi]
+                    x = self.start[..., lo:hi]
                 else:
-                    x = self.states.new_zeros(self.states[:, slot, :, lo:hi].shape)
-                self._incoming[:, slot, :, lo:hi] = x
-                out = self.decays[:, slot] * x + self.states[:, slot, :, lo:hi]
+                    x = self.states.new_zeros(self.states[:, slot, ..., lo:hi].shape)
+                self._incoming[:, slot, ..., lo:hi] = x
+                out = combine(self.transitions[:, slot], x, self.states[:, slot, ..., lo:hi])
                 outs.append(out)
                 if successor is not None and successor != me:
                     self._sends += post_p2p(
@@ -93,7 +97,7 @@ class ChainScan:
                     )
             self._previous = outs
             if successor is None:
-                self._end = torch.cat(outs, dim=2)
+                self._end = torch.cat(outs, dim=-1)
             self._next += 1
 
     def wait(self):

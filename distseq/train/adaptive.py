@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from distseq.layout import LAYOUTS, chunks_per_rank
 from distseq.models import SequenceContext
+from distseq.models.config import GDN_CONV_SIZE
 from distseq.planner import Cluster, CostModel, Plan, load_profile, plan_batch
 from distseq.planner.plan import GroupPlan
 from distseq.planner.spec import ModelSpec
@@ -158,14 +159,19 @@ class AdaptiveScheduler:
             if group is None:
                 continue
             layout = group_layout(group)
-            seq = pack_group([docs[i] for i in group.sequences],
-                             group.degree * chunks_per_rank(layout))  # fmt: skip
+            multiple = group.degree * chunks_per_rank(layout)
+            if group.degree > 1 and "gdn" in self.cost.model.layers:
+                multiple *= GDN_CONV_SIZE - 1  # the convolution's halo needs 3-token pieces
+            seq = pack_group([docs[i] for i in group.sequences], multiple)
             # A plan names usp with its degree ("usp:2").
             attention, ulysses = split_planned(group.strategies.get("softmax", "ring"))
             ctx = SequenceContext.build(
                 seq.doc_lengths, group=self.groups[group.ranks], layout=layout,
                 attention_strategy=attention, ulysses_degree=ulysses,
-                linear_strategy=group.strategies.get("linear", "lasp2"),
+                # linear and gdn layers share parallel.linear_strategy's slot
+                linear_strategy=group.strategies.get(
+                    "linear", group.strategies.get("gdn", "lasp2")
+                ),
                 attention_backend=self.parallel.attention_backend,
                 linear_backend=self.parallel.linear_backend,
             )  # fmt: skip

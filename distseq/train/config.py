@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from distseq.kernels import BACKENDS, LINEAR_BACKENDS, unavailable_reason
 from distseq.layout import LAYOUTS, chunks_per_rank
-from distseq.models.config import ModelConfig, check_model_config
+from distseq.models.config import GDN_CONV_SIZE, ModelConfig, check_model_config
 from distseq.planner.spec import ModelSpec
 from distseq.strategies import REGISTRY_BY_MIXER
 from distseq.train.data.shards import ShardCorpus
@@ -27,7 +27,11 @@ from distseq.train.data.tokenizer import load_tokenizer
 from distseq.train.mesh import pick_device
 
 ENGINES = ("ddp", "fsdp", "deepspeed")
-STRATEGY_KEYS = {"softmax": "parallel.attention_strategy", "linear": "parallel.linear_strategy"}
+STRATEGY_KEYS = {
+    "softmax": "parallel.attention_strategy",
+    "linear": "parallel.linear_strategy",
+    "gdn": "parallel.linear_strategy",  # Gated DeltaNet layers run the delta-rule namesake
+}
 PLANNERS = ("static", "adaptive")
 DATA_SOURCES = ("recall", "text", "hf_dataset", "shards")
 DTYPES = ("float32", "bfloat16")
@@ -407,6 +411,7 @@ def _check_data(cfg: Config, spec: ModelSpec) -> None:
     _positive("data.seq_len", data.seq_len)
     if cfg.planner == "static":
         _check_packing(cfg)
+        _check_conv_pieces(cfg, spec)
     if cfg.train.global_batch % dp:
         raise ValueError(
             f"train.global_batch={cfg.train.global_batch} is not divisible by parallel.dp={dp}"
@@ -474,6 +479,23 @@ def _check_packing(cfg: Config) -> None:
         raise ValueError(
             f"data.seq_len={data.seq_len} is not a multiple of data.pad_multiple="
             f"{data.pad_multiple}; use {-(-data.seq_len // data.pad_multiple) * data.pad_multiple}"
+        )
+
+
+def _check_conv_pieces(cfg: Config, spec: ModelSpec) -> None:
+    """Gated DeltaNet's short convolution takes its history from the previous piece only, so
+    every piece of a (padded) document needs ``GDN_CONV_SIZE - 1`` tokens."""
+    pieces = layout_multiple(cfg)
+    if "gdn" not in spec.layers or pieces == 1:
+        return
+    shortest = cfg.data.pad_multiple // pieces
+    if shortest < GDN_CONV_SIZE - 1:
+        need = pieces * (GDN_CONV_SIZE - 1)
+        raise ValueError(
+            f"data.pad_multiple={cfg.data.pad_multiple} leaves pieces of {shortest} tokens per "
+            f"rank (parallel.sp={cfg.parallel.sp}, parallel.layout={cfg.parallel.layout}); "
+            f"gdn layers' convolution needs {GDN_CONV_SIZE - 1}: set data.pad_multiple to a "
+            f"multiple of {pieces} that is at least {need}"
         )
 
 

@@ -1,0 +1,68 @@
+"""``distseq.delta_rule``: the exact sequence-parallel gated delta rule over local shards."""
+
+from __future__ import annotations
+
+import torch
+
+from distseq.comm import ProcessGroup, resolve_group
+from distseq.kernels import select_delta_backend
+from distseq.layout import check_layout
+from distseq.linear_validation import SIGNATURE, check_beta, check_call
+from distseq.strategies import DELTA_STRATEGIES
+from distseq.strategies.delta_base import SequenceParallelDeltaRule
+from distseq.validation import validate_on_all_ranks
+
+
+def delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    strategy: str = "lasp2",
+    group: ProcessGroup | None = None,
+    log_decay: torch.Tensor | None = None,
+    layout: str = "contiguous",
+    cu_seqlens: torch.Tensor | None = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The causal gated delta rule of the local shard over the whole sharded sequence.
+
+    Per head ``S_t = exp(g_t)(I - β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ`` and
+    ``o_t = scale · q_t S_t`` (flash-linear-attention's ``fused_recurrent_gated_delta_rule``
+    with ``use_qk_l2norm_in_kernel=False``; normalise ``k`` yourself for a stable recurrence),
+    the state restarting at every document of ``cu_seqlens``. ``q``/``k`` ``[B, S_local, H,
+    Dk]``, ``v`` ``[B, S_local, H, Dv]``, ``beta`` ``[B, S_local, H]`` in ``[0, 1]`` and
+    ``log_decay`` ``[B, S_local, H]`` (``g_t <= 0``; ``None`` = no decay) are this rank's
+    shards in ``layout``; ``cu_seqlens``, ``scale`` (default ``Dk ** -0.5``),
+    ``initial_state`` ``[N, H, Dk, Dv]``, ``output_final_state`` and ``group`` behave as in
+    :func:`distseq.linear_attention`. Returns ``o`` ``[B, S_local, H, Dv]`` (and the float32
+    final state), differentiable in every input. ``strategy`` is one of
+    ``available_strategies()["delta_rule"]``; ``backend`` picks the local kernel (``"auto"``,
+    ``"torch"``, ``"fla"``).
+    """
+    info = resolve_group(group)
+    built: dict[str, object] = {}
+
+    def check() -> list[int]:
+        check_layout(layout)
+        impl = DELTA_STRATEGIES.check(strategy, info.world_size, layout)
+        ctx, signature = check_call(
+            info,
+            {"q": q, "k": k, "v": v, "log_decay": log_decay, "initial_state": initial_state},
+            {"strategy": strategy, "layout": layout, "cu_seqlens": cu_seqlens, "scale": scale,
+             "output_final_state": output_final_state, "backend": backend},
+            select_delta_backend,
+        )  # fmt: skip
+        check_beta(beta, q)
+        built.update(impl=impl, ctx=ctx)
+        return signature
+
+    validate_on_all_ranks("distseq.delta_rule", info, check, SIGNATURE)
+    out, final = SequenceParallelDeltaRule.apply(
+        q, k, v, beta, log_decay, initial_state, built["impl"], built["ctx"]
+    )
+    return (out, final) if output_final_state else out
