@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from distseq.comm import ProcessGroup, resolve_group
+from distseq.agreed import AgreedBatch
+from distseq.comm import GroupInfo, ProcessGroup, resolve_group
 from distseq.kernels import select_linear_backend
 from distseq.layout import check_layout, shard_layout
 from distseq.strategies import LINEAR_STRATEGIES
@@ -33,7 +34,7 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         )
 
 
-def _check_log_decay(log_decay: torch.Tensor | None, q: torch.Tensor) -> None:
+def _check_log_decay_shape(log_decay: torch.Tensor | None, q: torch.Tensor) -> None:
     if log_decay is None:
         return
     check_tensors({"log_decay": log_decay}, 3, "[batch, seq, heads]")
@@ -42,7 +43,12 @@ def _check_log_decay(log_decay: torch.Tensor | None, q: torch.Tensor) -> None:
             f"log_decay has shape {tuple(log_decay.shape)} on {log_decay.device}; expected "
             f"{tuple(q.shape[:3])} ([batch, seq, heads] of q) on {q.device}"
         )
-    if not bool(((log_decay <= 0) & log_decay.isfinite()).all()):
+
+
+def _check_log_decay(log_decay: torch.Tensor | None, q: torch.Tensor) -> None:
+    _check_log_decay_shape(log_decay, q)
+    # Reading the values is a host sync: the agreed (model) path skips this check.
+    if log_decay is not None and not bool(((log_decay <= 0) & log_decay.isfinite()).all()):
         raise ValueError(
             "log_decay must be finite and <= 0 (the natural log of a decay in (0, 1]); "
             "e.g. pass -softplus(x) or logsigmoid(x)"
@@ -105,15 +111,8 @@ def linear_attention(
         _check_qkv(q, k, v)
         _check_log_decay(log_decay, q)
         lengths = check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1], info.world_size, layout)
-        ctx = LinearContext(
-            info=info,
-            shard=shard_layout(lengths, info.world_size, info.rank, layout),
-            varlen=cu_seqlens is not None,
-            batch=q.shape[0],
-            scale=check_scale(scale, q.shape[-1]),
-            kernel=select_linear_backend(backend, q.device, q.dtype),
-            output_final_state=bool(output_final_state),
-        )
+        ctx = _context(q, info, lengths, layout, cu_seqlens is not None, scale, backend,
+                       output_final_state)  # fmt: skip
         _check_initial_state(initial_state, q, v, ctx.docs)
         built.update(impl=impl, ctx=ctx)
         return [
@@ -127,3 +126,47 @@ def linear_attention(
         q, k, v, log_decay, initial_state, built["impl"], built["ctx"]
     )
     return (out, final) if output_final_state else out
+
+
+def _context(q, info: GroupInfo, lengths, layout, varlen, scale, backend, output_final_state):
+    return LinearContext(
+        info=info,
+        shard=shard_layout(lengths, info.world_size, info.rank, layout),
+        varlen=varlen,
+        batch=q.shape[0],
+        scale=check_scale(scale, q.shape[-1]),
+        kernel=select_linear_backend(backend, q.device, q.dtype),
+        output_final_state=bool(output_final_state),
+    )
+
+
+def linear_attention_agreed(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch: AgreedBatch,
+    *,
+    log_decay: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """:func:`linear_attention` on a batch agreed by :func:`distseq.agreed.agree_batch` (its
+    group, layout, documents, strategy and backend), with no initial or final state. Makes no
+    agreement collective and no host sync: shapes are checked locally once per distinct shape,
+    and ``log_decay``'s values are trusted to be ``<= 0`` (the caller builds them so, e.g. with
+    ``logsigmoid``). ``q``/``k`` ``[1, S_local, H, Dk]``, ``v`` ``[1, S_local, H, Dv]``,
+    ``log_decay`` ``[1, S_local, H]`` -> ``[1, S_local, H, Dv]``."""
+
+    def plan():
+        impl = LINEAR_STRATEGIES.check(batch.linear_strategy, batch.info.world_size, batch.layout)
+        _check_qkv(q, k, v)
+        _check_log_decay_shape(log_decay, q)
+        batch.check_local_shape("distseq.linear_attention", q.shape[0], q.shape[1])
+        ctx = _context(q, batch.info, batch.doc_lengths, batch.layout, True, scale,
+                       batch.linear_backend, False)  # fmt: skip
+        return impl, ctx
+
+    decay = None if log_decay is None else (log_decay.shape, log_decay.dtype, log_decay.device)
+    key = ("linear_attention", q.shape, k.shape, v.shape, q.dtype, q.device, decay, scale)
+    impl, ctx = batch.plan(key, plan)
+    out, _ = SequenceParallelLinearAttention.apply(q, k, v, log_decay, None, impl, ctx)
+    return out

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import distseq
 from distseq.models.config import ModelConfig
 from distseq.models.context import SequenceContext
 from distseq.models.layers import rotary
@@ -32,11 +31,7 @@ class SoftmaxAttention(nn.Module):
         k = self.wk(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
         v = self.wv(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
         q, k = rotary(q, ctx.positions, self.theta), rotary(k, ctx.positions, self.theta)
-        out = distseq.attention(
-            q, k, v,
-            strategy=ctx.attention_strategy, group=ctx.group, causal=True, layout=ctx.layout,
-            cu_seqlens=ctx.cu_seqlens, backend=ctx.attention_backend,
-        )  # fmt: skip
+        out = ctx.attention(q, k, v)
         return self.wo(out.flatten(-2))
 
 
@@ -80,12 +75,9 @@ class LinearAttention(nn.Module):
         q = F.silu(self.wq(x)).unflatten(-1, (self.n_heads, self.head_dim))
         k = F.silu(self.wk(x)).unflatten(-1, (self.n_heads, self.head_dim))
         v = self.wv(x).unflatten(-1, (self.n_heads, self.head_dim))
-        out = distseq.linear_attention(
-            q, k, v,
-            strategy=ctx.linear_strategy, group=ctx.group, log_decay=self._log_decay(x),
-            layout=ctx.layout, cu_seqlens=ctx.cu_seqlens, scale=1.0 / math.sqrt(self.head_dim),
-            backend=ctx.linear_backend,
-        )  # fmt: skip
+        out = ctx.linear_attention(
+            q, k, v, log_decay=self._log_decay(x), scale=1.0 / math.sqrt(self.head_dim)
+        )
         return self.wo(self.out_norm(out).flatten(-2))
 
 

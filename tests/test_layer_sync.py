@@ -1,0 +1,67 @@
+"""A model's layers make no per-layer agreement: the batch is agreed on once, when its
+:class:`distseq.models.SequenceContext` is built, and each layer then launches only its
+strategy's own exchanges (issue 13, part 3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sync_cases
+
+SOFTMAX = ["softmax"] * 4
+HYBRID = ["linear", "softmax", "linear", "softmax"]
+
+
+@pytest.mark.parametrize(
+    "mixers, strategies, per_layer",
+    [
+        # ring at P = 2: one K/V post forward; a K/V and a dK/dV post backward
+        (SOFTMAX, {"attention_strategy": "ring"}, {"softmax": (1, 2)}),
+        # allscan at P = 2, Dk = 8: K = 4 slices, one post each, per direction
+        (HYBRID, {"layout": "contiguous", "linear_strategy": "allscan"},
+         {"softmax": (1, 2), "linear": (4, 4)}),
+    ],
+)  # fmt: skip
+def test_four_layers_with_checkpointing_agree_once(pools, mixers, strategies, per_layer):
+    """4 layers at sp=2, activation checkpointing, forward + backward: every layer's forward
+    runs twice (recomputation), so the data calls are ``2·forward + backward`` per layer,
+    and there is exactly one agreement (the context's), not one per layer call."""
+    expected_p2p = sum(2 * per_layer[m][0] + per_layer[m][1] for m in mixers)
+    agreed = pools(2).run(sync_cases.model_step_calls, mixers, strategies, True)
+    checked = pools(2).run(sync_cases.model_step_calls, mixers, strategies, False)
+    for a, c in zip(agreed, checked):
+        assert a["calls"] == {"batch_isend_irecv": expected_p2p}, a["calls"]
+        assert a["control"] == 1, a
+        # a context without the token: the same data calls plus one agreement per layer
+        # forward (and the build's)
+        assert c["calls"] == a["calls"] and c["control"] == 1 + 2 * len(mixers), c
+        # and the same numbers, bit for bit
+        assert a["loss"] == c["loss"] and torch.equal(a["grads"], c["grads"])
+
+
+@pytest.mark.parametrize(
+    "layer, strategies, forward, backward",
+    [
+        ("attention", {"attention_strategy": "ring"}, {"batch_isend_irecv": 1},
+         {"batch_isend_irecv": 2}),
+        ("linear_attention", {"linear_strategy": "lasp2"}, {"all_gather_single": 1},
+         {"all_gather_single": 1}),
+        ("linear_attention", {"linear_strategy": "allscan", "layout": "contiguous"},
+         {"batch_isend_irecv": 4}, {"batch_isend_irecv": 4}),
+        ("conv", {}, {"batch_isend_irecv": 1}, {"batch_isend_irecv": 1}),  # the halo
+    ],
+)  # fmt: skip
+def test_agreed_layer_launches_only_its_exchange(pools, layer, strategies, forward, backward):
+    for calls in pools(2).run(sync_cases.layer_calls, layer, strategies):
+        assert calls == {"forward": forward, "backward": backward, "control": 0}, calls
+
+
+def test_disagreeing_batch_raises_on_every_rank(pools):
+    for message in pools(2).run(sync_cases.disagreeing_batch):
+        assert "ranks disagree on document lengths" in message, message
+
+
+def test_layer_with_a_foreign_shard_raises(pools):
+    for message in pools(2).run(sync_cases.wrong_layer_shape):
+        assert "the agreed batch is 1 x 20" in message, message
