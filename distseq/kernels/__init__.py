@@ -62,6 +62,9 @@ LINEAR_BACKENDS: dict[str, str] = {
 # "auto" tries these in order; the first that can run on the device wins.
 _AUTO_ORDER = {"cuda": ("flash", "triton", "torch"), "cpu": ("torch",)}
 _LINEAR_AUTO_ORDER = {"cuda": ("fla", "triton", "torch"), "cpu": ("torch",)}
+# In half precision on CUDA the torch backend runs PyTorch's fused flash/cuDNN kernels
+# (attention_cuda), which need no extra package and beat our generic Triton kernel.
+_HALF_CUDA_AUTO_ORDER = ("flash", "torch", "triton")
 
 
 def unavailable_reason(
@@ -75,14 +78,14 @@ def unavailable_reason(
     return module.is_available(device, dtype)
 
 
-def _select(
-    what: str, table: dict[str, str], auto: dict[str, tuple[str, ...]], name: str,
+def _resolve(
+    what: str, table: dict[str, str], auto: tuple[str, ...], name: str,
     device: torch.device, dtype: torch.dtype,
-) -> ModuleType:  # fmt: skip
+) -> str:  # fmt: skip
     if name == "auto":
-        for candidate in auto.get(device.type, ("torch",)):
+        for candidate in auto:
             if unavailable_reason(candidate, device, dtype, table) is None:
-                return importlib.import_module(table[candidate])
+                return candidate
         raise ValueError(f"no {what} backend can run on device {device} with dtype {dtype}")
     if name not in table:
         raise ValueError(
@@ -95,14 +98,53 @@ def _select(
             f"backend {name!r} cannot run on device {device} with dtype {dtype}: {reason}; "
             'use backend="auto" or "torch"'
         )
-    return importlib.import_module(table[name])
+    return name
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The attention backend ``name`` runs as on ``device``/``dtype`` (``"auto"`` resolved)."""
+    device = torch.device(device)
+    order = _AUTO_ORDER.get(device.type, ("torch",))
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        order = _HALF_CUDA_AUTO_ORDER
+    return _resolve("attention", BACKENDS, order, name, device, dtype)
+
+
+def resolve_linear_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The linear-attention backend ``name`` runs as (``"auto"`` resolved)."""
+    device = torch.device(device)
+    order = _LINEAR_AUTO_ORDER.get(device.type, ("torch",))
+    return _resolve("linear attention", LINEAR_BACKENDS, order, name, device, dtype)
+
+
+def describe_backends(
+    attention: str, linear: str, device: torch.device, dtype: torch.dtype
+) -> dict[str, str]:
+    """What the configured backends run as, for logs: ``{"attention": "torch (cuda fused
+    flash)", "linear": "triton"}``; ``"unavailable: ..."`` where one cannot run."""
+    from distseq.kernels import attention_cuda
+
+    described = {}
+    for family, name, resolve in (
+        ("attention", attention, resolve_backend),
+        ("linear", linear, resolve_linear_backend),
+    ):
+        try:
+            resolved = resolve(name, device, dtype)
+        except ValueError as exc:
+            described[family] = f"unavailable: {exc}"
+            continue
+        if family == "attention" and resolved == "torch":
+            resolved += f" ({attention_cuda.describe_torch_path(torch.device(device), dtype)})"
+        described[family] = resolved
+    return described
 
 
 def select_backend(name: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
     """Return the attention kernel module for ``name`` (or the best available for ``"auto"``)."""
-    return _select("attention", BACKENDS, _AUTO_ORDER, name, device, dtype)
+    return importlib.import_module(BACKENDS[resolve_backend(name, device, dtype)])
 
 
 def select_linear_backend(name: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
     """Return the linear-attention kernel module for ``name`` (``"auto"``: fastest available)."""
-    return _select("linear attention", LINEAR_BACKENDS, _LINEAR_AUTO_ORDER, name, device, dtype)
+    return importlib.import_module(LINEAR_BACKENDS[resolve_linear_backend(name, device, dtype)])
