@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from distseq.comm import GroupInfo
-from distseq.layout import ShardLayout, chunks_per_rank
+from distseq.layout import ShardLayout, chunks_per_rank, shard_tensor
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,5 @@ class Pieces:
         return list(itertools.accumulate(lengths, initial=0))
 
     def kernel_cu_seqlens(self, device: torch.device) -> torch.Tensor | None:
-        """:meth:`kernel_bounds` as an int32 tensor on ``device``."""
-        bounds = self.kernel_bounds()
-        return None if bounds is None else torch.tensor(bounds, dtype=torch.int32, device=device)
+        """:meth:`kernel_bounds` as an int32 tensor on ``device`` (copied once per shard)."""
+        return shard_tensor(self.shard, "piece_cu_seqlens", device) if self.varlen else None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 import distseq
@@ -27,7 +29,7 @@ def model_step_calls(rank, world, mixers: list[str], strategies: dict, agreed: b
     with distseq.CommCounter() as counter:
         ctx = SequenceContext.build(DOCS, **strategies)
         if not agreed:
-            ctx = SequenceContext(**{**ctx.__dict__, "agreed": None})
+            ctx = dataclasses.replace(ctx, agreed=None)
         loss = model(ctx.shard_tokens(tokens), ctx).sum()
         loss.backward()
     grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])

@@ -49,6 +49,9 @@ class SequenceContext:
     attention_backend: str = "auto"
     linear_backend: str = "auto"
     agreed: AgreedBatch | None = field(default=None, compare=False, repr=False)
+    _device_positions: dict[torch.device, torch.Tensor] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @classmethod
     def build(
@@ -80,6 +83,13 @@ class SequenceContext:
             linear_backend=linear_backend,
             agreed=agreed,
         )
+
+    def positions_on(self, device: torch.device) -> torch.Tensor:
+        """:attr:`positions` on ``device``, copied once (not once per layer: a host-to-device
+        copy stalls a GPU's stream)."""
+        if device not in self._device_positions:
+            self._device_positions[device] = self.positions.to(device)
+        return self._device_positions[device]
 
     def shard_tokens(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's shard ``[B, S_local, ...]`` of a full packed tensor ``[B, S, ...]``."""

@@ -30,7 +30,8 @@ class SoftmaxAttention(nn.Module):
         q = self.wq(x).unflatten(-1, (self.n_heads, self.head_dim))
         k = self.wk(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
         v = self.wv(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
-        q, k = rotary(q, ctx.positions, self.theta), rotary(k, ctx.positions, self.theta)
+        positions = ctx.positions_on(x.device)
+        q, k = rotary(q, positions, self.theta), rotary(k, positions, self.theta)
         out = ctx.attention(q, k, v)
         return self.wo(out.flatten(-2))
 

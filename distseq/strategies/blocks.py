@@ -19,6 +19,7 @@ import torch
 
 from distseq.kernels.common import accumulator_dtype, no_key_result
 from distseq.kernels.merge import merge_into
+from distseq.layout import shard_tensor
 from distseq.strategies.base import AttentionContext
 
 Rows = slice | torch.Tensor
@@ -42,12 +43,12 @@ class BlockPlanner:
         self.ctx = ctx
         shard = ctx.shard
         self.all = slice(0, seq_local)
-        self.cu_all = _to(ctx.local_cu_seqlens, device)
+        self.cu_all = shard_tensor(shard, "local_cu_seqlens", device) if ctx.varlen else None
         if shard.layout == "zigzag":
             if ctx.varlen:
-                self.front = shard.front_index.to(device)
-                self.back = shard.back_index.to(device)
-                self.cu_half = shard.half_cu_seqlens().to(device)
+                self.front = shard_tensor(shard, "front_index", device)
+                self.back = shard_tensor(shard, "back_index", device)
+                self.cu_half = shard_tensor(shard, "half_cu_seqlens", device)
             else:
                 half = seq_local // 2
                 self.front, self.back, self.cu_half = slice(0, half), slice(half, None), None
@@ -63,10 +64,6 @@ class BlockPlanner:
         if source < rank:
             return Block(self.all, self.front, False, self.cu_all, self.cu_half)
         return Block(self.back, self.all, False, self.cu_half, self.cu_all)
-
-
-def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    return None if t is None else t.to(device)
 
 
 def take(x: torch.Tensor, rows: Rows) -> torch.Tensor:
