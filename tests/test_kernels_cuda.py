@@ -1,15 +1,24 @@
 """CUDA-only checks (skipped without a GPU; run by ``make gpu-check``): the ``torch`` backend's
 fused kernels (PyTorch's flash and cuDNN attention) against the float64 reference, forward
 and backward, causal / varlen / GQA; its exact fallback; the sync-free layer path; the CUDA
-LSE merge kernel of csrc/."""
+LSE merge kernel of csrc/; every linear backend that runs on CUDA (fla where importable)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from distseq.kernels import attention_cuda, attention_torch, merge, resolve_backend
+from distseq.kernels import (
+    LINEAR_BACKENDS,
+    attention_cuda,
+    attention_torch,
+    merge,
+    resolve_backend,
+    select_linear_backend,
+    unavailable_reason,
+)
 from distseq.models import SequenceContext
+from distseq.reference import linear_attention_reference
 from test_kernels import SHAPES, _block_errors
 from tolerance import nan_max
 
@@ -103,3 +112,36 @@ def test_cuda_merge_kernel_matches_torch_fallback():
     merge.merge_into_torch(out, lse, block_out, block_lse)
     torch.testing.assert_close(fused_out, out, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(fused_lse, lse, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("varlen", (False, True))
+@pytest.mark.parametrize("backend", sorted(LINEAR_BACKENDS))
+def test_linear_backend_on_cuda_matches_reference(backend, varlen):
+    """bf16 forward and backward (with decay, initial state, final-state gradient) against
+    the float64 recurrence, as tests/test_linear_triton.py does for Triton in depth."""
+    reason = unavailable_reason(backend, CUDA, torch.bfloat16, LINEAR_BACKENDS)
+    if reason is not None:
+        pytest.skip(f"{backend}: {reason}")
+    kernel = select_linear_backend(backend, CUDA, torch.bfloat16)
+    gen = torch.Generator(device=CUDA).manual_seed(0)
+    s, h, dk, dv = 150, 2, 32, 32
+    cu = torch.tensor([0, 40, 40, 150], dtype=torch.int32, device=CUDA) if varlen else None
+    batch, states = (1, 3) if varlen else (2, 2)
+    q, k, v = (torch.randn(batch, s, h, d, device=CUDA, generator=gen) * (dk**-0.5 if i else 1)
+               for i, d in enumerate((dk, dk, dv)))  # fmt: skip
+    g = torch.nn.functional.logsigmoid(torch.randn(batch, s, h, device=CUDA, generator=gen) + 3)
+    h0 = torch.randn(states, h, dk, dv, device=CUDA, generator=gen)
+    q, k, v = (t.bfloat16() for t in (q, k, v))
+    kw = dict(scale=None, initial_state=h0, cu_seqlens=cu)
+    out, final = kernel.forward(q, k, v, g, **kw)
+    do, dfinal = torch.randn_like(out), torch.randn_like(final)
+    grads = kernel.backward(do, dfinal, q, k, v, g, **kw)
+    leaves = [t.double().requires_grad_() for t in (q, k, v, g, h0)]
+    ref_out, ref_final = linear_attention_reference(
+        *leaves[:3], log_decay=leaves[3], initial_state=leaves[4], cu_seqlens=cu
+    )
+    ((ref_out * do.double()).sum() + (ref_final * dfinal.double()).sum()).backward()
+    got = [out, final, *grads]
+    want = [ref_out, ref_final, *(leaf.grad for leaf in leaves)]
+    errors = [((a.double() - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want)]
+    assert max(errors) <= 3e-2, errors
