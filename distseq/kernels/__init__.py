@@ -6,7 +6,8 @@ the same three functions, so strategies never care which one runs:
 ``is_available(device: torch.device, dtype: torch.dtype) -> str | None``
     ``None`` when the backend can run on ``device`` with ``dtype``, otherwise the reason why not.
 
-``forward(q, k, v, *, scale, causal, cu_seqlens_q=None, cu_seqlens_k=None) -> (out, lse)``
+``forward(q, k, v, *, scale, causal, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+max_seqlen_k=None) -> (out, lse)``
     ``q`` ``[B, Sq, Hq, D]``, ``k``/``v`` ``[B, Sk, Hkv, D]`` with ``Hq % Hkv == 0`` (GQA: query
     head ``h`` reads K/V head ``h // (Hq // Hkv)``). Returns ``out`` ``[B, Sq, Hq, D]`` in
     ``q.dtype`` and ``lse`` ``[B, Hq, Sq]`` float32, the natural-log log-sum-exp of the scaled
@@ -14,10 +15,12 @@ the same three functions, so strategies never care which one runs:
     ``i`` sees key ``j`` iff ``j <= i + Sk - Sq``. A row that sees no key has ``out = 0`` and
     ``lse = -inf``. With ``cu_seqlens_q``/``cu_seqlens_k`` (int32 ``[n + 1]``, ``B == 1``) the
     block is ``n`` independent segments: rows of q-segment ``i`` attend only to k-segment ``i``,
-    causal alignment applies per segment; segments may be empty.
+    causal alignment applies per segment; segments may be empty. ``max_seqlen_q/k`` are the
+    longest segments when the caller knows them on the host (``None``: the backend derives or
+    bounds them; deriving reads the device, a host sync on a GPU).
 
-``backward(dout, q, k, v, out, lse, *, scale, causal, cu_seqlens_q=None, cu_seqlens_k=None)
--> (dq, dk, dv)``
+``backward(dout, q, k, v, out, lse, *, scale, causal, cu_seqlens_q=None, cu_seqlens_k=None,
+max_seqlen_q=None, max_seqlen_k=None) -> (dq, dk, dv)``
     Gradients of this block given the *final* ``out`` and ``lse`` of the rows (which may merge
     several blocks): ``P = exp(scale * q k^T - lse)``, ``dS = P * (dout v^T - rowsum(dout * out))``.
     ``dq`` ``[B, Sq, Hq, D]``, ``dk``/``dv`` ``[B, Sk, Hkv, D]`` (summed over each K/V head's query

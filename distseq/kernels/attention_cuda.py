@@ -13,8 +13,8 @@ matmul path of :mod:`distseq.kernels.attention_torch`, which keeps ``S×S`` scor
 Conventions the ops differ in, fixed here: a row that sees no key gets ``lse = +inf`` from
 flash (``-inf`` in distseq); rows outside every segment are left unwritten (zeroed here);
 the varlen ``lse`` is ``[H, total_q]`` or, in older builds, padded ``[n, H, max_q]`` (both
-handled). No call reads a device tensor on the host: maximum segment lengths are bounded by
-the block's rows (the kernels skip tiles past each segment's end).
+handled). No call reads a device tensor on the host: the longest segments come from the
+caller (the strategies know them on the host) or are bounded by the block's rows.
 """
 
 from __future__ import annotations
@@ -82,16 +82,25 @@ def _lse_to_rows(lse: torch.Tensor, cu: torch.Tensor, total: int) -> torch.Tenso
     return lse[segment.long(), :, position.clamp(max=lse.shape[-1] - 1)].T
 
 
-def _lse_from_rows(lse: torch.Tensor, cu: torch.Tensor, total: int, padded: bool):
-    """``[H, total]`` -> the layout the op's varlen backward reads."""
+def _lse_from_rows(lse: torch.Tensor, cu: torch.Tensor, total: int, max_q: int, padded: bool):
+    """``[H, total]`` -> the layout the op's varlen backward reads (padded: ``[n, H, max_q]``)."""
     if not padded:
         return lse.contiguous()
     segment, position, covered = _rows(cu, total)
     # Uncovered rows write to a scratch column (a boolean mask would sync to count them).
-    position = torch.where(covered, position, total)
-    out = lse.new_full((cu.numel() - 1, lse.shape[0], total + 1), _INF)
+    position = torch.where(covered, position, max_q)
+    out = lse.new_full((cu.numel() - 1, lse.shape[0], max_q + 1), _INF)
     out[segment.long(), :, position] = lse.T
-    return out[..., :total].contiguous()
+    return out[..., :max_q].contiguous()
+
+
+def _maxima(max_q: int | None, max_k: int | None, sq: int, sk: int) -> tuple[int, int]:
+    """The longest segments, as the caller knows them on the host; else the block's rows, an
+    upper bound the kernels accept (tiles past a segment's end do nothing) that costs memory
+    in builds with a padded lse, but no device-to-host read."""
+    if max_q is None or max_k is None:
+        return sq, sk
+    return max_q, max_k
 
 
 @functools.cache
@@ -112,6 +121,8 @@ def flash_forward(
     causal: bool,
     cu_q: torch.Tensor | None,
     cu_k: torch.Tensor | None,
+    max_q: int | None = None,
+    max_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The :mod:`distseq.kernels` ``forward`` contract on flash: ``(out, lse)``."""
     sq, sk = q.shape[1], k.shape[1]
@@ -124,8 +135,9 @@ def flash_forward(
             q, k, v, None, None, sq, sk, 0.0, causal, False, scale=scale
         )
         return out, _no_key_to_neg_inf(lse)
+    max_q, max_k = _maxima(max_q, max_k, sq, sk)
     out, lse, *_ = torch.ops.aten._flash_attention_forward(
-        q[0], k[0], v[0], cu_q, cu_k, sq, sk, 0.0, causal, False, scale=scale
+        q[0], k[0], v[0], cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale
     )
     lse = _no_key_to_neg_inf(_lse_to_rows(lse, cu_q, sq))
     _, _, covered = _rows(cu_q, sq)
@@ -145,6 +157,8 @@ def flash_backward(
     causal: bool,
     cu_q: torch.Tensor | None,
     cu_k: torch.Tensor | None,
+    max_q: int | None = None,
+    max_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The :mod:`distseq.kernels` ``backward`` contract on flash: ``(dq, dk, dv)``."""
     sq, sk = q.shape[1], k.shape[1]
@@ -161,9 +175,10 @@ def flash_backward(
             unused, scale=scale,
         )  # fmt: skip
     padded = _padded_varlen_lse(q.device)
+    max_q, max_k = _maxima(max_q, max_k, sq, sk)
     dq, dk, dv = torch.ops.aten._flash_attention_backward(
-        dout[0], q[0], k[0], v[0], out[0], _lse_from_rows(lse[0], cu_q, sq, padded), cu_q, cu_k,
-        sq, sk, 0.0, causal, unused, unused, scale=scale,
+        dout[0], q[0], k[0], v[0], out[0], _lse_from_rows(lse[0], cu_q, sq, max_q, padded),
+        cu_q, cu_k, max_q, max_k, 0.0, causal, unused, unused, scale=scale,
     )  # fmt: skip
     _, _, q_covered = _rows(cu_q, sq)
     _, _, k_covered = _rows(cu_k, sk)

@@ -168,13 +168,17 @@ def forward(
     causal: bool,
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block attention: ``q`` ``[B, Sq, Hq, D]``, ``k``/``v`` ``[B, Sk, Hkv, D]``.
 
     Returns ``out`` ``[B, Sq, Hq, D]`` and ``lse`` ``[B, Hq, Sq]`` (see :mod:`distseq.kernels`).
     """
     if attention_cuda.fused_kind(q, varlen=cu_seqlens_q is not None) == "flash":
-        return attention_cuda.flash_forward(q, k, v, scale, causal, cu_seqlens_q, cu_seqlens_k)
+        return attention_cuda.flash_forward(
+            q, k, v, scale, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
+        )
     segments = _segments(cu_seqlens_q, cu_seqlens_k, q.shape[1], k.shape[1])
     if segments is None:
         return _segment_forward(q, k, v, scale, causal)
@@ -199,12 +203,15 @@ def backward(
     causal: bool,
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Block gradients given the final ``out``/``lse`` of the rows: ``(dq, dk, dv)``."""
     if attention_cuda.fused_kind(q, varlen=cu_seqlens_q is not None) == "flash":
         return attention_cuda.flash_backward(
-            dout, q, k, v, out, lse, scale, causal, cu_seqlens_q, cu_seqlens_k
-        )
+            dout, q, k, v, out, lse, scale, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+            max_seqlen_k,
+        )  # fmt: skip
     segments = _segments(cu_seqlens_q, cu_seqlens_k, q.shape[1], k.shape[1])
     if segments is None:
         return _segment_backward(dout, q, k, v, out, lse, scale, causal)
