@@ -4,10 +4,13 @@ strategy's own exchanges (issue 13, part 3)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 import sync_cases
+from distseq.models import SequenceContext
 
 SOFTMAX = ["softmax"] * 4
 HYBRID = ["linear", "softmax", "linear", "softmax"]
@@ -65,3 +68,11 @@ def test_disagreeing_batch_raises_on_every_rank(pools):
 def test_layer_with_a_foreign_shard_raises(pools):
     for message in pools(2).run(sync_cases.wrong_layer_shape):
         assert "the agreed batch is 1 x 20" in message, message
+
+
+def test_context_cannot_drift_from_what_was_agreed():
+    """A copy with another strategy must not run under the old agreement (silently)."""
+    ctx = SequenceContext.build((8, 8))
+    with pytest.raises(ValueError, match="differs from what its ranks agreed on"):
+        dataclasses.replace(ctx, attention_strategy="ulysses")
+    assert dataclasses.replace(ctx, attention_strategy="ulysses", agreed=None).agreed is None

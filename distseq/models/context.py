@@ -53,6 +53,20 @@ class SequenceContext:
         default_factory=dict, compare=False, repr=False
     )
 
+    def __post_init__(self) -> None:
+        agreed = self.agreed
+        if agreed is None:
+            return
+        names = ("layout", "attention_strategy", "linear_strategy", "attention_backend",
+                 "linear_backend")  # fmt: skip
+        mine = (self.shard.doc_lengths, *(getattr(self, name) for name in names))
+        theirs = (agreed.doc_lengths, *(getattr(agreed, name) for name in names))
+        if mine != theirs:
+            raise ValueError(
+                f"SequenceContext {mine} differs from what its ranks agreed on {theirs}; "
+                "build a new context with SequenceContext.build (or pass agreed=None)"
+            )
+
     @classmethod
     def build(
         cls,
