@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 NPROC ?= 2
 
-.PHONY: install train demo test test-slow bench lint clean
+.PHONY: install train demo test test-slow bench gpu-check lint clean
 
 # torch is pinned to 2.13.0 (a CPU build on disk here). --no-build-isolation: an isolated
 # build of csrc/ would download a multi-GB CUDA torch just to compile against it.
@@ -41,6 +41,11 @@ bench: install
 	$(PY) benchmarks/scaling.py
 	$(PY) benchmarks/simulate.py
 	$(PY) benchmarks/simulate.py --validate benchmarks/results/scaling/scaling.json --calibrate-per-world
+
+# On a GPU machine (README, "GPU check"): no venv, no network; the python that has CUDA torch.
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) benchmarks/gpu_check.py
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -1,11 +1,14 @@
 """Local block kernels, forward+backward: time and TFLOP/s per backend on one device.
 
     python benchmarks/kernels.py [--seq 4096 8192 --heads 16 --kv-heads 8 --head-dim 128]
+                                 [--json out.json]
 
 Attention backends (``torch``, ``triton``, ``flash``) run on CUDA when it is present; on a
 CPU-only machine only ``torch`` runs (Triton's interpreter is a test tool, not a kernel) and
-the ratios are against it. Every row prints the ratio to flash-attn when flash-attn ran in the
-same invocation (the reference for speed), otherwise to the torch backend.
+the ratios are against it. On CUDA the ``torch`` backend runs PyTorch's fused kernels
+(:mod:`distseq.kernels.attention_cuda`; the row says which). Every row prints the ratio to
+flash-attn when flash-attn ran in the same invocation (the reference for speed), otherwise to
+the torch backend.
 FLOPs counted as flash-attn does: forward ``4·B·Hq·Sq·Sk·D`` (halved when causal), backward
 2.5× the forward.
 """
@@ -14,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import platform
 import time
 
 import torch
 
-from distseq.kernels import BACKENDS, select_backend, unavailable_reason
+from distseq.kernels import BACKENDS, attention_cuda, select_backend, unavailable_reason
 
 
 def _timed(fn, device: torch.device, repeats: int) -> float:
@@ -77,6 +81,8 @@ def bench_attention(args, device: torch.device, dtype: torch.dtype) -> list[dict
             rows.append(
                 {"seq": seq, "backend": name, "s": seconds, "tflops": flops / seconds / 1e12}
             )
+            if name == "torch":
+                rows[-1]["path"] = attention_cuda.describe_torch_path(device, dtype, args.head_dim)
     return rows
 
 
@@ -89,6 +95,7 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", help="also write the rows and the setup to this file")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -104,7 +111,12 @@ def main() -> None:
         same_seq = {r["backend"]: r for r in rows if r["seq"] == row["seq"]}
         ref = same_seq.get("flash") or same_seq["torch"]
         print(f"{row['seq']:>7} {row['backend']:<8} {row['s'] * 1e3:>9.2f} "
-              f"{row['tflops']:>8.2f} {ref['s'] / row['s']:>7.2f}")  # fmt: skip
+              f"{row['tflops']:>8.2f} {ref['s'] / row['s']:>7.2f}  "
+              f"{row.get('path', '')}")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"setup": vars(args), "device": hardware, "dtype": str(dtype),
+                       "torch": torch.__version__, "rows": rows}, f, indent=2)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from distseq.comm import ProcessGroup, resolve_group
+from distseq.agreed import AgreedBatch
+from distseq.comm import GroupInfo, ProcessGroup, resolve_group
 from distseq.kernels import select_backend
 from distseq.layout import check_layout, shard_layout
 from distseq.strategies import ATTENTION_STRATEGIES, DELTA_STRATEGIES, LINEAR_STRATEGIES
@@ -54,20 +55,10 @@ def attention(
 
     def check() -> list[int]:
         check_layout(layout)
-        check_qkv(q, k, v)
-        impl = ATTENTION_STRATEGIES.check(
-            strategy, info.world_size, q.shape[2], k.shape[2], layout, ulysses_degree
-        )
+        impl = _checked_strategy(q, k, v, strategy, info, layout, ulysses_degree)
         lengths = check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1], info.world_size, layout)
-        ctx = AttentionContext(
-            info=info,
-            shard=shard_layout(lengths, info.world_size, info.rank, layout),
-            varlen=cu_seqlens is not None,
-            causal=bool(causal),
-            scale=check_scale(scale, q.shape[-1]),
-            kernel=select_backend(backend, q.device, q.dtype),
-            ulysses_degree=ulysses_degree,
-        )
+        varlen = cu_seqlens is not None
+        ctx = _context(q, info, lengths, layout, varlen, causal, scale, backend, ulysses_degree)
         built.update(impl=impl, ctx=ctx)
         return [
             *q.shape[:3], k.shape[2], q.shape[3], signature_code(str(q.dtype)),
@@ -78,6 +69,52 @@ def attention(
 
     validate_on_all_ranks("distseq.attention", info, check, _SIGNATURE)
     return SequenceParallelAttention.apply(q, k, v, built["impl"], built["ctx"])
+
+
+def _checked_strategy(q, k, v, strategy: str, info: GroupInfo, layout: str, ulysses_degree):
+    check_qkv(q, k, v)
+    return ATTENTION_STRATEGIES.check(
+        strategy, info.world_size, q.shape[2], k.shape[2], layout, ulysses_degree
+    )
+
+
+def _context(q, info: GroupInfo, lengths, layout, varlen, causal, scale, backend, ulysses_degree):
+    return AttentionContext(
+        info=info,
+        shard=shard_layout(lengths, info.world_size, info.rank, layout),
+        varlen=varlen,
+        causal=bool(causal),
+        scale=check_scale(scale, q.shape[-1]),
+        kernel=select_backend(backend, q.device, q.dtype),
+        ulysses_degree=ulysses_degree,
+    )
+
+
+def attention_agreed(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch: AgreedBatch,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """:func:`attention` on a batch agreed by :func:`distseq.agreed.agree_batch`: its group,
+    layout, documents, strategy and backend. Makes no agreement collective and no host sync;
+    shapes are checked locally once per distinct shape (see :mod:`distseq.agreed`). ``q``
+    ``[1, S_local, Hq, D]``, ``k``/``v`` ``[1, S_local, Hkv, D]`` -> ``[1, S_local, Hq, D]``."""
+
+    def plan():
+        impl = _checked_strategy(q, k, v, batch.attention_strategy, batch.info, batch.layout,
+                                 batch.ulysses_degree)  # fmt: skip
+        batch.check_local_shape("distseq.attention", q.shape[0], q.shape[1])
+        ctx = _context(q, batch.info, batch.doc_lengths, batch.layout, True, causal, scale,
+                       batch.attention_backend, batch.ulysses_degree)  # fmt: skip
+        return impl, ctx
+
+    key = ("attention", q.shape, k.shape, v.shape, q.dtype, q.device, bool(causal), scale)
+    impl, ctx = batch.plan(key, plan)
+    return SequenceParallelAttention.apply(q, k, v, impl, ctx)
 
 
 def available_strategies() -> dict[str, list[str]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from distseq.agreed import AgreedBatch
 from distseq.comm import ProcessGroup, post_p2p, resolve_group
 from distseq.layout import LAYOUTS, shard_layout
 from distseq.pieces import Pieces
@@ -179,10 +180,38 @@ def causal_conv1d(
         ]  # fmt: skip
 
     validate_on_all_ranks("distseq.causal_conv1d", info, check, _SIGNATURE)
-    pieces = built["pieces"]
+    return _run(x, weight, bias, activation, built["pieces"])
+
+
+def causal_conv1d_agreed(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    batch: AgreedBatch,
+    *,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """:func:`causal_conv1d` on a batch agreed by :func:`distseq.agreed.agree_batch` (its
+    group, layout and documents): no agreement collective, no host sync; shapes are checked
+    locally once per distinct shape. ``x`` ``[1, S_local, C]`` -> ``[1, S_local, C]``."""
+
+    def plan() -> Pieces:
+        check_tensors({"x": x}, 3, "[batch, seq, channels]")
+        check_tensors({"weight": weight}, 2, "[channels, kernel_size]")
+        batch.check_local_shape("distseq.causal_conv1d", x.shape[0], x.shape[1])
+        pieces = Pieces(batch.info, batch.shard, True, 1)
+        _check(x, weight, bias, activation, pieces)
+        return pieces
+
+    shapes = (x.shape, weight.shape, None if bias is None else bias.shape)
+    key = ("causal_conv1d", shapes, x.dtype, x.device, activation)
+    return _run(x, weight, bias, activation, batch.plan(key, plan))
+
+
+def _run(x, weight, bias, activation, pieces: Pieces) -> torch.Tensor:
     width = weight.shape[1] - 1
     xk = pieces.to_kernel(x)
-    segments = Segments(pieces.kernel_cu_seqlens(x.device))
+    segments = Segments(pieces.kernel_bounds())
     if width > 0:
         tails = torch.cat(_tails(xk, segments, width))
         tails = tails.view(pieces.docs, pieces.slots, width, x.shape[2])

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from distseq.agreed import AgreedBatch
 from distseq.comm import ProcessGroup, resolve_group
 from distseq.kernels import select_delta_backend
 from distseq.layout import check_layout
-from distseq.linear_validation import SIGNATURE, check_beta, check_call
+from distseq.linear_validation import SIGNATURE, check_beta, check_call, plan_agreed
 from distseq.strategies import DELTA_STRATEGIES
 from distseq.strategies.delta_base import SequenceParallelDeltaRule
 from distseq.validation import validate_on_all_ranks
@@ -66,3 +67,26 @@ def delta_rule(
         q, k, v, beta, log_decay, initial_state, built["impl"], built["ctx"]
     )
     return (out, final) if output_final_state else out
+
+
+def delta_rule_agreed(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    batch: AgreedBatch,
+    *,
+    log_decay: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """:func:`delta_rule` on a batch agreed by :func:`distseq.agreed.agree_batch` (its group,
+    layout, documents, linear strategy and backend), with no initial or final state. No
+    agreement collective and no host sync: shapes are checked locally once per distinct shape;
+    ``beta`` in ``[0, 1]`` and ``log_decay <= 0`` are trusted (the model builds them with
+    ``sigmoid`` / ``-softplus``). Shapes as :func:`delta_rule` with batch 1."""
+    impl, ctx = plan_agreed(
+        "distseq.delta_rule", batch, DELTA_STRATEGIES, select_delta_backend,
+        {"q": q, "k": k, "v": v, "log_decay": log_decay, "beta": beta}, scale,
+    )  # fmt: skip
+    out, _ = SequenceParallelDeltaRule.apply(q, k, v, beta, log_decay, None, impl, ctx)
+    return out

@@ -115,6 +115,10 @@ class ShardLayout:
         """int32 cumulative boundaries of one chunk per document (a zigzag half shard)."""
         return cu_seqlens(self.chunk_lengths)
 
+    def piece_cu_seqlens(self) -> torch.Tensor:
+        """int32 cumulative boundaries of every local chunk (a piece) of every document."""
+        return cu_seqlens([c for c in self.chunk_lengths for _ in self.chunk_ids()])
+
     @functools.cached_property
     def front_index(self) -> torch.Tensor:
         """Local indices of the first chunk of every document (zigzag: chunk ``r``)."""
@@ -131,6 +135,15 @@ class ShardLayout:
             pieces.append(torch.arange(start + which * chunk, start + (which + 1) * chunk))
             start += 2 * chunk
         return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+
+
+@functools.lru_cache(maxsize=1024)
+def shard_tensor(shard: ShardLayout, name: str, device: torch.device) -> torch.Tensor:
+    """``shard``'s index or boundary tensor ``name`` (a property, or a method without
+    arguments) on ``device``, copied once per shard and device: a host-to-device copy per
+    layer would stall a GPU's stream once per layer. Shared: never modify it in place."""
+    value = getattr(shard, name)
+    return (value() if callable(value) else value).to(device)
 
 
 @functools.lru_cache(maxsize=256)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from distseq.agreed import AgreedBatch
 from distseq.comm import ProcessGroup, resolve_group
 from distseq.kernels import select_linear_backend
 from distseq.layout import check_layout
-from distseq.linear_validation import SIGNATURE, check_call
+from distseq.linear_validation import SIGNATURE, check_call, plan_agreed
 from distseq.strategies import LINEAR_STRATEGIES
 from distseq.strategies.linear_base import SequenceParallelLinearAttention
 from distseq.validation import validate_on_all_ranks
@@ -68,3 +69,26 @@ def linear_attention(
         q, k, v, log_decay, initial_state, built["impl"], built["ctx"]
     )
     return (out, final) if output_final_state else out
+
+
+def linear_attention_agreed(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch: AgreedBatch,
+    *,
+    log_decay: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """:func:`linear_attention` on a batch agreed by :func:`distseq.agreed.agree_batch` (its
+    group, layout, documents, strategy and backend), with no initial or final state. Makes no
+    agreement collective and no host sync: shapes are checked locally once per distinct shape,
+    and ``log_decay``'s values are trusted to be ``<= 0`` (the caller builds them so, e.g. with
+    ``logsigmoid``). ``q``/``k`` ``[1, S_local, H, Dk]``, ``v`` ``[1, S_local, H, Dv]``,
+    ``log_decay`` ``[1, S_local, H]`` -> ``[1, S_local, H, Dv]``."""
+    impl, ctx = plan_agreed(
+        "distseq.linear_attention", batch, LINEAR_STRATEGIES, select_linear_backend,
+        {"q": q, "k": k, "v": v, "log_decay": log_decay}, scale,
+    )  # fmt: skip
+    out, _ = SequenceParallelLinearAttention.apply(q, k, v, log_decay, None, impl, ctx)
+    return out

@@ -9,12 +9,13 @@ see two pieces as one.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 
 from distseq.comm import GroupInfo
-from distseq.layout import ShardLayout, chunks_per_rank, cu_seqlens
+from distseq.layout import ShardLayout, chunks_per_rank, shard_tensor
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,13 @@ class Pieces:
             return x
         return x.reshape(self.batch, -1, *x.shape[2:])
 
-    def kernel_cu_seqlens(self, device: torch.device) -> torch.Tensor | None:
-        """int32 boundaries of the local segments in the kernel view (``None``: whole rows)."""
+    def kernel_bounds(self) -> list[int] | None:
+        """Host-side boundaries of the local segments in the kernel view (``None``: whole rows)."""
         if not self.varlen:
             return None
-        return cu_seqlens([c for c in self.shard.chunk_lengths for _ in range(self.slots)], device)
+        lengths = [c for c in self.shard.chunk_lengths for _ in range(self.slots)]
+        return list(itertools.accumulate(lengths, initial=0))
+
+    def kernel_cu_seqlens(self, device: torch.device) -> torch.Tensor | None:
+        """:meth:`kernel_bounds` as an int32 tensor on ``device`` (copied once per shard)."""
+        return shard_tensor(self.shard, "piece_cu_seqlens", device) if self.varlen else None

@@ -346,3 +346,59 @@ def delta_comm_compute_order(rank, world, strategy: str) -> list[str]:
         delta_torch.Prepared.outputs, delta_torch.backward = outputs, backward
         os.environ.pop("DISTSEQ_CHECK_RANKS", None)
     return events
+
+
+def _chained(monkey: bool):
+    """Force the scan's NCCL post order (``receives_ahead`` False) on gloo, or the default."""
+    from distseq.strategies import state_chain
+
+    original = state_chain.receives_ahead
+    if monkey:
+        state_chain.receives_ahead = lambda info: False
+    return lambda: setattr(state_chain, "receives_ahead", original)
+
+
+def scan_post_batches(rank, world, strategy: str, layout: str, chained: bool) -> dict:
+    """Each ``batch_isend_irecv`` of one forward and one backward: ``(op, peer, tag)`` lists."""
+    import os
+
+    batches: dict[str, list] = {"forward": [], "backward": []}
+    phase = ["forward"]
+    original = dist.batch_isend_irecv
+
+    def recording(ops):
+        kinds = [("send" if op.op is dist.isend else "recv", op.peer, op.tag) for op in ops]
+        batches[phase[0]].append(kinds)
+        return original(ops)
+
+    restore = _chained(chained)
+    try:
+        dist.batch_isend_irecv = recording
+        os.environ["DISTSEQ_CHECK_RANKS"] = "0"
+        q, k, v = (t.requires_grad_() for t in _linear_shards())
+        out = distseq.linear_attention(q, k, v, strategy=strategy, layout=layout, backend="torch")
+        phase[0] = "backward"
+        out.sum().backward()
+    finally:
+        dist.batch_isend_irecv = original
+        restore()
+        os.environ.pop("DISTSEQ_CHECK_RANKS", None)
+    return batches
+
+
+def scan_orders_agree(rank, world, strategy: str, layout: str) -> bool:
+    """The NCCL post order computes the same outputs and gradients, bit for bit."""
+    results = []
+    for chained in (False, True):
+        restore = _chained(chained)
+        try:
+            torch.manual_seed(rank)
+            q, k, v = (t.requires_grad_() for t in _linear_shards(seq_local=12))
+            g = (-torch.rand(1, 12, 2)).requires_grad_()
+            out = distseq.linear_attention(q, k, v, strategy=strategy, layout=layout,
+                                           log_decay=g, backend="torch")  # fmt: skip
+            out.square().sum().backward()
+            results.append([out, q.grad, k.grad, v.grad, g.grad])
+        finally:
+            restore()
+    return all(torch.equal(a, b) for a, b in zip(*results))

@@ -161,3 +161,17 @@ def test_cuda_merge_kernel_compiles(tmp_path):
     cmd += [str(ROOT / "csrc" / "lse_merge_cuda.cu"), "-o", str(tmp_path / "merge.o")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+def test_triton_varlen_with_host_maxima_is_identical():
+    """Maxima given by the caller (no device read) change nothing, exact or upper bounds."""
+    kernel, device = _backend_or_skip("triton")
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, n, 2, 16, generator=gen).to(device) for n in (30, 42, 42))
+    cu_q, cu_k = (torch.tensor(s, dtype=torch.int32, device=device)
+                  for s in ([0, 10, 10, 30], [0, 14, 20, 42]))  # fmt: skip
+    kw = dict(scale=0.25, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    derived = kernel.forward(q, k, v, **kw)
+    for maxima in ((20, 22), (30, 42)):
+        given = kernel.forward(q, k, v, **kw, max_seqlen_q=maxima[0], max_seqlen_k=maxima[1])
+        assert all(torch.equal(a, b) for a, b in zip(derived, given)), maxima

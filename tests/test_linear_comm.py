@@ -81,3 +81,58 @@ def test_final_state_costs_a_broadcast_and_an_all_reduce(pools, strategy):
         forward = (world - 1) * payload
         backward = forward + 2 * one_state * (world - 1) // world
     assert middle["forward_sent"] == forward and middle["backward_sent"] == backward, middle
+
+
+def _recv(peer, tag):
+    return ("recv", peer, tag)
+
+
+def _send(peer, tag):
+    return ("send", peer, tag)
+
+
+@pytest.mark.parametrize("chained", (False, True), ids=("gloo-order", "nccl-order"))
+def test_allscan_post_order(pools, chained):
+    """Middle rank of 3, K = 4 slices (tags 1000 + piece·4 + slice). gloo: every receive up
+    front, then the sends. NCCL (one stream per group, run in posting order): slice j's send
+    in one batch with slice j+1's receive, so slice j leaves while slice j+1 arrives; posting
+    the receives first would hold the send of slice 0 until the whole state had arrived."""
+    batches = pools(3).run(linear_cases.scan_post_batches, "allscan", "contiguous", chained)
+    recvs = [_recv(0, 1004 + j) for j in range(4)]
+    sends = [_send(2, 1008 + j) for j in range(4)]
+    if chained:
+        expected = [[recvs[0]], *([sends[j], recvs[j + 1]] for j in range(3)), [sends[3]]]
+    else:
+        expected = [[r] for r in recvs] + [[s] for s in sends]
+    assert batches[1]["forward"] == expected, batches[1]
+    # the head only sends, the tail only receives, one slice per batch, in either order
+    assert batches[0]["forward"] == [[_send(1, 1004 + j)] for j in range(4)], batches[0]
+    assert batches[2]["forward"] == [[_recv(1, 1008 + j)] for j in range(4)], batches[2]
+
+
+@pytest.mark.parametrize("chained", (False, True), ids=("gloo-order", "nccl-order"))
+def test_zigzag_chain_post_order(pools, chained):
+    """Linear ring, zigzag, P = 3: the chain runs 0 -> 1 -> 2 -> 2 -> 1 -> 0. In NCCL order a
+    rank never posts a receive ahead of a send the receive depends on: rank 0 receiving its
+    return piece from rank 1 before sending rank 1 its first state would never complete."""
+    batches = pools(3).run(linear_cases.scan_post_batches, "ring", "zigzag", chained)
+    if chained:
+        expected = [
+            [[_send(1, 1001)], [_recv(1, 1005)]],
+            [[_recv(0, 1001)], [_send(2, 1002)], [_recv(2, 1004)], [_send(0, 1005)]],
+            [[_recv(1, 1002)], [_send(1, 1004)]],
+        ]
+    else:
+        expected = [
+            [[_recv(1, 1005)], [_send(1, 1001)]],
+            [[_recv(0, 1001)], [_recv(2, 1004)], [_send(2, 1002)], [_send(0, 1005)]],
+            [[_recv(1, 1002)], [_send(1, 1004)]],
+        ]
+    for rank, got in enumerate(batches):
+        assert got["forward"] == expected[rank] and got["backward"] == expected[rank], got
+
+
+@pytest.mark.parametrize("strategy, layout", [("allscan", "contiguous"), ("ring", "zigzag"),
+                                              ("ring", "contiguous")])  # fmt: skip
+def test_nccl_post_order_computes_the_same(pools, strategy, layout):
+    assert all(pools(3).run(linear_cases.scan_orders_agree, strategy, layout))

@@ -26,11 +26,16 @@ class CommCounter:
     all-to-all: ``(P-1)/P·input``), so numbers compare directly with the strategies' formulas;
     all-reduce: ``2(P-1)/P·input``; broadcast: ``(P-1)/P·input`` (scatter + all-gather).
     Control-plane messages (input agreement) are kept apart in ``control_bytes``.
+    ``calls`` counts the data-op calls by ``torch.distributed`` function (one
+    ``batch_isend_irecv`` is one call, however many messages it posts) and ``control_calls``
+    the control-plane ones: what a layer launches, as opposed to how many bytes it moves.
     """
 
     sent: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     received: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     control_bytes: int = 0
+    calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    control_calls: int = 0
     _patch: DistPatch = field(default_factory=DistPatch)
 
     @property
@@ -53,6 +58,10 @@ class CommCounter:
 
     def _wrap(self, name: str, account) -> None:
         def wrapper(original, *args, **kwargs):
+            if in_control_plane():
+                self.control_calls += 1
+            else:
+                self.calls[name] += 1
             account(*args, **kwargs)
             return original(*args, **kwargs)
 

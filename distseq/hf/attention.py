@@ -97,27 +97,23 @@ def make_attention_function(settings: Settings):
         check_call(module, dropout, kwargs)
         if attention_mask is not None:
             _refuse_mask()
-        ctx = kwargs.get(CONTEXT_KWARG)
-        if ctx is None:
-            sharded = kwargs.get(LAYOUT_KWARG, settings.layout)
-            # One rank holds the whole sequence in natural order under either layout.
-            if sharded != settings.layout and resolve_group(settings.group).world_size > 1:
-                raise ValueError(
-                    f"distseq.hf: the batch was sharded with layout={sharded!r} but the model "
-                    f"was applied with layout={settings.layout!r}; pass the same layout to "
-                    "shard_batch and apply"
-                )
-            chosen = dict(strategy=settings.strategy, group=settings.group,
-                          layout=settings.layout, backend=settings.backend,
-                          cu_seqlens=kwargs.get(CU_SEQLENS_KWARG))  # fmt: skip
-        else:
-            chosen = dict(strategy=ctx.attention_strategy, group=ctx.group, layout=ctx.layout,
-                          backend=ctx.attention_backend, cu_seqlens=ctx.cu_seqlens,
-                          ulysses_degree=ctx.ulysses_degree)  # fmt: skip
         query, key, value = _autocast_inputs(query, key, value)
+        q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        ctx = kwargs.get(CONTEXT_KWARG)
+        if ctx is not None:  # agreed once per batch when the context was built
+            return ctx.attention(q, k, v, scale=scaling), None
+        sharded = kwargs.get(LAYOUT_KWARG, settings.layout)
+        # One rank holds the whole sequence in natural order under either layout.
+        if sharded != settings.layout and resolve_group(settings.group).world_size > 1:
+            raise ValueError(
+                f"distseq.hf: the batch was sharded with layout={sharded!r} but the model "
+                f"was applied with layout={settings.layout!r}; pass the same layout to "
+                "shard_batch and apply"
+            )
         out = distseq.attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-            causal=True, scale=scaling, **chosen,
+            q, k, v, strategy=settings.strategy, group=settings.group, causal=True,
+            layout=settings.layout, cu_seqlens=kwargs.get(CU_SEQLENS_KWARG), scale=scaling,
+            backend=settings.backend,
         )  # fmt: skip
         return out, None
 

@@ -6,7 +6,8 @@ the same three functions, so strategies never care which one runs:
 ``is_available(device: torch.device, dtype: torch.dtype) -> str | None``
     ``None`` when the backend can run on ``device`` with ``dtype``, otherwise the reason why not.
 
-``forward(q, k, v, *, scale, causal, cu_seqlens_q=None, cu_seqlens_k=None) -> (out, lse)``
+``forward(q, k, v, *, scale, causal, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+max_seqlen_k=None) -> (out, lse)``
     ``q`` ``[B, Sq, Hq, D]``, ``k``/``v`` ``[B, Sk, Hkv, D]`` with ``Hq % Hkv == 0`` (GQA: query
     head ``h`` reads K/V head ``h // (Hq // Hkv)``). Returns ``out`` ``[B, Sq, Hq, D]`` in
     ``q.dtype`` and ``lse`` ``[B, Hq, Sq]`` float32, the natural-log log-sum-exp of the scaled
@@ -14,10 +15,12 @@ the same three functions, so strategies never care which one runs:
     ``i`` sees key ``j`` iff ``j <= i + Sk - Sq``. A row that sees no key has ``out = 0`` and
     ``lse = -inf``. With ``cu_seqlens_q``/``cu_seqlens_k`` (int32 ``[n + 1]``, ``B == 1``) the
     block is ``n`` independent segments: rows of q-segment ``i`` attend only to k-segment ``i``,
-    causal alignment applies per segment; segments may be empty.
+    causal alignment applies per segment; segments may be empty. ``max_seqlen_q/k`` are the
+    longest segments when the caller knows them on the host (``None``: the backend derives or
+    bounds them; deriving reads the device, a host sync on a GPU).
 
-``backward(dout, q, k, v, out, lse, *, scale, causal, cu_seqlens_q=None, cu_seqlens_k=None)
--> (dq, dk, dv)``
+``backward(dout, q, k, v, out, lse, *, scale, causal, cu_seqlens_q=None, cu_seqlens_k=None,
+max_seqlen_q=None, max_seqlen_k=None) -> (dq, dk, dv)``
     Gradients of this block given the *final* ``out`` and ``lse`` of the rows (which may merge
     several blocks): ``P = exp(scale * q k^T - lse)``, ``dS = P * (dout v^T - rowsum(dout * out))``.
     ``dq`` ``[B, Sq, Hq, D]``, ``dk``/``dv`` ``[B, Sk, Hkv, D]`` (summed over each K/V head's query
@@ -74,6 +77,9 @@ DELTA_BACKENDS: dict[str, str] = {
 _AUTO_ORDER = {"cuda": ("flash", "triton", "torch"), "cpu": ("torch",)}
 _LINEAR_AUTO_ORDER = {"cuda": ("fla", "triton", "torch"), "cpu": ("torch",)}
 _DELTA_AUTO_ORDER = {"cuda": ("fla", "torch"), "cpu": ("torch",)}
+# In half precision on CUDA the torch backend runs PyTorch's fused flash/cuDNN kernels
+# (attention_cuda), which need no extra package and beat our generic Triton kernel.
+_HALF_CUDA_AUTO_ORDER = ("flash", "torch", "triton")
 
 
 def unavailable_reason(
@@ -87,14 +93,14 @@ def unavailable_reason(
     return module.is_available(device, dtype)
 
 
-def _select(
-    what: str, table: dict[str, str], auto: dict[str, tuple[str, ...]], name: str,
+def _resolve(
+    what: str, table: dict[str, str], auto: tuple[str, ...], name: str,
     device: torch.device, dtype: torch.dtype,
-) -> ModuleType:  # fmt: skip
+) -> str:  # fmt: skip
     if name == "auto":
-        for candidate in auto.get(device.type, ("torch",)):
+        for candidate in auto:
             if unavailable_reason(candidate, device, dtype, table) is None:
-                return importlib.import_module(table[candidate])
+                return candidate
         raise ValueError(f"no {what} backend can run on device {device} with dtype {dtype}")
     if name not in table:
         raise ValueError(
@@ -107,19 +113,65 @@ def _select(
             f"backend {name!r} cannot run on device {device} with dtype {dtype}: {reason}; "
             'use backend="auto" or "torch"'
         )
-    return importlib.import_module(table[name])
+    return name
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The attention backend ``name`` runs as on ``device``/``dtype`` (``"auto"`` resolved)."""
+    device = torch.device(device)
+    order = _AUTO_ORDER.get(device.type, ("torch",))
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        order = _HALF_CUDA_AUTO_ORDER
+    return _resolve("attention", BACKENDS, order, name, device, dtype)
+
+
+def resolve_linear_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The linear-attention backend ``name`` runs as (``"auto"`` resolved)."""
+    device = torch.device(device)
+    order = _LINEAR_AUTO_ORDER.get(device.type, ("torch",))
+    return _resolve("linear attention", LINEAR_BACKENDS, order, name, device, dtype)
+
+
+def resolve_delta_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The delta-rule backend ``name`` runs as (``"auto"`` resolved)."""
+    device = torch.device(device)
+    order = _DELTA_AUTO_ORDER.get(device.type, ("torch",))
+    return _resolve("delta rule", DELTA_BACKENDS, order, name, device, dtype)
+
+
+def describe_backends(
+    attention: str, linear: str, device: torch.device, dtype: torch.dtype
+) -> dict[str, str]:
+    """What the configured backends run as, for logs: ``{"attention": "torch (cuda fused
+    flash)", "linear": "triton"}``; ``"unavailable: ..."`` where one cannot run."""
+    from distseq.kernels import attention_cuda
+
+    described = {}
+    for family, name, resolve in (
+        ("attention", attention, resolve_backend),
+        ("linear", linear, resolve_linear_backend),
+    ):
+        try:
+            resolved = resolve(name, device, dtype)
+        except ValueError as exc:
+            described[family] = f"unavailable: {exc}"
+            continue
+        if family == "attention" and resolved == "torch":
+            resolved += f" ({attention_cuda.describe_torch_path(torch.device(device), dtype)})"
+        described[family] = resolved
+    return described
 
 
 def select_backend(name: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
     """Return the attention kernel module for ``name`` (or the best available for ``"auto"``)."""
-    return _select("attention", BACKENDS, _AUTO_ORDER, name, device, dtype)
+    return importlib.import_module(BACKENDS[resolve_backend(name, device, dtype)])
 
 
 def select_linear_backend(name: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
     """Return the linear-attention kernel module for ``name`` (``"auto"``: fastest available)."""
-    return _select("linear attention", LINEAR_BACKENDS, _LINEAR_AUTO_ORDER, name, device, dtype)
+    return importlib.import_module(LINEAR_BACKENDS[resolve_linear_backend(name, device, dtype)])
 
 
 def select_delta_backend(name: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
     """Return the delta-rule kernel module for ``name`` (``"auto"``: fastest available)."""
-    return _select("delta rule", DELTA_BACKENDS, _DELTA_AUTO_ORDER, name, device, dtype)
+    return importlib.import_module(DELTA_BACKENDS[resolve_delta_backend(name, device, dtype)])

@@ -41,9 +41,12 @@ def _pad_head_dim(t: torch.Tensor) -> torch.Tensor:
     return F.pad(t, (0, extra)) if extra else t
 
 
-def _varlen(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> tuple:
-    """flash-attn's ``cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k`` arguments."""
+def _varlen(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_q, max_k) -> tuple:
+    """flash-attn's ``cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k`` arguments
+    (the maxima read from the device, a host sync, only when the caller did not give them)."""
     cu_q, cu_k = (cu.to(dtype=torch.int32).contiguous() for cu in (cu_seqlens_q, cu_seqlens_k))
+    if max_q is not None and max_k is not None:
+        return cu_q, cu_k, max_q, max_k
     return cu_q, cu_k, *(int(cu.diff().max()) if cu.numel() > 1 else 0 for cu in (cu_q, cu_k))
 
 
@@ -68,6 +71,8 @@ def forward(
     causal: bool,
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``q`` ``[B, Sq, Hq, D]``, ``k``/``v`` ``[B, Sk, Hkv, D]``; returns ``out`` and ``lse``
     ``[B, Hq, Sq]`` (see :mod:`distseq.kernels`)."""
@@ -77,7 +82,8 @@ def forward(
         out, lse, _, _ = _fa._flash_attn_forward(qp, kp, vp, *_options(scale, causal))
     else:
         out, lse, _, _ = _fa._flash_attn_varlen_forward(
-            _flat(qp), _flat(kp), _flat(vp), *_varlen(cu_seqlens_q, cu_seqlens_k),
+            _flat(qp), _flat(kp), _flat(vp),
+            *_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
             *_options(scale, causal),
         )  # fmt: skip
         out, lse = out.unsqueeze(0), lse.unsqueeze(0)  # lse [H, total] -> [1, H, total]
@@ -97,6 +103,8 @@ def backward(
     causal: bool,
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Block gradients given the final (possibly merged) ``out``/``lse``: ``(dq, dk, dv)``."""
     dim = q.shape[-1]
@@ -109,7 +117,8 @@ def backward(
     else:
         _fa._flash_attn_varlen_backward(
             _flat(dop), _flat(qp), _flat(kp), _flat(vp), _flat(outp), lse.squeeze(0),
-            _flat(dq), _flat(dk), _flat(dv), *_varlen(cu_seqlens_q, cu_seqlens_k),
+            _flat(dq), _flat(dk), _flat(dv),
+            *_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
             *_options(scale, causal),
         )  # fmt: skip
     return dq[..., :dim], dk[..., :dim], dv[..., :dim]

@@ -1,16 +1,20 @@
 """The ``torch`` attention block backend: runs anywhere PyTorch runs.
 
 On CPU it calls aten's fused flash-attention kernel for CPU, which returns the log-sum-exp
-and has a matching backward that accepts an externally merged ``out``/``lse``. On other
-devices it falls back to an exact matmul-softmax implementation. Segments (``cu_seqlens``)
-run one by one; bottom-right causal blocks that are not square are split into a fully visible
-key prefix and a square causal part, merged by their log-sum-exp.
+and has a matching backward that accepts an externally merged ``out``/``lse``. On CUDA it
+calls PyTorch's fused flash (or cuDNN) kernels where they apply (fp16/bf16; see
+:mod:`distseq.kernels.attention_cuda`); otherwise (float32/float64, unsupported head sizes or
+GPUs) it falls back to an exact matmul-softmax implementation. Outside the fused CUDA flash
+path, segments (``cu_seqlens``) run one by one, and bottom-right causal blocks that are not
+square are split into a fully visible key prefix and a square causal part, merged by their
+log-sum-exp.
 """
 
 from __future__ import annotations
 
 import torch
 
+from distseq.kernels import attention_cuda
 from distseq.kernels.common import accumulator_dtype, lse_for_backward, no_key_result
 from distseq.kernels.merge import merge_into
 
@@ -37,6 +41,8 @@ def _square_forward(
             _heads_first(q), _heads_first(k), _heads_first(v), 0.0, causal, scale=scale
         )
         return _heads_first(out), lse.to(accumulator_dtype(q.dtype))
+    if attention_cuda.fused_kind(q, varlen=False) == "cudnn":
+        return attention_cuda.cudnn_forward(q, k, v, scale, causal)
     scores, _, vh = _scores(q, k, v, scale, causal)
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.softmax(scores, dim=-1) @ vh
@@ -63,6 +69,8 @@ def _square_backward(
             scale=scale,
         )
         return tuple(_heads_first(g) for g in grads)
+    if attention_cuda.fused_kind(q, varlen=False) == "cudnn":
+        return attention_cuda.cudnn_backward(dout, q, k, v, out, lse, scale, causal)
     scores, kh, vh = _scores(q, k, v, scale, causal)
     probs = torch.exp(scores - lse.unsqueeze(-1).to(scores.dtype))
     do = _heads_first(dout).to(scores.dtype)
@@ -160,11 +168,17 @@ def forward(
     causal: bool,
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block attention: ``q`` ``[B, Sq, Hq, D]``, ``k``/``v`` ``[B, Sk, Hkv, D]``.
 
     Returns ``out`` ``[B, Sq, Hq, D]`` and ``lse`` ``[B, Hq, Sq]`` (see :mod:`distseq.kernels`).
     """
+    if attention_cuda.fused_kind(q, varlen=cu_seqlens_q is not None) == "flash":
+        return attention_cuda.flash_forward(
+            q, k, v, scale, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
+        )
     segments = _segments(cu_seqlens_q, cu_seqlens_k, q.shape[1], k.shape[1])
     if segments is None:
         return _segment_forward(q, k, v, scale, causal)
@@ -189,8 +203,15 @@ def backward(
     causal: bool,
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Block gradients given the final ``out``/``lse`` of the rows: ``(dq, dk, dv)``."""
+    if attention_cuda.fused_kind(q, varlen=cu_seqlens_q is not None) == "flash":
+        return attention_cuda.flash_backward(
+            dout, q, k, v, out, lse, scale, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+            max_seqlen_k,
+        )  # fmt: skip
     segments = _segments(cu_seqlens_q, cu_seqlens_k, q.shape[1], k.shape[1])
     if segments is None:
         return _segment_backward(dout, q, k, v, out, lse, scale, causal)

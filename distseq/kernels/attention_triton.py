@@ -422,7 +422,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 class _Segments:
     """Grid axis 1 (batch entries or segments), their max lengths and the cu_seqlens pointers."""
 
-    def __init__(self, q, k, cu_seqlens_q, cu_seqlens_k) -> None:
+    def __init__(self, q, k, cu_seqlens_q, cu_seqlens_k, max_q=None, max_k=None) -> None:
         self.varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
         if not self.varlen:
             self.count, self.max_q, self.max_k = q.shape[0], q.shape[1], k.shape[1]
@@ -440,7 +440,10 @@ class _Segments:
         self.cu_q = cu_q.to(device=q.device, dtype=torch.int32).contiguous()
         self.cu_k = cu_k.to(device=q.device, dtype=torch.int32).contiguous()
         self.count = cu_q.numel() - 1
-        # One host sync for the grid size (the contract carries no max_seqlen).
+        if max_q is not None and max_k is not None:  # the caller knows them on the host
+            self.max_q, self.max_k = max_q, max_k
+            return
+        # Otherwise one host sync for the grid size.
         lengths = torch.stack([self.cu_q.diff(), self.cu_k.diff()]).cpu() if self.count else None
         self.max_q = int(lengths[0].max()) if self.count else 0
         self.max_k = int(lengths[1].max()) if self.count else 0
@@ -449,11 +452,11 @@ class _Segments:
 class _Launch:
     """Sizes, segments, tile sizes and constexprs that every kernel launch of one call shares."""
 
-    def __init__(self, q, k, scale, causal, cu_seqlens_q, cu_seqlens_k) -> None:
+    def __init__(self, q, k, scale, causal, cu_seqlens_q, cu_seqlens_k, max_q, max_k) -> None:
         self.batch, self.seq_q, self.heads, self.dim = q.shape
         self.kv_heads = k.shape[2]
         self.scale = self.dim**-0.5 if scale is None else float(scale)
-        self.seg = _Segments(q, k, cu_seqlens_q, cu_seqlens_k)
+        self.seg = _Segments(q, k, cu_seqlens_q, cu_seqlens_k, max_q, max_k)
         self.block_d = max(16, triton.next_power_of_2(self.dim))
         self.block_m, self.block_n, warps, stages = _tile_sizes(self.block_d, q.dtype)
         # The (seqlen_q, seqlen_k, n_heads, group, qk_scale) arguments of the main kernels.
@@ -476,6 +479,8 @@ def forward(
     causal: bool,
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block attention with the Triton kernels.
 
@@ -493,7 +498,7 @@ def forward(
         )  # fmt: skip
         return out.to(q.dtype), lse
     q, k, v = (rows_last_contiguous(t) for t in (q, k, v))
-    p = _Launch(q, k, scale, causal, cu_seqlens_q, cu_seqlens_k)
+    p = _Launch(q, k, scale, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if p.seg.varlen:
         # Segments need not cover every row; rows outside all of them keep out = 0, lse = -inf.
         out, lse = no_key_result(q)
@@ -520,6 +525,8 @@ def backward(
     causal: bool,
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the block given the *final* ``out``/``lse`` of the rows.
 
@@ -544,7 +551,7 @@ def backward(
     dout = dout.to(q.dtype)
     q, k, v, dout, out = (rows_last_contiguous(t) for t in (q, k, v, dout, out))
     lse = lse.float()
-    p = _Launch(q, k, scale, causal, cu_seqlens_q, cu_seqlens_k)
+    p = _Launch(q, k, scale, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
     delta = torch.empty((p.batch, p.heads, p.seq_q), dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)

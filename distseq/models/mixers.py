@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import distseq
 from distseq.models.config import GDN_CONV_SIZE, ModelConfig
 from distseq.models.context import SequenceContext
 from distseq.models.layers import rotary
@@ -31,13 +30,9 @@ class SoftmaxAttention(nn.Module):
         q = self.wq(x).unflatten(-1, (self.n_heads, self.head_dim))
         k = self.wk(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
         v = self.wv(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
-        q, k = rotary(q, ctx.positions, self.theta), rotary(k, ctx.positions, self.theta)
-        out = distseq.attention(
-            q, k, v,
-            strategy=ctx.attention_strategy, group=ctx.group, causal=True, layout=ctx.layout,
-            cu_seqlens=ctx.cu_seqlens, backend=ctx.attention_backend,
-            ulysses_degree=ctx.ulysses_degree,
-        )  # fmt: skip
+        positions = ctx.positions_on(x.device)
+        q, k = rotary(q, positions, self.theta), rotary(k, positions, self.theta)
+        out = ctx.attention(q, k, v)
         return self.wo(out.flatten(-2))
 
 
@@ -81,12 +76,9 @@ class LinearAttention(nn.Module):
         q = F.silu(self.wq(x)).unflatten(-1, (self.n_heads, self.head_dim))
         k = F.silu(self.wk(x)).unflatten(-1, (self.n_heads, self.head_dim))
         v = self.wv(x).unflatten(-1, (self.n_heads, self.head_dim))
-        out = distseq.linear_attention(
-            q, k, v,
-            strategy=ctx.linear_strategy, group=ctx.group, log_decay=self._log_decay(x),
-            layout=ctx.layout, cu_seqlens=ctx.cu_seqlens, scale=1.0 / math.sqrt(self.head_dim),
-            backend=ctx.linear_backend,
-        )  # fmt: skip
+        out = ctx.linear_attention(
+            q, k, v, log_decay=self._log_decay(x), scale=1.0 / math.sqrt(self.head_dim)
+        )
         return self.wo(self.out_norm(out).flatten(-2))
 
 
@@ -124,20 +116,12 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
         """``x`` ``[B, S_local, d_model]`` -> ``[B, S_local, d_model]``."""
         qkv = torch.cat([self.wq(x), self.wk(x), self.wv(x)], dim=-1)
-        qkv = distseq.causal_conv1d(
-            qkv, self.conv_weight.to(qkv.dtype), group=ctx.group, layout=ctx.layout,
-            cu_seqlens=ctx.cu_seqlens, activation="silu",
-        )  # fmt: skip
+        qkv = ctx.causal_conv1d(qkv, self.conv_weight.to(qkv.dtype), activation="silu")
         q, k, v = (t.unflatten(-1, (self.n_heads, self.head_dim)) for t in qkv.chunk(3, dim=-1))
         q, k = (F.normalize(t.float(), dim=-1, eps=1e-6).to(t.dtype) for t in (q, k))
         beta = torch.sigmoid(self.w_beta(x))
         log_decay = -self.A_log.float().exp() * F.softplus(self.w_decay(x).float() + self.dt_bias)
-        out = distseq.delta_rule(
-            q, k, v, beta,
-            strategy=ctx.linear_strategy, group=ctx.group, log_decay=log_decay,
-            layout=ctx.layout, cu_seqlens=ctx.cu_seqlens, scale=self.head_dim**-0.5,
-            backend=ctx.linear_backend,
-        )  # fmt: skip
+        out = ctx.delta_rule(q, k, v, beta, log_decay=log_decay, scale=self.head_dim**-0.5)
         gate = F.silu(self.w_gate(x)).unflatten(-1, (self.n_heads, self.head_dim))
         return self.wo((self.out_norm(out) * gate).flatten(-2))
 

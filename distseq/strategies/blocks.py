@@ -19,6 +19,7 @@ import torch
 
 from distseq.kernels.common import accumulator_dtype, no_key_result
 from distseq.kernels.merge import merge_into
+from distseq.layout import chunks_per_rank, shard_tensor
 from distseq.strategies.base import AttentionContext
 
 Rows = slice | torch.Tensor
@@ -33,6 +34,10 @@ class Block:
     causal: bool
     cu_seqlens_q: torch.Tensor | None
     cu_seqlens_k: torch.Tensor | None
+    # The longest q / k segment, known on the host (kernels need them; reading them from the
+    # device tensors would be a host sync per block).
+    max_seqlen_q: int | None = None
+    max_seqlen_k: int | None = None
 
 
 class BlockPlanner:
@@ -42,31 +47,31 @@ class BlockPlanner:
         self.ctx = ctx
         shard = ctx.shard
         self.all = slice(0, seq_local)
-        self.cu_all = _to(ctx.local_cu_seqlens, device)
+        self.cu_all = shard_tensor(shard, "local_cu_seqlens", device) if ctx.varlen else None
+        # The longest local chunk and document (host ints, so the kernels need no sync).
+        self.max_half = max(shard.chunk_lengths) if ctx.varlen else None
+        self.max_all = self.max_half * chunks_per_rank(shard.layout) if ctx.varlen else None
         if shard.layout == "zigzag":
             if ctx.varlen:
-                self.front = shard.front_index.to(device)
-                self.back = shard.back_index.to(device)
-                self.cu_half = shard.half_cu_seqlens().to(device)
+                self.front = shard_tensor(shard, "front_index", device)
+                self.back = shard_tensor(shard, "back_index", device)
+                self.cu_half = shard_tensor(shard, "half_cu_seqlens", device)
             else:
                 half = seq_local // 2
                 self.front, self.back, self.cu_half = slice(0, half), slice(half, None), None
 
     def block(self, source: int) -> Block | None:
         rank, ctx = self.ctx.info.rank, self.ctx
+        whole, half = self.max_all, self.max_half
         if not ctx.causal or source == rank:
-            return Block(self.all, self.all, ctx.causal, self.cu_all, self.cu_all)
+            return Block(self.all, self.all, ctx.causal, self.cu_all, self.cu_all, whole, whole)
         if ctx.shard.layout == "contiguous":
             if source > rank:  # a later rank's keys are all in the future
                 return None
-            return Block(self.all, self.all, False, self.cu_all, self.cu_all)
+            return Block(self.all, self.all, False, self.cu_all, self.cu_all, whole, whole)
         if source < rank:
-            return Block(self.all, self.front, False, self.cu_all, self.cu_half)
-        return Block(self.back, self.all, False, self.cu_half, self.cu_all)
-
-
-def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    return None if t is None else t.to(device)
+            return Block(self.all, self.front, False, self.cu_all, self.cu_half, whole, half)
+        return Block(self.back, self.all, False, self.cu_half, self.cu_all, half, whole)
 
 
 def take(x: torch.Tensor, rows: Rows) -> torch.Tensor:
@@ -122,6 +127,8 @@ def block_forward(
         causal=block.causal,
         cu_seqlens_q=block.cu_seqlens_q,
         cu_seqlens_k=block.cu_seqlens_k,
+        max_seqlen_q=block.max_seqlen_q,
+        max_seqlen_k=block.max_seqlen_k,
     )
     merge_rows(out, lse, block.q_rows, block_out, block_lse)
 
@@ -152,6 +159,8 @@ def block_backward(
         causal=block.causal,
         cu_seqlens_q=block.cu_seqlens_q,
         cu_seqlens_k=block.cu_seqlens_k,
+        max_seqlen_q=block.max_seqlen_q,
+        max_seqlen_k=block.max_seqlen_k,
     )
     add_rows(dq, rows, block_dq)
     add_rows(dk, block.k_rows, block_dk)

@@ -110,7 +110,7 @@ class SequenceParallelLinearAttention(torch.autograd.Function):
         qk, kk, vk = (ctx.to_kernel(t) for t in (q, k, v))
         gk = ctx.to_kernel(None if log_decay is None else log_decay.float())
         cu = ctx.kernel_cu_seqlens(q.device)
-        segments = linear_local.Segments(cu)
+        segments = linear_local.Segments(ctx.kernel_bounds())
         memories, log_decays = linear_local.memories(kk, vk, gk, segments)
         start = None if initial_state is None else initial_state.to(memories.dtype)
         factors = log_decays.exp()[..., None, None]
@@ -133,7 +133,7 @@ class SequenceParallelLinearAttention(torch.autograd.Function):
         qk, kk, vk, do_k = (ctx.to_kernel(t) for t in (q, k, v, dout.contiguous()))
         gk = ctx.to_kernel(None if log_decay is None else log_decay.float())
         cu = ctx.kernel_cu_seqlens(q.device)
-        segments = linear_local.Segments(cu)
+        segments = linear_local.Segments(ctx.kernel_bounds())
         # Every rank returned the final state, so its gradient is the sum over ranks.
         end_grad = all_reduce_sum(dfinal.float(), ctx.info) if ctx.output_final_state else None
         reaching = linear_local.incoming_gradient(qk, do_k, gk, segments, ctx.scale)

@@ -16,6 +16,7 @@ All exponents are ``<= 0`` (``g <= 0``); sums run in float32 (float64 for float6
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 
 import torch
 
@@ -25,8 +26,9 @@ from distseq.kernels.common import accumulator_dtype
 class Segments:
     """Splits kernel-view tensors into segments: whole rows, or ``cu_seqlens`` spans of row 0."""
 
-    def __init__(self, cu_seqlens: torch.Tensor | None) -> None:
-        bounds = None if cu_seqlens is None else cu_seqlens.tolist()
+    def __init__(self, bounds: Sequence[int] | None) -> None:
+        """``bounds``: the host-side ``cu_seqlens`` (a device tensor's ``.tolist()`` would
+        sync), or ``None`` for whole rows."""
         self.spans = None if bounds is None else list(itertools.pairwise(bounds))
 
     def split(self, x: torch.Tensor | None) -> list[torch.Tensor | None]:

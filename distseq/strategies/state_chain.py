@@ -7,8 +7,20 @@ column slices along ``Dv``; since the transition ``T`` (a per-head factor, or th
 ``Dk × Dk`` matrix) acts on the left, each slice combines on its own, so with ``blocks > 1``
 a rank forwards slice ``j`` while slice ``j + 1`` is still arriving (the All-Scan pipeline),
 and with ``blocks == 1`` the chain is fully sequential (LASP-1).
-When the scan is created (before the local kernel runs) every rank posts its receives and
-the chain's head sends its state at once.
+When the scan is created (before the local kernel runs) the chain's head sends its state at
+once, and the receives are posted in one of two orders (:func:`receives_ahead`):
+
+- gloo (and any backend whose operations progress independently): every receive at once, so
+  the slices land while the host runs the local kernel.
+- NCCL: all point-to-point operations of a group run in posting order on one stream, so a
+  middle rank that posted the receives of slices ``1..K-1`` before the send of slice ``0``
+  would hold that send until the whole state had arrived (and, in zigzag, a receive of the
+  return pass posted before the forward pass's send to the same peer would never complete).
+  Each receive is posted in chain order instead: a piece's first slice when the scan reaches
+  the piece, and slice ``j + 1``'s receive in one batch with slice ``j``'s send, so slice
+  ``j`` leaves while slice ``j + 1`` arrives (one NCCL group runs its operations together).
+
+Both orders post the same messages (same bytes, tags and peers).
 
 Bytes per rank: each piece boundary between two ranks moves one state ``docs·H·Dk·Dv·4`` once,
 whatever ``blocks`` is (:func:`chain_traffic`). The end state, when needed, is broadcast from
@@ -18,8 +30,9 @@ the rank holding the last piece.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
-from distseq.comm import broadcast, post_p2p
+from distseq.comm import GroupInfo, broadcast, post_p2p
 from distseq.pieces import Pieces
 from distseq.strategies.transition import combine
 from distseq.traffic import Traffic
@@ -40,6 +53,12 @@ def chain_traffic(p: int, docs: int, heads: int, dk: int, dv: int, layout: str) 
     return Traffic(state, state, busiest)
 
 
+def receives_ahead(info: GroupInfo) -> bool:
+    """Whether the scan posts all its receives up front (see the module docstring): not on
+    NCCL, whose point-to-point operations run in posting order on one stream."""
+    return info.group is None or dist.get_backend(info.group) != "nccl"
+
+
 class ChainScan:
     """The point-to-point scan of :meth:`LinearStrategy.scan`, in ``blocks`` column slices."""
 
@@ -53,35 +72,58 @@ class ChainScan:
         self.blocks = [(int(b[0]), int(b[-1]) + 1) for b in splits if len(b)]
         me = ctx.info.rank
         self.mine = [i for i, (rank, _) in enumerate(self.order) if rank == me]
-        self.received: dict[tuple[int, int], tuple[torch.Tensor, object]] = {}
-        for i in self.mine:
-            if i > 0 and self.order[i - 1][0] != me:
-                for j, (lo, hi) in enumerate(self.blocks):
-                    buf = self.states.new_empty(ctx.docs, *states.shape[1:3], hi - lo)
-                    (work,) = post_p2p([], [(buf, self.order[i - 1][0], self._tag(i, j))], ctx.info)
-                    self.received[i, j] = (buf, work)
+        self.received: dict[tuple[int, int], tuple[torch.Tensor, list]] = {}
         self._incoming = torch.empty_like(self.states)
         self._next, self._previous, self._end, self._sends = 0, None, None, []
+        self.ahead = receives_ahead(ctx.info)
+        for i in self.mine if self.ahead else []:
+            if self._remote_predecessor(i):
+                for j in range(len(self.blocks)):
+                    self._post([], [self._receive(i, j)])
         # The chain's head (and pieces after it on the same rank) need nothing: send now.
         self._advance(block=False)
 
     def _tag(self, piece: int, block: int) -> int:
         return _TAG_BASE + piece * len(self.blocks) + block
 
+    def _remote_predecessor(self, piece: int) -> bool:
+        return piece > 0 and self.order[piece - 1][0] != self.ctx.info.rank
+
+    def _receive(self, piece: int, block: int) -> tuple[tuple[int, int], torch.Tensor, int, int]:
+        """Slice ``block`` of the state entering ``piece``: its key, buffer, sender and tag."""
+        lo, hi = self.blocks[block]
+        shape = (self.ctx.docs, *self.states.shape[2:4], hi - lo)
+        buf = self.states.new_empty(shape)
+        return (piece, block), buf, self.order[piece - 1][0], self._tag(piece, block)
+
+    def _post(self, sends, receives) -> None:
+        """Post ``sends`` and ``receives`` (from :meth:`_receive`) as one batch."""
+        works = post_p2p(sends, [r[1:] for r in receives], self.ctx.info)
+        # gloo returns a handle per message (and a receive's may be waited on only once);
+        # NCCL one for the whole (coalesced) batch.
+        per_message = len(works) == len(sends) + len(receives)
+        self._sends += works[: len(sends)] if per_message else works
+        for index, (key, buf, *_) in enumerate(receives):
+            self.received[key] = (buf, [works[len(sends) + index]] if per_message else works)
+
     def _advance(self, block: bool) -> None:
         """Scan the local pieces in order; without ``block``, stop at the first that waits."""
         me = self.ctx.info.rank
         while self._next < len(self.mine):
             i = self.mine[self._next]
-            if not block and (i, 0) in self.received:
+            chained = not self.ahead and self._remote_predecessor(i)
+            if chained and (i, 0) not in self.received:  # posted when the scan reaches it
+                self._post([], [self._receive(i, 0)])
+            if not block and self._remote_predecessor(i):
                 return
             slot = self.order[i][1]
             successor = self.order[i + 1][0] if i + 1 < len(self.order) else None
             outs = []
             for j, (lo, hi) in enumerate(self.blocks):
                 if (i, j) in self.received:
-                    x, work = self.received[i, j]
-                    work.wait()
+                    x, works = self.received[i, j]
+                    for work in works:
+                        work.wait()
                 elif self._previous is not None:
                     x = self._previous[j]
                 elif self.start is not None:
@@ -91,10 +133,12 @@ class ChainScan:
                 self._incoming[:, slot, ..., lo:hi] = x
                 out = combine(self.transitions[:, slot], x, self.states[:, slot, ..., lo:hi])
                 outs.append(out)
+                sends = []
                 if successor is not None and successor != me:
-                    self._sends += post_p2p(
-                        [(out, successor, self._tag(i + 1, j))], [], self.ctx.info
-                    )
+                    sends = [(out, successor, self._tag(i + 1, j))]
+                recvs = [self._receive(i, j + 1)] if chained and j + 1 < len(self.blocks) else []
+                if sends or recvs:
+                    self._post(sends, recvs)
             self._previous = outs
             if successor is None:
                 self._end = torch.cat(outs, dim=-1)

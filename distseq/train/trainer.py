@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from distseq.kernels import describe_backends
 from distseq.models import Decoder, SequenceContext
 from distseq.planner.spec import ModelSpec
 from distseq.train import checkpoint
@@ -85,6 +86,12 @@ class Trainer:
             self.loader = StepLoader(cfg, self.mesh.dp_rank, self.mesh.dp)
         self.step = 0
         self.nonfinite_in_a_row = 0
+        compute = torch.bfloat16 if cfg.train.dtype == "bfloat16" else torch.float32
+        # Which kernels "auto" (or a named backend) resolved to on this device, said once.
+        self.backends = describe_backends(par.attention_backend, par.linear_backend,
+                                          self.device, compute)  # fmt: skip
+        if dist.get_rank() == 0:
+            print(f"kernel backends: {self.backends}", flush=True)
         if resume is not None:
             path, meta = resume
             if dist.get_rank() == 0:

@@ -1,0 +1,92 @@
+"""A model's layers make no per-layer agreement: the batch is agreed on once, when its
+:class:`distseq.models.SequenceContext` is built, and each layer then launches only its
+strategy's own exchanges (issue 13, part 3)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import pytest
+import torch
+
+import sync_cases
+from distseq.models import SequenceContext
+
+SOFTMAX = ["softmax"] * 4
+HYBRID = ["linear", "softmax", "linear", "softmax"]
+GDN = ["gdn", "softmax", "gdn", "softmax"]
+
+
+P2P, GATHER = "batch_isend_irecv", "all_gather_single"
+ENTRY_POINTS = {"softmax": 1, "linear": 1, "gdn": 2}  # distseq calls per layer forward
+RING = {P2P: (1, 2)}  # ring at P = 2: one K/V post forward; a K/V and a dK/dV post backward
+
+
+@pytest.mark.parametrize(
+    "mixers, strategies, per_layer",
+    [
+        (SOFTMAX, {"attention_strategy": "ring"}, {"softmax": RING}),
+        # allscan at P = 2, Dk = 8: K = 4 slices, one post each, per direction
+        (HYBRID, {"layout": "contiguous", "linear_strategy": "allscan"},
+         {"softmax": RING, "linear": {P2P: (4, 4)}}),
+        # Gated DeltaNet: the conv's halo (one post each way) and lasp2's one all-gather
+        (GDN, {"linear_strategy": "lasp2"},
+         {"softmax": RING, "gdn": {P2P: (1, 1), GATHER: (1, 1)}}),
+    ],
+)  # fmt: skip
+def test_four_layers_with_checkpointing_agree_once(pools, mixers, strategies, per_layer):
+    """4 layers at sp=2, activation checkpointing, forward + backward: every layer's forward
+    runs twice (recomputation), so the data calls are ``2·forward + backward`` per layer,
+    and there is exactly one agreement (the context's), not one per layer call."""
+    expected = Counter()
+    for mixer in mixers:
+        for op, (forward, backward) in per_layer[mixer].items():
+            expected[op] += 2 * forward + backward
+    agreed = pools(2).run(sync_cases.model_step_calls, mixers, strategies, True)
+    checked = pools(2).run(sync_cases.model_step_calls, mixers, strategies, False)
+    for a, c in zip(agreed, checked):
+        assert a["calls"] == dict(expected), a["calls"]
+        assert a["control"] == 1, a
+        # a context without the token: the same data calls plus one agreement per
+        # entry-point call of each layer forward (gdn makes two: conv and delta rule), and
+        # the build's
+        checks = sum(2 * ENTRY_POINTS[mixer] for mixer in mixers)
+        assert c["calls"] == a["calls"] and c["control"] == 1 + checks, c
+        # and the same numbers, bit for bit
+        assert a["loss"] == c["loss"] and torch.equal(a["grads"], c["grads"])
+
+
+@pytest.mark.parametrize(
+    "layer, strategies, forward, backward",
+    [
+        ("attention", {"attention_strategy": "ring"}, {"batch_isend_irecv": 1},
+         {"batch_isend_irecv": 2}),
+        ("linear_attention", {"linear_strategy": "lasp2"}, {"all_gather_single": 1},
+         {"all_gather_single": 1}),
+        ("linear_attention", {"linear_strategy": "allscan", "layout": "contiguous"},
+         {"batch_isend_irecv": 4}, {"batch_isend_irecv": 4}),
+        ("conv", {}, {"batch_isend_irecv": 1}, {"batch_isend_irecv": 1}),  # the halo
+    ],
+)  # fmt: skip
+def test_agreed_layer_launches_only_its_exchange(pools, layer, strategies, forward, backward):
+    for calls in pools(2).run(sync_cases.layer_calls, layer, strategies):
+        assert calls == {"forward": forward, "backward": backward, "control": 0}, calls
+
+
+def test_disagreeing_batch_raises_on_every_rank(pools):
+    for message in pools(2).run(sync_cases.disagreeing_batch):
+        assert "ranks disagree on document lengths" in message, message
+
+
+def test_layer_with_a_foreign_shard_raises(pools):
+    for message in pools(2).run(sync_cases.wrong_layer_shape):
+        assert "the agreed batch is 1 x 20" in message, message
+
+
+def test_context_cannot_drift_from_what_was_agreed():
+    """A copy with another strategy must not run under the old agreement (silently)."""
+    ctx = SequenceContext.build((8, 8))
+    with pytest.raises(ValueError, match="differs from what its ranks agreed on"):
+        dataclasses.replace(ctx, attention_strategy="ulysses")
+    assert dataclasses.replace(ctx, attention_strategy="ulysses", agreed=None).agreed is None
