@@ -194,6 +194,43 @@ def test_milp_matches_brute_force(model, world, n, seed):
     assert plan.predicted_step_time_s == pytest.approx(expected, rel=1e-3)
 
 
+@pytest.mark.parametrize(
+    "model,world,n,seed",
+    [(TOY, 4, 6, 20), (TOY, 8, 6, 21), (TOY_HYBRID, 8, 5, 22), (TOY, 8, 7, 23), (TOY, 2, 6, 24)],
+)
+def test_lp_bound_is_valid_against_brute_force(model, world, n, seed):
+    """bound <= optimum <= plan, and the LP (communication included) is at least the work
+    bound and strictly above it where slow links make large groups costly."""
+    from distseq.planner.bound import lp_bound
+
+    cluster = Cluster(world, 4, parse_bytes("64GiB"))
+    cost = CostModel(model, TOY_PROFILE, cluster)
+    lengths = _lognormal(n, seed, mean=8.5, sigma=1.2, cap=60_000)
+    plan = plan_batch(lengths, cluster, model, TOY_PROFILE, cost=cost, time_limit=60)
+    optimum = _brute_force(lengths, cost)
+    assert plan.lower_bound_s <= optimum * (1 + 1e-9)
+    assert optimum <= plan.predicted_step_time_s * (1 + 1e-9)
+    parts = plan.solver["bound"]
+    assert parts["lp_status"] == "optimal" and parts["lp_s"] == plan.lower_bound_s
+    assert parts["lp_s"] >= parts["work_s"]
+    # Rounding lengths down to a coarse grid keeps it valid (and no higher).
+    coarse = lp_bound(lengths, cost, exact=1, grid=1.0)
+    assert coarse.units < n and coarse.seconds <= plan.lower_bound_s * (1 + 1e-9)
+
+
+def test_lp_bound_sees_communication():
+    """On the web fixture at 64 ranks the work bound (compute only where overlap hides the
+    links) is >10% below the plan; the LP, which charges the messages, is within 10%."""
+    cluster = Cluster(64, 8, parse_bytes("80GiB"))
+    lengths = load_lengths(os.path.join(FIXTURES, "web.csv")).sample(
+        1_000_000, np.random.default_rng(1)
+    )
+    plan = plan_batch(lengths, cluster, MODEL_7B, H100, time_limit=0.3)
+    parts = plan.solver["bound"]
+    assert plan.predicted_step_time_s > 1.1 * parts["work_s"]
+    assert plan.gap_to_lower_bound < 0.10 and plan.lower_bound_s == parts["lp_s"]
+
+
 def test_deterministic():
     cluster = Cluster(64, 8, parse_bytes("80GiB"))
     lengths = _lognormal(400, 5)

@@ -18,6 +18,7 @@ from collections import Counter
 import numpy as np
 
 from distseq.planner import heuristic
+from distseq.planner.bound import lp_bound
 from distseq.planner.cost import CostModel, padded, sums, work_floor
 from distseq.planner.milp import Candidate, solve_milp
 from distseq.planner.plan import GroupPlan, MicroStep, Plan, StaticSummary
@@ -358,13 +359,16 @@ def plan_batch(
         for m in micro
         for g in m.groups
     )
+    work = _lower_bound(lengths, cost)
+    bound = lp_bound(lengths, cost, floor=work)
+    solver.info["bound"] = {"work_s": work, "lp_s": bound.seconds, "lp_status": bound.status}
     return Plan(
         world_size=cluster.world_size,
         lengths=tuple(int(x) for x in lengths),
         micro_steps=micro,
         predicted_step_time_s=total,
         static_best=static_best,
-        lower_bound_s=_lower_bound(lengths, cost),
+        lower_bound_s=bound.seconds,
         solve_time_s=time.perf_counter() - start,
         idle_fraction=1.0 - busy / (cluster.world_size * total) if total > 0 else 0.0,
         padding_fraction=pad / float(lengths.sum()),

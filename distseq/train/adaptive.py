@@ -176,7 +176,9 @@ class AdaptiveScheduler:
 
 def plan_summary(plan: Plan) -> dict:
     """The metrics a step logs about its plan; ``plan_groups`` lists ``degree:strategy`` per
-    group, micro-steps separated by ``|`` (e.g. ``2:ring+lasp2 1:ring+lasp2 | 4:ring+lasp2``)."""
+    group, micro-steps separated by ``|`` (e.g. ``2:ring+lasp2 1:ring+lasp2 | 4:ring+lasp2``);
+    ``plan_gap_to_bound``: how far above optimal the plan can be; ``plan_gap_to_static``: the
+    share of the best static plan's time it saves."""
     shapes = [
         " ".join(f"{g.degree}:{g.strategy}" for g in step.groups) for step in plan.micro_steps
     ]
@@ -185,5 +187,8 @@ def plan_summary(plan: Plan) -> dict:
         "plan_method": plan.method,
         "plan_predicted_s": plan.predicted_step_time_s,
         "plan_static_best_s": plan.static_best.predicted_step_time_s,
+        "plan_lower_bound_s": plan.lower_bound_s,
+        "plan_gap_to_bound": plan.gap_to_lower_bound,
+        "plan_gap_to_static": plan.gap_to_static,
         "plan_solve_s": plan.solve_time_s,
     }
