@@ -1,5 +1,5 @@
 """A lower bound on any plan's step time that includes communication: an LP relaxation of the
-planner's own model, solved with HiGHS (``scipy.optimize.linprog``).
+planner's own model, solved with HiGHS (``scipy.optimize.milp`` without integer variables).
 
 Valid for every plan of the batch, whatever its micro-steps. Variables, per *kind* ``k``
 (a degree ``d_k`` and one strategy per layer type): ``z_ik`` (how many of unit ``i`` run in
@@ -34,13 +34,13 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import linprog
-from scipy.sparse import coo_matrix
+from scipy.optimize import Bounds, milp
 
 from distseq.planner.cost import CostModel, padded
+from distseq.planner.milp import Rows
 
-EXACT_UNITS = 64  # longest sequences kept one by one (their time alone bounds T)
-GRID = 0.005  # relative step of the rounded-down length grid for the others
+EXACT_UNITS = 32  # longest sequences kept one by one (their time alone bounds T)
+GRID = 0.01  # relative step of the rounded-down length grid for the others
 
 
 @dataclass(frozen=True)
@@ -71,27 +71,6 @@ def _units(lengths: np.ndarray, exact: int, grid: float) -> tuple[np.ndarray, np
     return units, mult, head.size
 
 
-class _Rows:
-    """Inequality rows ``Σ coef·x <= ub`` collected as COO triplets."""
-
-    def __init__(self) -> None:
-        self.r: list[np.ndarray] = []
-        self.c: list[np.ndarray] = []
-        self.v: list[np.ndarray] = []
-        self.ub: list[float] = []
-
-    def add(self, cols, vals, ub: float = 0.0) -> None:
-        cols = np.asarray(cols, dtype=np.int64)
-        self.r.append(np.full(cols.size, len(self.ub), dtype=np.int64))
-        self.c.append(cols)
-        self.v.append(np.asarray(vals, dtype=np.float64))
-        self.ub.append(ub)
-
-    def matrix(self, n: int):
-        r, c, v = (np.concatenate(x) for x in (self.r, self.c, self.v))
-        return coo_matrix((v, (r, c)), shape=(len(self.ub), n)).tocsr(), np.array(self.ub)
-
-
 def lp_bound(
     lengths: np.ndarray,
     cost: CostModel,
@@ -114,7 +93,7 @@ def lp_bound(
     t_col = n0 + n_k + sum(n_p)
     n_var = t_col + 1
     hi = np.full(n_var, np.inf)
-    rows, eq = _Rows(), _Rows()
+    rows = Rows()
     alone_cols: list[list[int]] = [[] for _ in range(n_single)]
     alone_vals: list[list[float]] = [[] for _ in range(n_single)]
     rank_cols, rank_vals = [t_col], [-float(world)]
@@ -128,37 +107,28 @@ def lp_bound(
         # Memory: the kind's tokens fit in n_k groups; a sequence on it opens one.
         cap = kind.capacity(mem)
         if cap > 0:
-            rows.add([*z[fits], n_col], [*(a_tok[fits] / cap), -1.0])
+            rows.add([*z[fits], n_col], [*(a_tok[fits] / cap), -1.0], -np.inf, 0.0)
         for i in np.flatnonzero(fits[:n_single]):
-            rows.add([z[i], n_col], [1.0, -1.0])
+            rows.add([z[i], n_col], [1.0, -1.0], -np.inf, 0.0)
             alone_cols[i].append(int(z[i]))
             alone_vals[i].append(float(kind.time(a_tok[i], q_tok[i])))
         for ph in range(n_p[k]):
             w = int(w_start[k] + ph)
             for a, q, c in {tuple(piece) for piece in kind.phases[ph].tolist()}:
-                rows.add([*z[fits], n_col, w], [*(a * a_tok[fits] + q * q_tok[fits]), c, -1.0])
+                coef = a * a_tok[fits] + q * q_tok[fits]
+                rows.add([*z[fits], n_col, w], [*coef, c, -1.0], -np.inf, 0.0)
             rank_cols.append(w)
             rank_vals.append(float(kind.degree))
-    rows.add(rank_cols, rank_vals)
+    rows.add(rank_cols, rank_vals, -np.inf, 0.0)
     for i in range(n_single):
-        rows.add([*alone_cols[i], t_col], [*alone_vals[i], -1.0])
+        rows.add([*alone_cols[i], t_col], [*alone_vals[i], -1.0], -np.inf, 0.0)
     for i in range(n_u):
-        eq.add(np.arange(n_k) * n_u + i, np.ones(n_k), float(mult[i]))
-    a_ub, b_ub = rows.matrix(n_var)
-    a_eq, b_eq = eq.matrix(n_var)
+        rows.add(np.arange(n_k) * n_u + i, np.ones(n_k), float(mult[i]), float(mult[i]))
     objective = np.zeros(n_var)
     objective[t_col] = 1.0
     lo = np.zeros(n_var)
     lo[t_col] = floor
-    res = linprog(
-        objective,
-        A_ub=a_ub,
-        b_ub=b_ub,
-        A_eq=a_eq,
-        b_eq=b_eq,
-        bounds=np.stack([lo, hi], axis=1),
-        method="highs",
-    )
+    res = milp(objective, constraints=[rows.constraint(n_var)], bounds=Bounds(lo, hi))
     if res.status != 0:
         return Bound(floor, f"failed: {res.message}", n_u, n_k)
     # HiGHS' dual bound equals the primal optimum up to its tolerances; shave them off so

@@ -2,10 +2,14 @@
 
 Per micro-step: greedy fills of candidate splits (every homogeneous split, splits from a dual
 search on the makespan, all splits when there are few, then neighbours of the best) give the
-warm start; the MILP (:mod:`distseq.planner.milp`) on the degrees and strategies those use,
-with the longest sequences placed one by one and the rest in length buckets, tries to beat it
-under a time limit. Every candidate is scored on the true lengths, and the result is never
-worse than the best static plan (one degree and strategy for every sequence).
+incumbent. Up to 64 sequences, the slot MILP (:mod:`distseq.planner.milp`) on the degrees
+and strategies those use, with the longest sequences placed one by one and the rest in length
+buckets, tries to beat it under a time limit; above that, the split MILP
+(:mod:`distseq.planner.split_milp`) bisects a target makespan between the LP bound and the
+incumbent, and each split it proposes is filled aiming at the target. Every candidate is scored
+on the true lengths and replaces the incumbent only when better, so the plan is never worse
+than the heuristic's, nor than the best static plan (one degree and strategy for every
+sequence). ``lower_bound_s`` is the LP bound of :mod:`distseq.planner.bound`.
 """
 
 from __future__ import annotations
@@ -25,12 +29,15 @@ from distseq.planner.plan import GroupPlan, MicroStep, Plan, StaticSummary
 from distseq.planner.profile import Profile
 from distseq.planner.schedule import Schedule, Scored, score
 from distseq.planner.spec import Cluster, ModelSpec
+from distseq.planner.split_milp import SplitModel
 from distseq.planner.units import format_bytes
 
 EXACT_SEQUENCES, EXACT_RANKS = 12, 8  # up to here the MILP sees every split and strategy
 LOCAL_SEARCH_FILLS = 24
-# Above this many sequences in a micro-step HiGHS found no better plan than the warm start
-# within its time limit in any benchmark batch (0 of 80 web/code batches), so it is skipped.
+SPLIT_ROUNDS = 3  # bisection steps of the split MILP's target makespan
+SPLIT_LIMIT = 2.0  # seconds per split MILP (a guard: at 4096 sequences on 1024 ranks ~0.3 s)
+# Up to this many sequences in a micro-step the slot MILP (one binary per sequence and group)
+# runs; above it, the split MILP (:mod:`distseq.planner.split_milp`), which counts groups.
 MILP_MAX_SEQUENCES = 64
 
 
@@ -118,6 +125,7 @@ class _StepSolver:
         self.max_items, self.time_limit, self.node_limit = max_items, time_limit, node_limit
         self.use_milp = use_milp
         self.step_limit = time_limit
+        self.split_limit = SPLIT_LIMIT
         self.info: dict = {"milp_status": [], "milp_gap": [], "source": []}
         self._items: dict[tuple[int, ...], heuristic.Items] = {}
 
@@ -178,7 +186,16 @@ class _StepSolver:
                 cand = scored[split]
                 if cand is not None and cand.key < best.key:
                     best, improved = cand, True
-        source = "greedy"
+        # The greedy's best is the incumbent: the MILP's plans replace it only when better,
+        # so a plan is never worse than the heuristic's.
+        from_milp = None
+        if self.use_milp and len(index) > MILP_MAX_SEQUENCES and best.makespan > lower * 1.005:
+            # A coarse LP (valid, ~1.5% looser, a third of the time) brackets the bisection.
+            lower = lp_bound(lengths, cost, floor=lower, exact=16, grid=0.05).seconds
+            found = self._split_milp(index, lower, best.makespan)
+            if found is not None and found.key < best.key:
+                best = from_milp = found
+        source = "milp" if best is from_milp else "greedy"
         useful = len(index) <= MILP_MAX_SEQUENCES and best.makespan > lower * 1.005
         if self.use_milp and useful:
             ranked = sorted((s for s in scored.values() if s is not None), key=lambda s: s.key)
@@ -186,6 +203,36 @@ class _StepSolver:
             if result is not None and result.key < best.key:
                 best, source = result, "milp"
         self.info["source"].append(source)
+        return best
+
+    def _split_milp(self, index: np.ndarray, lower: float, upper: float) -> Scored | None:
+        """Bisect the target makespan between ``lower`` and ``upper``: at each target the split
+        MILP (:mod:`distseq.planner.split_milp`) proposes a split, which the greedy fills
+        with every sequence as its own item, aiming at the target; the best realization on
+        the true lengths is returned. The bisection follows the fluid model's feasibility."""
+        model = SplitModel(self.lengths[index], self.cost)
+        items = heuristic.make_items(self.lengths[index], self.cost.cluster.degrees(), len(index))
+        best, lo, hi = None, lower, upper
+        for _ in range(SPLIT_ROUNDS):
+            target = math.sqrt(lo * hi)
+            split, status = model.solve(target, self.split_limit)
+            self.info["milp_status"].append(f"split {status}")
+            if split is None:
+                if status != "infeasible":
+                    break  # out of time: a harder target would not solve either
+                lo = target
+            else:
+                hi = target
+                sched = heuristic.greedy_fill(split, items, self.cost, target=target)
+                if sched is not None:
+                    sched = Schedule(
+                        tuple((d, tuple(index[list(s)].tolist())) for d, s in sched.groups)
+                    )
+                    got = score(sched, self.lengths, self.cost)
+                    if best is None or got.key < best.key:
+                        best = got
+            if hi / lo < 1.005:
+                break
         return best
 
     def _milp(
