@@ -251,6 +251,8 @@ def test_split_milp_at_scale_is_never_worse_than_the_heuristic(model, world, len
     _check_valid(plan, cluster, CostModel(model, H100, cluster))
     assert plan.predicted_step_time_s <= greedy.predicted_step_time_s * (1 + 1e-12)
     assert any(s.startswith("split ") for s in plan.solver["milp_status"])
+    bound = plan.solver["bound"]
+    assert bound["lp_s"] <= bound.get("one_step_s", bound["lp_s"]) <= plan.predicted_step_time_s
     if better is not None:
         assert plan.solver["source"] == ["milp"]
         assert plan.predicted_step_time_s < better * greedy.predicted_step_time_s

@@ -126,7 +126,7 @@ class _StepSolver:
         self.use_milp = use_milp
         self.step_limit = time_limit
         self.split_limit = SPLIT_LIMIT
-        self.info: dict = {"milp_status": [], "milp_gap": [], "source": []}
+        self.info: dict = {"milp_status": [], "milp_gap": [], "source": [], "one_step_bound": []}
         self._items: dict[tuple[int, ...], heuristic.Items] = {}
 
     def _score_split(self, split, items, index, combo=None) -> Scored | None:
@@ -233,6 +233,9 @@ class _StepSolver:
                         best = got
             if hi / lo < 1.005:
                 break
+        # ``lo``: no split of these sequences in one micro-step finishes within it (the split
+        # MILP relaxes one micro-step), a bound for one-step plans tighter than the LP's.
+        self.info["one_step_bound"].append(lo)
         return best
 
     def _milp(
@@ -409,6 +412,8 @@ def plan_batch(
     work = _lower_bound(lengths, cost)
     bound = lp_bound(lengths, cost, floor=work)
     solver.info["bound"] = {"work_s": work, "lp_s": bound.seconds, "lp_status": bound.status}
+    if len(micro) == 1 and method == "adaptive" and solver.info["one_step_bound"]:
+        solver.info["bound"]["one_step_s"] = max(bound.seconds, solver.info["one_step_bound"][-1])
     return Plan(
         world_size=cluster.world_size,
         lengths=tuple(int(x) for x in lengths),
