@@ -393,16 +393,20 @@ def plan_batch(
             )
             if found is None:
                 continue
-            total = sum(s.makespan for s in found)
+            total = sum(s.makespan for s in found) + cost.sync_time(len(found))
             if static_best is None or total < static_best.predicted_step_time_s:
                 static_best, static_steps = StaticSummary(d, kind.strategy, total), found
     if static_best is None:
         raise ValueError("no static plan fits memory; this is a planner bug for a feasible batch")
     method = "adaptive"
-    if steps is None or sum(s.makespan for s in steps) > static_best.predicted_step_time_s:
+    adaptive = math.inf if steps is None else sum(s.makespan for s in steps)
+    if steps is None or adaptive + cost.sync_time(len(steps)) > static_best.predicted_step_time_s:
         steps, method = static_steps, "static"
     micro = tuple(_to_micro_step(s, lengths, cost) for s in steps)
-    total = float(sum(m.predicted_time_s for m in micro))
+    # The sharded states' collectives (0 unless the cost model has a ZeRO stage) are paid
+    # once per step or per micro-step, by every rank: part of the step, idle time for none.
+    sync = cost.sync_time(len(micro))
+    total = float(sum(m.predicted_time_s for m in micro)) + sync
     busy = sum(g.degree * g.predicted_time_s for m in micro for g in m.groups)
     pad = sum(
         int(padded(lengths[list(g.sequences)], g.degree).sum() - lengths[list(g.sequences)].sum())
@@ -413,14 +417,15 @@ def plan_batch(
     bound = lp_bound(lengths, cost, floor=work)
     solver.info["bound"] = {"work_s": work, "lp_s": bound.seconds, "lp_status": bound.status}
     if len(micro) == 1 and method == "adaptive" and solver.info["one_step_bound"]:
-        solver.info["bound"]["one_step_s"] = max(bound.seconds, solver.info["one_step_bound"][-1])
+        one_step = max(bound.seconds, solver.info["one_step_bound"][-1])
+        solver.info["bound"]["one_step_s"] = one_step + cost.sync_time(1)
     return Plan(
         world_size=cluster.world_size,
         lengths=tuple(int(x) for x in lengths),
         micro_steps=micro,
         predicted_step_time_s=total,
         static_best=static_best,
-        lower_bound_s=bound.seconds,
+        lower_bound_s=bound.seconds + cost.sync_time(1),  # every plan syncs at least once
         solve_time_s=time.perf_counter() - start,
         idle_fraction=1.0 - busy / (cluster.world_size * total) if total > 0 else 0.0,
         padding_fraction=pad / float(lengths.sum()),

@@ -63,7 +63,7 @@ def planner_cost(cfg: Config, world_size: int, device: torch.device) -> CostMode
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         per_node = 1 << (local - 1).bit_length()
     cluster = Cluster(world_size, per_node, memory)
-    # DDP-style replicas: fp32 weights, gradients and Adam moments on every rank.
+    # fp32 weights, gradients and Adam moments: replicated, or sharded by a ZeRO stage.
     return CostModel(
         ModelSpec.from_config(cfg.model),
         load_profile(profile),
@@ -71,6 +71,7 @@ def planner_cost(cfg: Config, world_size: int, device: torch.device) -> CostMode
         bytes_per_param=16.0,
         shard_states=False,
         activation_checkpointing=cfg.train.activation_checkpointing,
+        zero_stage=cfg.adaptive.zero_stage,
     )
 
 
@@ -150,11 +151,14 @@ class AdaptiveScheduler:
 
     def work(
         self, plan: Plan, docs: list[Document]
-    ) -> list[tuple[PackedSequence, SequenceContext]]:
-        out = []
+    ) -> list[tuple[PackedSequence, SequenceContext] | None]:
+        """One entry per micro-step of the plan: ``None`` where this rank is idle (the engine
+        may still have collectives to join there)."""
+        out: list[tuple[PackedSequence, SequenceContext] | None] = []
         for step in plan.micro_steps:
             group = step.group_of(self.rank)
             if group is None:
+                out.append(None)
                 continue
             layout = group_layout(group)
             seq = pack_group([docs[i] for i in group.sequences],
