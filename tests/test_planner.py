@@ -472,6 +472,36 @@ def test_cli_dry_run_end_to_end(tmp_path, capsys):
     assert (out / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_7b_dry_run_fits_80gb_only_with_sharded_states(capsys):
+    """Replicated fp32 states (16 B/param) of the 7B model exceed 80 GiB on every rank; ZeRO
+    stage 1 or 2 over 64 ranks fits, and its plans pay the collectives."""
+    args = [
+        "dry-run", "--lengths", os.path.join(FIXTURES, "web.csv"), "--gpus", "64",
+        "--memory", "80GiB", "--model", os.path.join(ROOT, "configs", "planner_7b.yaml"),
+        "--tokens-per-step", "256k", "--time-limit", "0.1",
+    ]  # fmt: skip
+    assert main([*args, "--zero-stage", "0"]) == 2
+    assert "fits no group" in capsys.readouterr().err
+    for stage in (1, 2):
+        assert main([*args, "--zero-stage", str(stage)]) == 0, capsys.readouterr().err
+    cluster = Cluster(64, 8, parse_bytes("80GiB"))
+    lengths = _web(200, 4)
+    plans = {}
+    for stage in (1, 2):
+        cost = CostModel(MODEL_7B, H100, cluster, zero_stage=stage)
+        plans[stage] = plan_batch(lengths, cluster, MODEL_7B, H100, cost=cost)
+        _check_valid(plans[stage], cluster, cost)
+        steps = len(plans[stage].micro_steps)
+        groups = sum(m.predicted_time_s for m in plans[stage].micro_steps)
+        sync = plans[stage].predicted_step_time_s - groups
+        assert sync == pytest.approx(cost.sync_time(steps)) and sync > 0
+        # 8 B/param whole (weights, the micro-step's gradient); Adam moments (and the
+        # stage-2 gradient shard) over 64 ranks
+        assert cost.group_cost(1, cost.combos(1)[0]).static_bytes == pytest.approx(
+            MODEL_7B.params * (8 + 4 * (stage + 1) / 64) + H100.reserved_bytes
+        )
+
+
 @pytest.mark.parametrize(
     "flag,value,message",
     [

@@ -192,9 +192,10 @@ class CostModel:
     the ``ring`` chain runs ``0 → d-1 → 0`` (``2(d-1)`` hops) and ``allscan`` is unavailable.
     ``zero_stage`` (the adaptive trainer's engines, fp32 weights; overrides ``shard_states``):
     0 replicates weights, gradients and Adam moments (16 B/param); 1 shards the moments over
-    all ranks (8 B + 8 B/W); 2 also the accumulated gradients (8 B + 8 B/W + 4 B/W: the
-    full gradient still lives through each micro-step's backward). Stages 1 and 2 charge
-    their collectives in :meth:`sync_time`.
+    all ranks (8 B + 8 B/W); 2 also accumulates the gradient as a shard (8 B + 12 B/W: the
+    full gradient still lives through each micro-step's backward, as long as the engine
+    reduce-scatters after it rather than in buckets during it). Stages 1 and 2 charge their
+    collectives in :meth:`sync_time`.
     """
 
     def __init__(
@@ -379,8 +380,8 @@ class CostModel:
         params = m.params
         if self.zero_stage is not None:
             world = self.cluster.world_size
-            sharded = {0: 0.0, 1: 8.0, 2: 12.0}[self.zero_stage]
-            static = params * (16.0 - sharded + sharded / world)
+            whole, sharded = {0: (16.0, 0.0), 1: (8.0, 8.0), 2: (8.0, 12.0)}[self.zero_stage]
+            static = params * (whole + sharded / world)
         elif self.shard_states:
             static = params * self.bytes_per_param / self.cluster.world_size
             static += 2 * max(m.block_params) * e  # the gathered layers in flight

@@ -11,6 +11,11 @@ Layout: the trainable parameters, weight-decayed ones first, flattened into one 
 ``N`` elements padded to ``P·S``; rank ``r`` owns elements ``[r·S, (r+1)·S)``: the Adam moments
 and (stage 2) the accumulated gradient of that range only. AdamW runs on the shard's decayed
 and non-decayed parts as two parameter groups: the same elementwise arithmetic as one process.
+
+Memory per parameter (fp32): weights 4 B and the micro-step's gradient 4 B whole, Adam's
+moments 8 B / P, and in stage 2 the accumulated gradient shard 4 B / P. Stage 2 saves the
+accumulated whole gradient only between micro-steps; a reduce-scatter in buckets during the
+backward (not done here) would be what removes the whole gradient from the peak.
 """
 
 from __future__ import annotations
