@@ -34,7 +34,11 @@ from distseq.planner.units import format_bytes
 
 EXACT_SEQUENCES, EXACT_RANKS = 12, 8  # up to here the MILP sees every split and strategy
 LOCAL_SEARCH_FILLS = 24
-SPLIT_ROUNDS = 3  # bisection steps of the split MILP's target makespan
+SPLIT_ROUNDS = 3  # bisection steps of the split MILP's target makespan per micro-step
+# ... and per plan, shared by its micro-steps (a count, not a clock, so plans do not depend
+# on the machine's speed): 40 micro-steps of ~100 sequences on 8 ranks took 101 split MILPs
+# (4 s) and none improved on the greedy.
+SPLIT_ROUNDS_PER_PLAN = 12
 SPLIT_LIMIT = 2.0  # seconds per split MILP (a guard: at 4096 sequences on 1024 ranks ~0.3 s)
 # Up to this many sequences in a micro-step the slot MILP (one binary per sequence and group)
 # runs; above it, the split MILP (:mod:`distseq.planner.split_milp`), which counts groups.
@@ -126,6 +130,7 @@ class _StepSolver:
         self.use_milp = use_milp
         self.step_limit = time_limit
         self.split_limit = SPLIT_LIMIT
+        self.split_rounds = SPLIT_ROUNDS
         self.info: dict = {"milp_status": [], "milp_gap": [], "source": [], "one_step_bound": []}
         self._items: dict[tuple[int, ...], heuristic.Items] = {}
 
@@ -137,8 +142,10 @@ class _StepSolver:
         return score(sched, self.lengths, self.cost)
 
     def share_budget(self, steps: int) -> None:
-        """Split the MILP time budget evenly over ``steps`` micro-steps."""
+        """Split the MILP time budget and the split MILP's rounds evenly over ``steps``
+        micro-steps."""
         self.step_limit = self.time_limit / steps
+        self.split_rounds = min(SPLIT_ROUNDS, SPLIT_ROUNDS_PER_PLAN // steps)
 
     def items(self, index: np.ndarray) -> heuristic.Items:
         key = tuple(index.tolist())
@@ -189,7 +196,8 @@ class _StepSolver:
         # The greedy's best is the incumbent: the MILP's plans replace it only when better,
         # so a plan is never worse than the heuristic's.
         from_milp = None
-        if self.use_milp and len(index) > MILP_MAX_SEQUENCES and best.makespan > lower * 1.005:
+        large = len(index) > MILP_MAX_SEQUENCES and self.split_rounds > 0
+        if self.use_milp and large and best.makespan > lower * 1.005:
             # A coarse LP (valid, ~1.5% looser, a third of the time) brackets the bisection.
             lower = lp_bound(lengths, cost, floor=lower, exact=16, grid=0.05).seconds
             found = self._split_milp(index, lower, best.makespan)
@@ -213,7 +221,7 @@ class _StepSolver:
         model = SplitModel(self.lengths[index], self.cost)
         items = heuristic.make_items(self.lengths[index], self.cost.cluster.degrees(), len(index))
         best, lo, hi = None, lower, upper
-        for _ in range(SPLIT_ROUNDS):
+        for _ in range(self.split_rounds):
             target = math.sqrt(lo * hi)
             split, status = model.solve(target, self.split_limit)
             self.info["milp_status"].append(f"split {status}")
