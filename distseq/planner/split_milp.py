@@ -47,7 +47,7 @@ class SplitModel:
         self.kinds = _kinds(cost)
         mem = cost.cluster.memory_bytes
         # Per kind: padded sums of each long sequence and each bucket, what fits, times alone.
-        self.rows = []
+        self.per_kind = []
         for kind in self.kinds:
             p_long = padded(self.long, kind.degree).astype(np.float64)
             a_b = np.array([padded(b, kind.degree).sum() for b in parts], dtype=np.float64)
@@ -57,7 +57,7 @@ class SplitModel:
             alone = np.where(fits_long, kind.time(p_long, p_long**2), np.inf)
             fits_b = kind.memory(big_b) <= mem if parts else np.zeros(0, bool)
             alone_b = np.where(fits_b, kind.time(big_b, big_b**2), np.inf)
-            self.rows.append((p_long, alone, a_b, q_b, alone_b, kind.capacity(mem)))
+            self.per_kind.append((p_long, alone, a_b, q_b, alone_b, kind.capacity(mem)))
         self.n_buckets = len(parts)
 
     def solve(self, target: float, time_limit: float) -> tuple[Split | None, str]:
@@ -78,7 +78,7 @@ class SplitModel:
         world = self.cost.cluster.world_size
         rows = Rows()
         objective = np.zeros(n_var)
-        for k, (kind, row) in enumerate(zip(self.kinds, self.rows)):
+        for k, (kind, row) in enumerate(zip(self.kinds, self.per_kind)):
             p_long, alone, a_b, q_b, alone_b, cap = row
             d = kind.degree
             hi[k] = world // d
