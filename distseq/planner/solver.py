@@ -39,7 +39,7 @@ SPLIT_ROUNDS = 3  # bisection steps of the split MILP's target makespan per micr
 # on the machine's speed): 40 micro-steps of ~100 sequences on 8 ranks took 101 split MILPs
 # (4 s) and none improved on the greedy.
 SPLIT_ROUNDS_PER_PLAN = 12
-SPLIT_LIMIT = 2.0  # seconds per split MILP (a guard: at 4096 sequences on 1024 ranks ~0.3 s)
+SPLIT_LIMIT = 5.0  # seconds per split MILP: a guard (4096 sequences on 1024 ranks: ~0.3 s)
 # Up to this many sequences in a micro-step the slot MILP (one binary per sequence and group)
 # runs; above it, the split MILP (:mod:`distseq.planner.split_milp`), which counts groups.
 MILP_MAX_SEQUENCES = 64
