@@ -42,6 +42,7 @@ def adaptive_run(rank: int, world: int, overrides: list[str], steps=None) -> dic
     result["prefetched"] = trainer.scheduler.prefetched
     result["engine"] = type(trainer.engine).__name__
     moments = [s["exp_avg"] for s in trainer.engine.optimizer.state.values()]
-    result["adam_elements"] = sum(m.numel() for m in moments)  # this rank's (rank 0's)
+    local = [m.to_local() if hasattr(m, "to_local") else m for m in moments]  # FSDP: DTensor
+    result["adam_elements"] = sum(m.numel() for m in local)  # this rank's (rank 0's)
     result["parameters"] = sum(p.numel() for p in trainer.model.parameters())
     return result

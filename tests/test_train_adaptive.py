@@ -112,19 +112,26 @@ SHARDED = {
 }
 
 
-@pytest.mark.parametrize(("world", "stage"), [(3, 2), (4, 2), (3, 1), (4, 1)])
+@pytest.mark.parametrize(("world", "stage"), [(3, 2), (4, 2), (3, 1), (4, 1), (3, 3), (4, 3)])
 def test_sharded_states_match_one_process(pools, reference, tmp_path, world, stage):
-    """ZeRO stage 1/2 over all ranks (:mod:`distseq.train.zero`): losses and every gradient
-    (gathered from the shards) equal one process training on the same batches."""
+    """ZeRO stage 1/2 (:mod:`distseq.train.zero`) and 3 (FSDP2, idle ranks running a dummy
+    micro-batch) over all ranks: losses and every gradient (gathered from the shards) equal
+    one process training on the same batches."""
     overrides = [*MIXED, f"adaptive.zero_stage={stage}", f"out_dir={tmp_path}"]
     got = run(pools, world, overrides, SHARDED[world])
-    assert got["engine"] == "ShardedEngine"
-    assert got["adam_elements"] == -(-got["parameters"] // world)  # a 1/world shard
+    if stage == 3:
+        assert got["engine"] == "AdaptiveFSDPEngine"
+        # FSDP shards each tensor's first dimension: about 1/world, padding included
+        assert got["adam_elements"] < 1.5 * got["parameters"] / world
+    else:
+        assert got["engine"] == "ShardedEngine"
+        assert got["adam_elements"] == -(-got["parameters"] // world)  # a 1/world shard
     assert_same(got, reference([]), f"zero stage {stage} on {world} ranks")
 
 
-def test_sharded_states_resume_reproduces_the_run(pools, tmp_path):
-    common = [*MIXED, "adaptive.zero_stage=2", "train.steps=4", f"out_dir={tmp_path}",
+@pytest.mark.parametrize("stage", [2, 3])
+def test_sharded_states_resume_reproduces_the_run(pools, tmp_path, stage):
+    common = [*MIXED, f"adaptive.zero_stage={stage}", "train.steps=4", f"out_dir={tmp_path}",
               "checkpoint.every=2"]  # fmt: skip
     steps = SHARDED[3]
     full = run(pools, 3, common, steps)
@@ -162,7 +169,7 @@ def test_sequence_that_fits_nowhere_is_refused_on_every_rank(pools, tmp_path):
         ("adaptive.profile=nope", "adaptive.profile"),
         ("adaptive.memory=lots", "adaptive.memory"),
         ("adaptive.gpus_per_node=3", "adaptive.gpus_per_node"),
-        ("adaptive.zero_stage=3", "adaptive.zero_stage"),
+        ("adaptive.zero_stage=4", "adaptive.zero_stage"),
     ),
 )
 def test_bad_adaptive_config_names_key(override, key):

@@ -54,10 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     dry.add_argument(
         "--zero-stage",
         type=int,
-        choices=[0, 1, 2],
+        choices=[0, 1, 2, 3],
         default=None,
-        help="the adaptive trainer's states: 0 replicated, 1/2 ZeRO-sharded over all ranks "
-        "(default: fully sharded, FSDP-style)",
+        help="the adaptive trainer's states: 0 replicated, 1/2/3 ZeRO-sharded over all ranks "
+        "(default: fully sharded, FSDP-style, its collectives not charged)",
     )
     dry.add_argument(
         "--time-limit",
@@ -104,7 +104,7 @@ def _table(plans: list[Plan]) -> None:
         "static (s)",
         "speed-up",
         "LB (s)",
-        "gap",
+        "gap to LB",
         "idle",
         "pad",
         "solve (s)",

@@ -194,8 +194,8 @@ class CostModel:
     0 replicates weights, gradients and Adam moments (16 B/param); 1 shards the moments over
     all ranks (8 B + 8 B/W); 2 also accumulates the gradient as a shard (8 B + 12 B/W: the
     full gradient still lives through each micro-step's backward, as long as the engine
-    reduce-scatters after it rather than in buckets during it). Stages 1 and 2 charge their
-    collectives in :meth:`sync_time`.
+    reduce-scatters after it rather than in buckets during it); 3 shards everything (as
+    ``shard_states``). Stages 1–3 charge their collectives in :meth:`sync_time`.
     """
 
     def __init__(
@@ -213,8 +213,8 @@ class CostModel:
         zero_stage: int | None = None,
     ) -> None:
         check_layout(linear_layout)
-        if zero_stage not in (None, 0, 1, 2):
-            raise ValueError(f"zero_stage={zero_stage!r}; use 0 (replicated), 1 or 2")
+        if zero_stage not in (None, 0, 1, 2, 3):
+            raise ValueError(f"zero_stage={zero_stage!r}; use 0 (replicated), 1, 2 or 3")
         self.zero_stage = zero_stage
         self.model, self.profile, self.cluster = model, profile, cluster
         self.bytes_per_param = bytes_per_param
@@ -378,11 +378,11 @@ class CostModel:
     def _memory(self, degree: int, combo: Combo) -> tuple[float, float]:
         m, e, d = self.model, self.profile.elem_bytes, degree
         params = m.params
-        if self.zero_stage is not None:
+        if self.zero_stage is not None and self.zero_stage < 3:
             world = self.cluster.world_size
             whole, sharded = {0: (16.0, 0.0), 1: (8.0, 8.0), 2: (8.0, 12.0)}[self.zero_stage]
             static = params * (whole + sharded / world)
-        elif self.shard_states:
+        elif self.shard_states or self.zero_stage == 3:
             static = params * self.bytes_per_param / self.cluster.world_size
             static += 2 * max(m.block_params) * e  # the gathered layers in flight
         else:
@@ -419,15 +419,18 @@ class CostModel:
     def sync_time(self, micro_steps: int) -> float:
         """Seconds of the sharded states' collectives in a step of ``micro_steps``: stage 1
         reduce-scatters the fp32 gradients once, stage 2 after every micro-step (every rank
-        joins, idle or not); both all-gather the updated weights. Flat rings over the whole
-        world (the inter-node link once the world spans nodes). 0 without ``zero_stage``."""
+        joins, idle or not); both all-gather the updated weights. Stage 3 gathers the weights
+        in every micro-step's forward and again in its backward, and reduce-scatters the
+        gradients (FSDP prefetches and overlaps them with compute, which is not credited:
+        pessimistic). Flat rings over the whole world (the inter-node link once the world
+        spans nodes). 0 without ``zero_stage``."""
         if not self.zero_stage:
             return 0.0
         w = self.cluster.world_size
         if w == 1:
             return 0.0
         shard = 4.0 * self.model.params / w  # fp32 bytes each rank sends per ring hop
-        collectives = (micro_steps if self.zero_stage == 2 else 1) + 1
+        collectives = {1: 2, 2: micro_steps + 1, 3: 3 * micro_steps}[self.zero_stage]
         return collectives * sum(self._link(w).time(w - 1, (w - 1) * shard))
 
     # ----------------------------------------------------------------- queries

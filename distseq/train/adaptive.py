@@ -75,6 +75,9 @@ def planner_cost(cfg: Config, world_size: int, device: torch.device) -> CostMode
     )
 
 
+IDLE_TOKENS = 8  # a stage-3 idle rank's dummy micro-batch
+
+
 class GroupCache:
     """Process groups by their ranks. :meth:`ensure` must be called by every rank with the
     same plan: ``new_group`` is collective over the whole world, in one order everywhere.
@@ -122,6 +125,14 @@ class AdaptiveScheduler:
         self.time_limit = cfg.adaptive.time_limit
         self.parallel = cfg.parallel  # the kernel backends every group's layers use
         self.groups = GroupCache(cfg.parallel.timeout_s)
+        # Stage 3 (FSDP) collectives live in forward/backward: an idle rank runs a dummy
+        # micro-batch on a one-rank group of its own (created by all ranks, in order).
+        self.idle_group = None
+        if cfg.adaptive.zero_stage == 3:
+            timeout = timedelta(seconds=cfg.parallel.timeout_s)
+            for r in range(self.world_size):
+                group = dist.new_group([r], timeout=timeout)
+                self.idle_group = group if r == self.rank else self.idle_group
         self._executor = ThreadPoolExecutor(1, "distseq-planner") if self.rank == 0 else None
         self._pending: tuple[list[int], Future[Plan]] | None = None
         self.prefetched = 0  # plans (on rank 0) that were solved while the previous step ran
@@ -158,7 +169,7 @@ class AdaptiveScheduler:
         for step in plan.micro_steps:
             group = step.group_of(self.rank)
             if group is None:
-                out.append(None)
+                out.append(self._idle_work())
                 continue
             layout = group_layout(group)
             seq = pack_group([docs[i] for i in group.sequences],
@@ -172,6 +183,20 @@ class AdaptiveScheduler:
             )  # fmt: skip
             out.append((seq, ctx))
         return out
+
+    def _idle_work(self) -> tuple[PackedSequence, SequenceContext] | None:
+        """``None``, or with stage 3 a dummy micro-batch: ``IDLE_TOKENS`` padding tokens, none
+        in the loss, on this rank alone (its gradient is exactly zero)."""
+        if self.idle_group is None:
+            return None
+        zeros = torch.zeros(IDLE_TOKENS, dtype=torch.int64)
+        seq = PackedSequence(zeros, zeros, zeros.bool(), (IDLE_TOKENS,))
+        ctx = SequenceContext.build(
+            seq.doc_lengths, group=self.idle_group, layout="contiguous",
+            attention_backend=self.parallel.attention_backend,
+            linear_backend=self.parallel.linear_backend,
+        )  # fmt: skip
+        return seq, ctx
 
     def close(self) -> None:
         if self._executor is not None:

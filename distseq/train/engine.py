@@ -202,11 +202,14 @@ ENGINES: dict[str, type[Engine]] = {
 def build_engine(cfg: Config, model: nn.Module, mesh: Mesh) -> Engine:
     """``parallel.engine``; under ``planner: adaptive`` (``ddp`` only) the same replicated
     data-parallel semantics come from :class:`ReplicatedEngine`, or with
-    ``adaptive.zero_stage`` 1/2 from :class:`distseq.train.zero.ShardedEngine`."""
+    ``adaptive.zero_stage`` 1/2 from :class:`distseq.train.zero.ShardedEngine`, 3 from
+    :class:`distseq.train.zero.AdaptiveFSDPEngine`."""
     if cfg.planner == "adaptive":
-        if cfg.adaptive.zero_stage:
-            from distseq.train.zero import ShardedEngine
+        from distseq.train.zero import AdaptiveFSDPEngine, ShardedEngine
 
+        if cfg.adaptive.zero_stage == 3:
+            return AdaptiveFSDPEngine(cfg, model, mesh)
+        if cfg.adaptive.zero_stage:
             return ShardedEngine(cfg, model, mesh, cfg.adaptive.zero_stage)
         return ReplicatedEngine(cfg, model, mesh)
     return ENGINES[cfg.parallel.engine](cfg, model, mesh)

@@ -1,4 +1,4 @@
-"""Sharded optimizer state and gradients (ZeRO stages 1 and 2) for ``planner: adaptive``.
+"""Sharded states for ``planner: adaptive``: ZeRO stages 1 and 2 (our own engine) and 3 (FSDP2).
 
 Each rank runs different sequences in groups of different sizes, or none, in every
 micro-step, so no engine whose collectives live in the backward (DDP hooks, FSDP, DeepSpeed)
@@ -12,6 +12,12 @@ Layout: the trainable parameters, weight-decayed ones first, flattened into one 
 and (stage 2) the accumulated gradient of that range only. AdamW runs on the shard's decayed
 and non-decayed parts as two parameter groups: the same elementwise arithmetic as one process.
 
+Stage 3 (:class:`AdaptiveFSDPEngine`) is FSDP2 (``fully_shard`` per block over all ranks),
+whose per-layer all-gathers and reduce-scatters live in the forward and backward: there a rank
+idle in a micro-step runs a dummy micro-batch (a few padding tokens, no token in the loss, a
+one-rank group), so every rank runs one forward and backward per micro-step and FSDP's
+collectives stay matched; its gradient is exactly zero.
+
 Memory per parameter (fp32): weights 4 B and the micro-step's gradient 4 B whole, Adam's
 moments 8 B / P, and in stage 2 the accumulated gradient shard 4 B / P. Stage 2 saves the
 accumulated whole gradient only between micro-steps; a reduce-scatter in buckets during the
@@ -20,15 +26,16 @@ backward (not done here) would be what removes the whole gradient from the peak.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from distseq.train.config import Config
-from distseq.train.engine import Engine
+from distseq.train.engine import Engine, FSDPEngine
 from distseq.train.mesh import Mesh
 
 
@@ -160,3 +167,16 @@ class ShardedEngine(Engine):
             for part, saved in zip(self._parts, state["parts"]):
                 part.copy_(saved)
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+class AdaptiveFSDPEngine(FSDPEngine):
+    """ZeRO stage 3 for adaptive plans: FSDP2 over all ranks, gradients reduce-scattered after
+    every micro-step (sharded accumulation). The scheduler gives idle ranks a dummy
+    micro-batch (:attr:`needs_idle_work`)."""
+
+    needs_idle_work = True
+
+    @contextlib.contextmanager
+    def accumulate(self, sync: bool) -> Iterator[None]:
+        self.module.set_requires_gradient_sync(True)
+        yield
