@@ -363,12 +363,14 @@ def plan_batch(
     """Plan one training step for sequences of ``lengths`` (input order is kept in the plan).
 
     ``cost`` overrides the default :class:`CostModel` (memory options) built from ``model``,
-    ``profile`` and ``cluster``. ``time_limit``: seconds of MILP per step, shared by its
-    micro-steps. Deterministic for a given input as long as the MILP ends on optimality or
-    finds nothing within its limit (the common cases); a solution found just before the limit
-    can depend on timing, so a trainer should solve on one rank and broadcast
-    ``plan.to_json()``. Raises ``ValueError`` on bad lengths or when a sequence fits no group
-    under the memory limit.
+    ``profile`` and ``cluster``. ``time_limit``: seconds of the slot MILP (≤ 64 sequences per
+    micro-step) per step, shared by its micro-steps; the split MILP (more sequences) has a
+    fixed number of rounds instead. ``use_milp=False`` plans with the heuristic alone (the
+    MILPs' incumbent; the plan is never worse than it). Deterministic for a given input as
+    long as the MILP ends on optimality or finds nothing within its limit (the common cases);
+    a solution found just before the limit can depend on timing, so a trainer should solve on
+    one rank and broadcast ``plan.to_json()``. Raises ``ValueError`` on bad lengths or when a
+    sequence fits no group under the memory limit.
     """
     start = time.perf_counter()
     lengths = _check_lengths(lengths)
