@@ -129,6 +129,15 @@ def test_sharded_states_match_one_process(pools, reference, tmp_path, world, sta
     assert_same(got, reference([]), f"zero stage {stage} on {world} ranks")
 
 
+def test_stage_3_idle_rank_runs_a_hybrid_dummy(pools, reference, tmp_path):
+    """Stage 3 with linear and softmax layers: the idle rank's dummy micro-batch (8 tokens on
+    a one-rank group) runs through every mixer and leaves every gradient exact."""
+    overrides, steps = FIXED["hybrid"]  # rank 2 idle in the second micro-step
+    got = run(pools, 4, [*MIXED, *overrides, "adaptive.zero_stage=3", f"out_dir={tmp_path}"],
+              steps)  # fmt: skip
+    assert_same(got, reference(overrides), "zero stage 3, hybrid", GATE_TOL)
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_sharded_states_resume_reproduces_the_run(pools, tmp_path, stage):
     common = [*MIXED, f"adaptive.zero_stage={stage}", "train.steps=4", f"out_dir={tmp_path}",
