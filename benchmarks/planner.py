@@ -137,6 +137,7 @@ def quality(batches: int) -> list[dict]:
                     "homog",
                     "planner",
                     "lb",
+                    "one_step",
                     "idle",
                     "pad",
                     "solve",
@@ -152,6 +153,7 @@ def quality(batches: int) -> list[dict]:
                 rec["homog"].append(plan.static_best.predicted_step_time_s)
                 rec["planner"].append(plan.predicted_step_time_s)
                 rec["lb"].append(plan.lower_bound_s)
+                rec["one_step"].append(plan.solver["bound"].get("one_step_s", np.nan))
                 rec["idle"].append(plan.idle_fraction)
                 rec["pad"].append(plan.padding_fraction)
                 rec["solve"].append(plan.solve_time_s)
@@ -170,6 +172,8 @@ def quality(batches: int) -> list[dict]:
                 "speedup_vs_homog_mean": float((h / p).mean()),
                 "speedup_vs_homog_max": float((h / p).max()),
                 "gap_to_lb_mean": float((p / np.array(rec["lb"]) - 1).mean()),
+                # one-step plans only (NaN where the plan has several micro-steps)
+                "gap_to_one_step_mean": float(np.nanmean(p / np.array(rec["one_step"]) - 1)),
                 "idle_planner": float(np.mean(rec["idle"])),
                 "idle_fixed": float(np.mean(rec["fixed_idle"])),
                 "padding_planner": float(np.mean(rec["pad"])),

@@ -213,6 +213,8 @@ def test_lp_bound_is_valid_against_brute_force(model, world, n, seed):
     parts = plan.solver["bound"]
     assert parts["lp_status"] == "optimal" and parts["lp_s"] == plan.lower_bound_s
     assert parts["lp_s"] >= parts["work_s"]
+    # Brute force enumerates one-step plans: the split MILP's bound holds for them.
+    assert parts["lp_s"] <= parts["one_step_s"] <= optimum * (1 + 1e-9)
     # Rounding lengths down to a coarse grid keeps it valid (and no higher).
     coarse = lp_bound(lengths, cost, exact=1, grid=1.0)
     assert coarse.units < n and coarse.seconds <= plan.lower_bound_s * (1 + 1e-9)

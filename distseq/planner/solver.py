@@ -29,7 +29,7 @@ from distseq.planner.plan import GroupPlan, MicroStep, Plan, StaticSummary
 from distseq.planner.profile import Profile
 from distseq.planner.schedule import Schedule, Scored, score
 from distseq.planner.spec import Cluster, ModelSpec
-from distseq.planner.split_milp import SplitModel
+from distseq.planner.split_milp import SplitModel, one_step_bound
 from distseq.planner.units import format_bytes
 
 EXACT_SEQUENCES, EXACT_RANKS = 12, 8  # up to here the MILP sees every split and strategy
@@ -39,6 +39,7 @@ SPLIT_ROUNDS = 3  # bisection steps of the split MILP's target makespan per micr
 # on the machine's speed): 40 micro-steps of ~100 sequences on 8 ranks took 101 split MILPs
 # (4 s) and none improved on the greedy.
 SPLIT_ROUNDS_PER_PLAN = 12
+ONE_STEP_ROUNDS = 8  # bisection rounds of the one-step bound of a small batch
 SPLIT_LIMIT = 5.0  # seconds per split MILP: a guard (4096 sequences on 1024 ranks: ~0.3 s)
 # Up to this many sequences in a micro-step the slot MILP (one binary per sequence and group)
 # runs; above it, the split MILP (:mod:`distseq.planner.split_milp`), which counts groups.
@@ -322,6 +323,18 @@ def _lower_bound(lengths: np.ndarray, cost: CostModel) -> float:
     return float(max(work.sum() / cost.cluster.world_size, alone.max()))
 
 
+def _one_step_bound(
+    lengths: np.ndarray, cost: CostModel, lower: float, upper: float, solver: _StepSolver
+) -> float:
+    """No one-step plan of the batch is faster: the split MILP's bisection. Small batches
+    (the slot MILP's) get ``ONE_STEP_ROUNDS`` rounds here; larger ones reuse what the
+    solver's own bisection proved (its rounds are the solve time's largest part)."""
+    if len(lengths) <= MILP_MAX_SEQUENCES:
+        model = SplitModel(lengths, cost)
+        return one_step_bound(model, lower, upper, ONE_STEP_ROUNDS, SPLIT_LIMIT)
+    return max([lower, *solver.info["one_step_bound"][-1:]])
+
+
 def _to_micro_step(best: Scored, lengths: np.ndarray, cost: CostModel) -> MicroStep:
     rows = [
         (d, t, seqs, kind)
@@ -426,9 +439,10 @@ def plan_batch(
     work = _lower_bound(lengths, cost)
     bound = lp_bound(lengths, cost, floor=work)
     solver.info["bound"] = {"work_s": work, "lp_s": bound.seconds, "lp_status": bound.status}
-    if len(micro) == 1 and method == "adaptive" and solver.info["one_step_bound"]:
-        one_step = max(bound.seconds, solver.info["one_step_bound"][-1])
-        solver.info["bound"]["one_step_s"] = one_step + cost.sync_time(1)
+    if len(micro) == 1:
+        solver.info["bound"]["one_step_s"] = _one_step_bound(
+            lengths, cost, bound.seconds, micro[0].predicted_time_s, solver
+        ) + cost.sync_time(1)
     return Plan(
         world_size=cluster.world_size,
         lengths=tuple(int(x) for x in lengths),

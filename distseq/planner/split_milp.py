@@ -124,3 +124,20 @@ class SplitModel:
             counts[kind.degree] += int(round(res.x[k]))
         used = sum(d * n for d, n in counts.items())
         return fill_leftover(counts, world - used), status
+
+
+def one_step_bound(
+    model: SplitModel, lower: float, upper: float, rounds: int, time_limit: float
+) -> float:
+    """The largest target in ``[lower, upper]`` the split MILP proves infeasible, by ``rounds``
+    of bisection: no plan running ``model``'s sequences in one micro-step is faster (the
+    split MILP relaxes one micro-step). ``lower`` must itself be such a bound."""
+    lo, hi = lower, upper
+    for _ in range(rounds):
+        target = 0.5 * (lo + hi)
+        split, status = model.solve(target, time_limit)
+        if split is None and status == "infeasible":
+            lo = target
+        else:
+            hi = target
+    return lo
