@@ -1,9 +1,10 @@
 """Sharded states for ``planner: adaptive``: ZeRO stages 1 and 2 (our own engine) and 3 (FSDP2).
 
 Each rank runs different sequences in groups of different sizes, or none, in every
-micro-step, so no engine whose collectives live in the backward (DDP hooks, FSDP, DeepSpeed)
-can keep them matched. Here the collectives are issued by the trainer's loop, by every rank,
-at fixed points: stage 2 reduce-scatters the gradients after *every* micro-step of the plan
+micro-step, so an engine whose collectives live in the forward and backward (DDP hooks, FSDP,
+DeepSpeed) keeps them matched only if idle ranks run a forward and backward too. Stages 1 and 2
+avoid that: the collectives are issued by the trainer's loop, by every rank, at fixed points:
+stage 2 reduce-scatters the gradients after *every* micro-step of the plan
 (a rank idle in it contributes zeros), stage 1 once per step; both all-gather the updated
 weights after the optimizer step.
 
