@@ -112,7 +112,16 @@ SHARDED = {
 }
 
 
-@pytest.mark.parametrize(("world", "stage"), [(3, 2), (4, 2), (3, 1), (4, 1), (3, 3), (4, 3)])
+# Every stage on 3 and 4 ranks; the default run keeps one case per stage (``-m slow``: all).
+@pytest.mark.parametrize(
+    ("world", "stage"),
+    [
+        (3, 2),
+        (4, 1),
+        (4, 3),
+        *(pytest.param(w, st, marks=pytest.mark.slow) for w, st in [(4, 2), (3, 1), (3, 3)]),
+    ],
+)
 def test_sharded_states_match_one_process(pools, reference, tmp_path, world, stage):
     """ZeRO stage 1/2 (:mod:`distseq.train.zero`) and 3 (FSDP2, idle ranks running a dummy
     micro-batch) over all ranks: losses and every gradient (gathered from the shards) equal
@@ -138,7 +147,7 @@ def test_stage_3_idle_rank_runs_a_hybrid_dummy(pools, reference, tmp_path):
     assert_same(got, reference(overrides), "zero stage 3, hybrid", GATE_TOL)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_sharded_states_resume_reproduces_the_run(pools, tmp_path, stage):
     common = [*MIXED, f"adaptive.zero_stage={stage}", "train.steps=4", f"out_dir={tmp_path}",
               "checkpoint.every=2"]  # fmt: skip
