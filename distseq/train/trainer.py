@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from distseq.memory import IGNORE_INDEX
 from distseq.models import Decoder, SequenceContext
 from distseq.planner.spec import ModelSpec
 from distseq.train import checkpoint
@@ -76,6 +77,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg, self.mesh).to(self.device)
         self.model.checkpoint_blocks = cfg.train.activation_checkpointing
+        self.model.memory = cfg.memory
         self.engine = build_engine(cfg, self.model, self.mesh)
         self.scheduler: AdaptiveScheduler | None = None
         if cfg.planner == "adaptive":
@@ -157,6 +159,19 @@ class Trainer:
             self.nonfinite_in_a_row = 0
         return grad_norm, skipped
 
+    def _local_loss(self, tokens: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                    ctx: SequenceContext) -> torch.Tensor:  # fmt: skip
+        """Sum of this shard's masked token losses; with ``memory.loss_chunk_tokens`` the model
+        computes it by the fused chunked loss (no ``[S_local, vocab]`` logits)."""
+        if self.cfg.memory.loss_chunk_tokens:
+            labels = targets.masked_fill(~mask.bool(), IGNORE_INDEX)
+            with self._autocast():
+                return self.engine.module(tokens, ctx, labels)
+        with self._autocast():
+            logits = self.engine.module(tokens, ctx)
+        token_loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+        return (token_loss * mask.flatten()).sum()
+
     def train_step(self) -> dict:
         """One optimizer step; returns its ``loss`` (global mean), ``grad_norm``,
         ``real_tokens``, ``tokens``, ``skipped`` and, when adaptive, the plan's summary."""
@@ -174,12 +189,7 @@ class Trainer:
                 for t in (seq.tokens, seq.targets, seq.loss_mask)
             )
             with self.engine.accumulate(sync=index == len(work) - 1):
-                with self._autocast():
-                    logits = self.engine.module(tokens, ctx)
-                token_loss = F.cross_entropy(
-                    logits.flatten(0, 1), targets.flatten(), reduction="none"
-                )
-                local = (token_loss * mask.flatten()).sum()
+                local = self._local_loss(tokens, targets, mask, ctx)
                 self.engine.backward(local * scale)
             loss_sum += local.detach().double()
         dist.all_reduce(loss_sum)
