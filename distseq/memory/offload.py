@@ -5,7 +5,7 @@ recomputation, saved through autograd's saved-tensor hooks *outside* the checkpo
 hooks. :class:`OffloadInputs` around the checkpoint call packs that input to the host: on a
 GPU into pinned memory on a side stream (the copy overlaps the next layer's compute) and back
 when the backward recomputes the layer; on a CPU device a plain copy (the same code path,
-so it is testable; there is no device memory to save there).
+so it is testable), which tensor trackers count as host memory.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import contextlib
 
 import torch
 from torch.autograd.graph import saved_tensors_hooks
+from torch.utils._python_dispatch import _disable_current_modes
 
 _Packed = tuple[torch.device, torch.Tensor, "torch.cuda.Event | None"]
 
@@ -38,7 +39,10 @@ class OffloadInputs(saved_tensors_hooks):
     def _pack(self, tensor: torch.Tensor) -> _Packed:
         self.packed_bytes += tensor.numel() * tensor.element_size()
         if tensor.device.type != "cuda":
-            return tensor.device, tensor.detach().clone(), None
+            # The copy stands for host memory: hidden from tensor trackers (dispatch modes
+            # such as TensorPeak) as a pinned host buffer is from CUDA's device counters.
+            with _disable_current_modes():
+                return tensor.device, tensor.detach().clone(), None
         stream = self._copy_stream()
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
         stream.wait_stream(torch.cuda.current_stream(tensor.device))

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distseq.memory import IGNORE_INDEX
+from distseq.memory.tracker import TensorPeak
 from distseq.models import Decoder, SequenceContext
 from distseq.planner.spec import ModelSpec
 from distseq.train import checkpoint
@@ -79,6 +80,12 @@ class Trainer:
         self.model.checkpoint_blocks = cfg.train.activation_checkpointing
         self.model.memory = cfg.memory
         self.engine = build_engine(cfg, self.model, self.mesh)
+        # A CPU has no allocator counter: count live tensors (parameters on from here).
+        self.tensor_peak = None if self.device.type == "cuda" else TensorPeak(self.device.type)
+        if self.tensor_peak is not None:
+            groups = self.engine.optimizer.param_groups  # DeepSpeed: its flat partitions
+            held = [p for group in groups for p in group["params"]]
+            self.tensor_peak.track([*self.model.parameters(), *self.model.buffers(), *held])
         self.scheduler: AdaptiveScheduler | None = None
         if cfg.planner == "adaptive":
             self.loader = DocumentLoader(cfg)
@@ -210,12 +217,14 @@ class Trainer:
         try:
             while self.step < cfg.train.steps:
                 start = time.perf_counter()
-                result = self.train_step()
+                with self.tensor_peak or contextlib.nullcontext():
+                    result = self.train_step()
                 self.step += 1
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 elapsed = time.perf_counter() - start
-                memory = torch.tensor([peak_memory_bytes(self.device)], device=self.device)
+                memory = torch.tensor([peak_memory_bytes(self.device, self.tensor_peak)],
+                                      device=self.device)  # fmt: skip
                 dist.all_reduce(memory, op=dist.ReduceOp.MAX)
                 tokens = result["tokens"]
                 record = {
