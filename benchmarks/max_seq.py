@@ -16,6 +16,9 @@ bracketing measurements, i.e. regula falsi, then halving) until it is within
 ``max(16, longest / 16)`` tokens. Nothing is extrapolated: the answer is a measured length
 that fits next to a measured one that does not.
 
+Next to each measured peak, the planner's memory model (:func:`predicted_peak`) for the same
+length and settings: ``planner error`` is ``predicted / measured - 1`` at the longest length.
+
 Savers are added one at a time (``LADDER``: activation checkpointing, the fused chunked loss,
 the tiled MLP, offloaded checkpoints) at sp = 1 (softmax), and all off / all on at sp = 2 for
 ring (softmax) and lasp2 (linear attention). Printed side by side as ratios to all-off; saved
@@ -38,10 +41,14 @@ from distseq.comm import run_ranks
 from distseq.memory import MemoryConfig
 from distseq.memory.tracker import TensorPeak
 from distseq.models import Decoder, ModelConfig, SequenceContext
+from distseq.planner import Cluster, CostModel, load_profile
+from distseq.planner.spec import ModelSpec
 from distseq.planner.units import format_bytes, parse_bytes
 
 MODEL = dict(vocab_size=32768, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2,
              ffn_hidden=688, tie_embeddings=True)  # fmt: skip
+# --quick: the same shape of model, small enough for a smoke run (and the planner test).
+QUICK_MODEL = {**MODEL, "vocab_size": 8192, "d_model": 64, "n_layers": 2, "ffn_hidden": 176}
 UNIT = 16  # lengths are multiples of it (zigzag at sp = 2 needs 4)
 CHUNK = 64  # memory.loss_chunk_tokens: chunk logits of 64 x 32K x 4 B = 8 MiB
 
@@ -104,6 +111,19 @@ class Trainee:
         peak = torch.tensor([tracker.peak], dtype=torch.float64)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         return int(peak)
+
+
+def predicted_peak(model: dict, sp: int, mixer: str, strategy: str, setting: Setting,
+                   length: int) -> float:  # fmt: skip
+    """The planner's memory model (:class:`distseq.planner.CostModel`, float32 CPU profile,
+    AdamW replicas: 16 bytes per parameter) for one ``length`` sequence at ``sp`` ranks."""
+    spec = ModelSpec.from_config(ModelConfig(**model, mixers=mixer))
+    cost = CostModel(spec, load_profile("cpu_gloo"), Cluster(sp, sp, 2**50), bytes_per_param=16.0,
+                     shard_states=False, activation_checkpointing=setting.checkpointing,
+                     linear_layout="zigzag" if sp > 1 else "contiguous",
+                     memory=setting.memory)  # fmt: skip
+    combo = next(c for c in cost.combos(sp) if sp == 1 or dict(c)[mixer] == strategy)
+    return float(cost.group_cost(sp, combo).memory(length))
 
 
 def _round(length: float) -> int:
@@ -170,15 +190,16 @@ def search_case(rank: int, world: int, mixer: str, strategy: str, settings, budg
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| sp | mixer (strategy) | setting | longest sequence | x all off |",
-             "|---:|---|---|---:|---:|"]  # fmt: skip
+    lines = ["| sp | mixer (strategy) | setting | longest sequence | x all off | planner error |",
+             "|---:|---|---|---:|---:|---:|"]  # fmt: skip
     base = {}
     for r in rows:
         key = (r["sp"], r["mixer"])
         base.setdefault(key, r["max_seq_len"])
         ratio = r["max_seq_len"] / base[key] if base[key] else float("inf")
+        error = r.get("planner_error", {}).get(str(r["max_seq_len"]), float("nan"))
         lines.append(f"| {r['sp']} | {r['mixer']} ({r['strategy']}) | {r['setting']} | "
-                     f"{r['max_seq_len']} | {ratio:.1f}x |")  # fmt: skip
+                     f"{r['max_seq_len']} | {ratio:.1f}x | {error:+.1%} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -214,10 +235,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: 2 layers, d_model 64, vocabulary 8K, 40MiB")  # fmt: skip
     parser.add_argument("--out", default="benchmarks/results/max_seq")
+    parser.add_argument("--render", action="store_true",
+                        help="only redo --out's table, planner errors and plot")  # fmt: skip
     args = parser.parse_args()
+    if args.render:
+        render(args.out)
+        return
     model, budget, start = {**MODEL, "vocab_size": args.vocab}, parse_bytes(args.budget), 256
     if args.quick:
-        model |= dict(vocab_size=8192, d_model=64, n_layers=2, ffn_hidden=176)
+        model = dict(QUICK_MODEL)
         budget, start = parse_bytes("40MiB"), 64
     os.makedirs(args.out, exist_ok=True)
     rows = []
@@ -228,11 +254,30 @@ def main() -> None:
               "rows": rows, "environment": environment("gloo", 1)}  # fmt: skip
     with open(os.path.join(args.out, "max_seq.json"), "w") as f:
         json.dump(result, f, indent=1)
-    with open(os.path.join(args.out, "max_seq.md"), "w") as f:
+    render(args.out)
+
+
+def render(out: str) -> None:
+    """``max_seq.md`` and ``max_seq.png`` from ``max_seq.json`` (planner errors recomputed
+    from its measured probes with the current memory model)."""
+    with open(os.path.join(out, "max_seq.json")) as f:
+        result = json.load(f)
+    budget, model, rows = result["budget_bytes"], result["model"], result["rows"]
+    for r in rows:
+        setting = Setting(r["setting"], r["checkpointing"], MemoryConfig(**r["memory"]))
+        r["planner_error"] = {
+            n: predicted_peak(model, r["sp"], r["mixer"], r["strategy"], setting, int(n)) / peak - 1
+            for n, peak in r["probes"].items()
+        }
+    with open(os.path.join(out, "max_seq.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(out, "max_seq.md"), "w") as f:
+        chunk = result["loss_chunk_tokens"]
         f.write(f"Budget {format_bytes(budget)} per rank, model {model}, "
-                f"memory.loss_chunk_tokens={CHUNK}.\n\n{table(rows)}\n")  # fmt: skip
-    plot(rows, os.path.join(args.out, "max_seq.png"), budget, model)
-    print(f"wrote {args.out}/max_seq.json, max_seq.md, max_seq.png")
+                f"memory.loss_chunk_tokens={chunk}.\n\n{table(rows)}\n")  # fmt: skip
+    plot(rows, os.path.join(out, "max_seq.png"), budget, model)
+    print(table(rows))
+    print(f"wrote {out}/max_seq.json, max_seq.md, max_seq.png")
 
 
 if __name__ == "__main__":

@@ -331,3 +331,41 @@ def test_metrics_peak_is_the_tensor_peak_and_drops_with_the_savers(pools, tmp_pa
     logits = 512 * 16384 * 4
     assert peaks["plain"] > params + 2 * logits, peaks
     assert peaks["on"] < peaks["plain"] - logits, peaks
+
+
+@pytest.mark.slow  # about 3 minutes on 2 loaded cores (16K-token softmax steps)
+def test_planner_memory_model_within_15_percent_of_measured_peaks(pools):
+    """The planner's memory model with each saver setting against the measured tensor peak
+    of a training step (one rank, softmax), at lengths where activations dominate."""
+    import memory_cases
+
+    cases = [(0, 2048), (1, 2048), (2, 8192), (3, 16384), (4, 16384)]
+    rows = pools(1).run(memory_cases.planner_vs_measured, cases, timeout=600)[0]
+    assert [r["length"] for r in rows] == [n for _, n in cases]
+    for r in rows:
+        assert abs(r["predicted"] / r["measured"] - 1) <= 0.15, r
+    # the savers lower both, in the same order
+    assert rows[0]["measured"] > 2 * rows[-1]["measured"]
+
+
+def test_planner_memory_follows_the_savers():
+    """Per-token bytes drop with each saver; the fused loss and tiles move bytes from per
+    token to a fixed amount; offload keeps no layer input on the device."""
+    from distseq.planner import Cluster, CostModel, load_profile
+    from distseq.planner.spec import ModelSpec
+
+    spec = ModelSpec.from_config(ModelConfig(vocab_size=131072, d_model=256, n_layers=4,
+                                             n_heads=4, n_kv_heads=2, ffn_hidden=688))  # fmt: skip
+    settings = [(False, PLAIN), (True, PLAIN), (True, MemoryConfig(4096, 1, False)),
+                (True, MemoryConfig(4096, "auto", False)),
+                (True, MemoryConfig(4096, "auto", True))]  # fmt: skip
+    per_token, static = [], []
+    for checkpointing, memory in settings:
+        cost = CostModel(spec, load_profile("cpu_gloo"), Cluster(1, 1, 2**40),
+                         activation_checkpointing=checkpointing, memory=memory)  # fmt: skip
+        kind = cost.kinds(1)[0]
+        per_token.append(kind.bytes_per_token)
+        static.append(kind.static_bytes)
+    assert per_token == sorted(per_token, reverse=True) and len(set(per_token)) == 5, per_token
+    assert static[2] - static[1] == 2 * 4096 * 131072 * 4  # one chunk's logits + probabilities
+    assert static[3] - static[2] == 2 * 4 * 3 * 688 * 256  # one d_model-token MLP tile, twice

@@ -59,3 +59,16 @@ def resolve_mlp_tiles(tiles: int | str, tokens: int, d_model: int) -> int:
     at most one tile per token."""
     count = math.ceil(tokens / d_model) if tiles == "auto" else int(tiles)
     return max(1, min(count, tokens))
+
+
+def memory_config_from_yaml(path: str) -> MemoryConfig:
+    """The checked ``memory:`` section of the training config at ``path`` (schema defaults
+    for what it does not set), for tools that read a config without training it."""
+    from omegaconf import OmegaConf
+
+    section = OmegaConf.select(OmegaConf.load(path), "memory", default=None) or {}
+    merged = OmegaConf.merge(OmegaConf.structured(MemoryConfig), section)
+    mem = OmegaConf.to_object(merged)
+    checkpointing = OmegaConf.select(OmegaConf.load(path), "train.activation_checkpointing")
+    check_memory_config(mem, bool(checkpointing))
+    return mem

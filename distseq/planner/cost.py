@@ -42,6 +42,7 @@ from functools import cached_property
 import numpy as np
 
 from distseq.layout import check_layout, chunks_per_rank
+from distseq.memory.config import PLAIN, MemoryConfig
 from distseq.planner.profile import Link, Profile
 from distseq.planner.spec import Cluster, ModelSpec
 from distseq.strategies import REGISTRY_BY_MIXER
@@ -190,6 +191,10 @@ class CostModel:
     (mixer communication included) during backward. ``linear_layout``: the layout linear layers
     run under; ``zigzag`` gives each rank two pieces, so ``lasp2`` gathers two states per rank,
     the ``ring`` chain runs ``0 → d-1 → 0`` (``2(d-1)`` hops) and ``allscan`` is unavailable.
+    ``memory``: the memory savers in use (:class:`distseq.memory.MemoryConfig`; default all
+    off): the fused loss replaces the per-token float32 logits by one chunk's, tiled MLPs
+    their per-token intermediates by one tile's, offloaded checkpoints drop the kept layer
+    inputs from device memory.
     """
 
     def __init__(
@@ -204,9 +209,11 @@ class CostModel:
         chunk_size: int = 64,
         scan_blocks: int = 8,
         linear_layout: str = "contiguous",
+        memory: MemoryConfig = PLAIN,
     ) -> None:
         check_layout(linear_layout)
         self.model, self.profile, self.cluster = model, profile, cluster
+        self.memory = memory
         self.bytes_per_param = bytes_per_param
         self.shard_states = shard_states
         self.checkpointing = activation_checkpointing
@@ -375,13 +382,19 @@ class CostModel:
             static = params * self.bytes_per_param
         static += self.profile.reserved_bytes
         saved = e * (4 * m.d_model + (2 * m.n_heads + 2 * m.n_kv_heads) * m.head_dim)
-        saved += e * 3 * m.ffn_hidden
+        mlp_static, mlp_per_token = self._mlp_memory(degree)
+        static += mlp_static
+        saved += mlp_per_token
         kv = 2 * m.n_kv_heads * m.head_dim
         all_to_all_heads = 2 * m.n_heads + 2 * sent_kv_heads(m.n_kv_heads, d)  # ulysses: Q,O,K,V
         state = m.n_heads * m.head_dim**2 * 4.0
         per_token = 0.0
         full: list[float] = []
-        transient = [2.0 * m.vocab_size * 4 / d]  # fp32 logits and their gradient
+        # fp32 log-probabilities (kept for the backward), their gradient and the logits'
+        transient = [3.0 * m.vocab_size * 4 / d]
+        if self.memory.loss_chunk_tokens:  # fused loss: one chunk's logits and probabilities
+            transient = [0.0]
+            static += 2.0 * self.memory.loss_chunk_tokens * m.vocab_size * 4
         for layer_type, strategy in combo:
             if layer_type == "softmax":
                 full.append((saved + 4 * m.n_heads) / d)
@@ -395,12 +408,25 @@ class CostModel:
             else:
                 full.append((saved + state / self.chunk_size) / d)
                 static += state * (d if strategy == "lasp2" else 2)
+        offload = self.checkpointing and self.memory.offload_checkpoints
         for (layer_type, _), layer in zip(combo, full):
             kept = e * m.d_model / d if self.checkpointing else layer
+            kept = 0.0 if offload else kept  # the layer inputs wait in host memory
             per_token += m.count(layer_type) * kept
         if self.checkpointing:
             per_token += max(full)  # the layer being recomputed
         return static, per_token + max(transient)
+
+    def _mlp_memory(self, degree: int) -> tuple[float, float]:
+        """``(static, per token of A)`` bytes of one layer's saved MLP intermediates (gate,
+        up, their product): per token, or with ``memory.mlp_tiles`` one tile's at a time
+        (``auto``: tiles of ``d_model`` tokens, a fixed amount, twice for the recomputation's
+        intermediates and their gradients)."""
+        m, e, tiles = self.model, self.profile.elem_bytes, self.memory.mlp_tiles
+        per_token = e * 3 * m.ffn_hidden
+        if tiles == "auto":
+            return 2 * per_token * m.d_model, 0.0
+        return 0.0, per_token / tiles
 
     # ----------------------------------------------------------------- queries
     def bytes_sent(self, degree: int, combo: Combo, lengths) -> float:
@@ -454,6 +480,7 @@ class CostModel:
                 chunk_size=self.chunk_size,
                 scan_blocks=self.scan_blocks,
                 linear_layout=self.linear_layout,
+                memory=self.memory,
             )
         return self.memo[key]
 

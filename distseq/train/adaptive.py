@@ -71,6 +71,7 @@ def planner_cost(cfg: Config, world_size: int, device: torch.device) -> CostMode
         bytes_per_param=16.0,
         shard_states=False,
         activation_checkpointing=cfg.train.activation_checkpointing,
+        memory=cfg.memory,
     )
 
 
