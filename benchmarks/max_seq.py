@@ -217,7 +217,10 @@ def plot(rows: list[dict], path: str, budget: int, model: dict) -> None:
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xscale("log")
-    ax.set_xlabel(f"longest sequence per rank (tokens) under {format_bytes(budget)}, measured")
+    ax.set_xlabel(
+        f"longest sequence (tokens, sp=2: over both ranks) under {format_bytes(budget)}"
+        " per rank, measured"
+    )
     ax.set_title(
         f"d_model {model['d_model']}, vocab {model['vocab_size']}, {model['n_layers']} "
         "layers, fp32 + AdamW, CPU tensor peak",
