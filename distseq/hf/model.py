@@ -18,7 +18,13 @@ from torch import nn
 from distseq.comm import ProcessGroup
 from distseq.hf.apply import apply, check_config
 from distseq.hf.attention import refuse
-from distseq.memory import IGNORE_INDEX, PLAIN, MemoryConfig, linear_cross_entropy, tile_module
+from distseq.memory import (
+    PLAIN,
+    MemoryConfig,
+    linear_cross_entropy,
+    summed_cross_entropy,
+    tile_module,
+)
 from distseq.models.config import ModelConfig
 from distseq.models.context import SequenceContext
 
@@ -237,9 +243,7 @@ class HFCausalLM(nn.Module):
         logits = self.hf(**kwargs).logits.float()
         if labels is None:
             return logits
-        return nn.functional.cross_entropy(
-            logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
+        return summed_cross_entropy(logits, labels)
 
 
 def build_hf_model(

@@ -6,7 +6,7 @@ on.
 """
 
 from distseq.memory.config import PLAIN, MemoryConfig, check_memory_config, resolve_mlp_tiles
-from distseq.memory.loss import IGNORE_INDEX, linear_cross_entropy
+from distseq.memory.loss import IGNORE_INDEX, linear_cross_entropy, summed_cross_entropy
 from distseq.memory.tiling import tile_module, tiled_apply, tiled_module_call
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "check_memory_config",
     "linear_cross_entropy",
     "resolve_mlp_tiles",
+    "summed_cross_entropy",
     "tile_module",
     "tiled_apply",
     "tiled_module_call",

@@ -9,6 +9,7 @@ of the loss is ``chunk_tokens x vocab`` float32 instead of ``tokens x vocab``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 IGNORE_INDEX = -100  # transformers' and torch's label for "no loss here"
 
@@ -105,3 +106,10 @@ def linear_cross_entropy(
     return _LinearCrossEntropy.apply(
         flat, weight, labels.reshape(-1).to(hidden.device), scale, chunk_tokens, dtype
     )
+
+
+def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The plain path: ``Σ`` of the labelled tokens' cross-entropy of float ``logits``
+    ``[..., vocab]`` (``labels`` ``[...]``, ``-100``: no loss)."""
+    return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="sum",
+                           ignore_index=IGNORE_INDEX)  # fmt: skip

@@ -5,11 +5,16 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from distseq.memory import PLAIN, MemoryConfig, linear_cross_entropy, tiled_module_call
+from distseq.memory import (
+    PLAIN,
+    MemoryConfig,
+    linear_cross_entropy,
+    summed_cross_entropy,
+    tiled_module_call,
+)
 from distseq.memory.offload import offload_context
 from distseq.models.config import ModelConfig, check_model_config, layer_mixers
 from distseq.models.context import SequenceContext
@@ -104,4 +109,4 @@ class Decoder(nn.Module):
         logits = self.lm_head(x).float()
         if labels is None:
             return logits
-        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+        return summed_cross_entropy(logits, labels)
