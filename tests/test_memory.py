@@ -4,6 +4,7 @@ one process and trained at sp = 2 (ring softmax, lasp2 linear); bad ``memory.*``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -173,6 +174,23 @@ def test_decoder_memory_savers_match_plain(model):
         _assert_close(_decoder_case(memory, checkpointing, **model), reference)
 
 
+def test_decoder_offloads_each_checkpointed_layer_input(monkeypatch):
+    """With checkpointing and offload the decoder packs exactly one ``[1, S, d_model]``
+    float32 input per layer to the host."""
+    import distseq.models.decoder as decoder_module
+
+    hooks = []
+
+    def recording(enabled: bool):
+        hooks.append(OffloadInputs() if enabled else None)
+        return hooks[-1] if enabled else contextlib.nullcontext()
+
+    monkeypatch.setattr(decoder_module, "offload_context", recording)
+    _decoder_case(ALL_ON, True)
+    assert len(hooks) == 2  # one per layer, forward only (the recomputation is not offloaded)
+    assert [h.packed_bytes for h in hooks] == [40 * 32 * 4] * 2
+
+
 def test_decoder_labels_loss_is_the_logits_cross_entropy():
     """``forward(labels=...)`` on the plain path sums what the logits' cross-entropy gives."""
     torch.manual_seed(0)
@@ -195,6 +213,9 @@ def _hf_case(memory: MemoryConfig, checkpointing: bool) -> list[torch.Tensor]:
     model = build_hf_model(ModelConfig(hf_config={**config, "model_type": "llama"}))
     model.checkpoint_blocks = checkpointing
     model.memory = memory
+    wrapped = [hasattr(layer._gradient_checkpointing_func, "distseq_plain")
+               for layer in model.layers if checkpointing]  # fmt: skip
+    assert wrapped == [memory.offload_checkpoints] * len(wrapped)
     gen = torch.Generator().manual_seed(2)
     tokens = torch.randint(64, (1, 36), generator=gen)
     labels = torch.randint(64, (1, 36), generator=gen)
