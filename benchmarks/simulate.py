@@ -38,6 +38,7 @@ import time
 
 import numpy as np
 
+from distseq.memory.config import PLAIN, MemoryConfig, memory_config_from_yaml
 from distseq.planner import Cluster, CostModel, Profile, load_profile, model_from_dict
 from distseq.planner.cost import combo_name
 from distseq.planner.spec import LAYER_TYPES, config_flag
@@ -86,10 +87,11 @@ def layout_of(mixer: str) -> str:
 
 def cost_model(
     model, profile: Profile, world: int, gpus_per_node: int, memory: int, ckpt: bool,
-    layout: str = "contiguous",
+    layout: str = "contiguous", savers: MemoryConfig = PLAIN,
 ) -> CostModel:  # fmt: skip
     cluster = Cluster(world, gpus_per_node, memory)
-    return CostModel(model, profile, cluster, activation_checkpointing=ckpt, linear_layout=layout)
+    return CostModel(model, profile, cluster, activation_checkpointing=ckpt, linear_layout=layout,
+                     memory=savers)  # fmt: skip
 
 
 def point(cost: CostModel, combo, lengths: list[int]) -> dict:
@@ -128,12 +130,12 @@ def sweep(args, profile: Profile) -> tuple[list[dict], list[dict]]:
     for config in args.configs:
         section = model_section(config)
         ckpt = config_flag(os.path.join(ROOT, config), "train.activation_checkpointing")
+        savers = memory_config_from_yaml(os.path.join(ROOT, config))  # its memory: section
         for mixer in MIXERS:
             model = with_mixer(section, mixer)
             for world in args.gpus:
-                cost = cost_model(
-                    model, profile, world, args.gpus_per_node, args.memory, ckpt, layout_of(mixer)
-                )
+                cost = cost_model(model, profile, world, args.gpus_per_node, args.memory, ckpt,
+                                  layout_of(mixer), savers)  # fmt: skip
                 for combo in cost.combos(world):
                     base = {
                         "config": config,

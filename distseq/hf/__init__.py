@@ -7,6 +7,9 @@ model's code: :func:`apply` routes the model's attention through distseq (transf
     local = distseq.hf.shard_batch(input_ids, position_ids=position_ids, layout="zigzag")
     labels = local.pop("labels")
     loss = distseq.hf.causal_lm_loss(model(**local).logits, labels)
+    # or, never building the [tokens, vocab] logits (fused, chunked):
+    loss = distseq.hf.causal_lm_loss(model.model(**local).last_hidden_state, labels,
+                                     weight=model.lm_head.weight)
 """
 
 from distseq.hf.apply import apply

@@ -12,9 +12,8 @@ import torch
 from distseq.comm import ProcessGroup, resolve_group
 from distseq.hf.attention import CU_SEQLENS_KWARG, LAYOUT_KWARG
 from distseq.layout import check_layout, chunks_per_rank, cu_seqlens
+from distseq.memory.loss import IGNORE_INDEX  # noqa: F401 (re-exported: label "no loss here")
 from distseq.sharding import shard_sequence
-
-IGNORE_INDEX = -100  # transformers' and torch's label for "no loss here"
 
 
 def _check_ids(name: str, t: torch.Tensor) -> None:

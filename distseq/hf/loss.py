@@ -6,6 +6,7 @@ import torch
 
 from distseq.comm import ProcessGroup, all_reduce_sum, resolve_group
 from distseq.hf.batch import IGNORE_INDEX
+from distseq.memory import linear_cross_entropy
 
 DEFAULT_CHUNK_TOKENS = 4096
 
@@ -56,6 +57,7 @@ def causal_lm_loss(
     group: ProcessGroup | None = None,
     *,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """This rank's share of the mean next-token loss over the whole group's batch.
 
@@ -64,11 +66,19 @@ def causal_lm_loss(
     ``Σ local token losses / real tokens of the group``: summed over the ranks it is the
     single-device mean loss, and the ranks' gradients sum to the single-device gradient.
     Computed ``chunk_tokens`` rows at a time, forward and backward.
+
+    With ``weight`` (the output head's ``[V, hidden]``, e.g. ``model.lm_head.weight``) the
+    first argument is the final hidden states ``[B, S_local, hidden]`` instead (e.g.
+    ``model.model(**batch).last_hidden_state``) and the projection is fused into the chunks
+    (:func:`distseq.memory.linear_cross_entropy`): no ``[tokens, V]`` logits exist at all.
+    Only for a model whose logits are exactly ``hidden @ weight.T``
+    (:func:`distseq.hf.model.plain_output_head` returns its weight).
     """
+    width = "hidden" if weight is not None else "vocab"
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(
-            f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)}: expected "
-            "[batch, seq, vocab] and [batch, seq]"
+            f"{'hidden states' if weight is not None else 'logits'} {tuple(logits.shape)} and "
+            f"labels {tuple(labels.shape)}: expected [batch, seq, {width}] and [batch, seq]"
         )
     if chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens={chunk_tokens} must be positive")
@@ -76,5 +86,8 @@ def causal_lm_loss(
     labels = labels.to(logits.device)
     count = all_reduce_sum((labels != IGNORE_INDEX).sum().to(torch.float64), info)
     scale = 1.0 / max(float(count), 1.0)  # one host sync per batch, not per layer
+    if weight is not None:
+        return linear_cross_entropy(logits, weight, labels, chunk_tokens=chunk_tokens,
+                                    scale=scale)  # fmt: skip
     flat = logits.reshape(-1, logits.shape[-1])
     return _SummedCrossEntropy.apply(flat, labels.reshape(-1), scale, chunk_tokens)

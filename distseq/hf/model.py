@@ -18,6 +18,13 @@ from torch import nn
 from distseq.comm import ProcessGroup
 from distseq.hf.apply import apply, check_config
 from distseq.hf.attention import refuse
+from distseq.memory import (
+    PLAIN,
+    MemoryConfig,
+    linear_cross_entropy,
+    summed_cross_entropy,
+    tile_module,
+)
 from distseq.models.config import ModelConfig
 from distseq.models.context import SequenceContext
 
@@ -126,6 +133,44 @@ def check_trainable(model: PreTrainedModel, key: str) -> None:
         raise ValueError(f"{key}: {exc}") from None
 
 
+# Config fields of models whose logits are more than ``lm_head(hidden)`` (scaled or capped).
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def plain_output_head(model: PreTrainedModel) -> torch.Tensor | None:
+    """The output head's weight ``[vocab, hidden]`` when the logits are exactly
+    ``hidden @ weight.T`` (a bias-free linear head, no scaling or capping), else ``None``."""
+    head = model.get_output_embeddings()
+    config = model.config.get_text_config()
+    if not isinstance(head, nn.Linear) or head.bias is not None:
+        return None
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    return head.weight
+
+
+def offload_layer_checkpoints(layers: nn.ModuleList, enabled: bool) -> None:
+    """Run each layer's checkpoint function (set by transformers' gradient checkpointing)
+    under :class:`distseq.memory.offload.OffloadInputs`, so its saved input lives in host
+    memory; ``enabled=False`` restores the plain one."""
+    from distseq.memory.offload import offload_context
+
+    for layer in layers:
+        func = getattr(layer, "_gradient_checkpointing_func", None)
+        func = getattr(func, "distseq_plain", func)
+        if func is None or not enabled:
+            if func is not None:
+                layer._gradient_checkpointing_func = func
+            continue
+
+        def offloaded(*args, _func=func, **kwargs):
+            with offload_context(True):
+                return _func(*args, **kwargs)
+
+        offloaded.distseq_plain = func
+        layer._gradient_checkpointing_func = offloaded
+
+
 class HFCausalLM(nn.Module):
     """A ``transformers`` causal LM called like :class:`distseq.models.Decoder`:
     ``forward(tokens [B, S_local], ctx)`` -> float logits ``[B, S_local, vocab]``.
@@ -140,6 +185,7 @@ class HFCausalLM(nn.Module):
         super().__init__()
         self.hf = model
         self.original_attn_implementation = original_attn_implementation
+        self.memory = PLAIN
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -163,12 +209,41 @@ class HFCausalLM(nn.Module):
             )
         else:
             self.hf.activation_checkpointing_enable({"use_reentrant": False})
+            offload_layer_checkpoints(self.layers, self.memory.offload_checkpoints)
 
-    def forward(self, tokens: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+    @property
+    def memory(self) -> MemoryConfig:
+        """The memory savers in use (:class:`distseq.memory.MemoryConfig`; all off by
+        default): the MLP of every decoder layer is tiled, the offload wraps the layers'
+        checkpoint function."""
+        return self._memory
+
+    @memory.setter
+    def memory(self, options: MemoryConfig) -> None:
+        self._memory = options
+        for layer in self.layers:
+            if isinstance(getattr(layer, "mlp", None), nn.Module):
+                tile_module(layer.mlp, options.mlp_tiles)
+        offload_layer_checkpoints(self.layers, options.offload_checkpoints)
+
+    def forward(
+        self, tokens: torch.Tensor, ctx: SequenceContext, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Float logits ``[B, S_local, vocab]``, or with ``labels`` (``-100``: no loss) the
+        summed loss of the labelled tokens, fused and chunked over the hidden states when
+        ``memory.loss_chunk_tokens`` is set and the output head is a plain projection."""
         positions = ctx.positions.to(tokens.device)[None].expand_as(tokens)
-        out = self.hf(input_ids=tokens, position_ids=positions, distseq_context=ctx,
+        kwargs = dict(input_ids=tokens, position_ids=positions, distseq_context=ctx,
                       use_cache=False)  # fmt: skip
-        return out.logits.float()
+        chunk = self.memory.loss_chunk_tokens
+        head = plain_output_head(self.hf)
+        if labels is not None and chunk and head is not None:
+            hidden = self.hf.get_decoder()(**kwargs).last_hidden_state
+            return linear_cross_entropy(hidden, head, labels, chunk_tokens=chunk)
+        logits = self.hf(**kwargs).logits.float()
+        if labels is None:
+            return logits
+        return summed_cross_entropy(logits, labels)
 
 
 def build_hf_model(

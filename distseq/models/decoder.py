@@ -8,6 +8,14 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from distseq.memory import (
+    PLAIN,
+    MemoryConfig,
+    linear_cross_entropy,
+    summed_cross_entropy,
+    tiled_module_call,
+)
+from distseq.memory.offload import offload_context
 from distseq.models.config import ModelConfig, check_model_config, layer_mixers
 from distseq.models.context import SequenceContext
 from distseq.models.layers import SwiGLU
@@ -24,14 +32,17 @@ class DecoderBlock(nn.Module):
         self.mixer = MIXER_CLASSES[mixer](cfg)
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden)
+        # Sequence tiles of the MLP (memory.mlp_tiles: an integer or "auto"; 1 = plain).
+        self.mlp_tiles: int | str = 1
 
     def forward(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
         x = x + self.mixer(self.mixer_norm(x), ctx)
-        return x + self.mlp(self.mlp_norm(x))
+        return x + tiled_module_call(self.mlp, self.mlp_norm(x), self.mlp_tiles)
 
 
 class Decoder(nn.Module):
-    """Token ids ``[B, S_local]`` (this rank's shard) -> logits ``[B, S_local, vocab]``."""
+    """Token ids ``[B, S_local]`` (this rank's shard) -> logits ``[B, S_local, vocab]``, or
+    with ``labels`` the summed loss of the labelled tokens (see :meth:`forward`)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -44,6 +55,7 @@ class Decoder(nn.Module):
         # Recompute each block in backward (its collectives run again) to keep activation
         # memory at one block per layer boundary.
         self.checkpoint_blocks = False
+        self.memory = PLAIN
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.reset_parameters()
@@ -65,11 +77,36 @@ class Decoder(nn.Module):
             for proj in (block.mixer.wo, block.mlp.w_down):
                 nn.init.normal_(proj.weight, std=std / math.sqrt(2 * self.cfg.n_layers))
 
-    def forward(self, tokens: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+    @property
+    def memory(self) -> MemoryConfig:
+        """The memory savers in use (:class:`distseq.memory.MemoryConfig`; all off by
+        default)."""
+        return self._memory
+
+    @memory.setter
+    def memory(self, options: MemoryConfig) -> None:
+        self._memory = options
+        for block in self.layers:
+            block.mlp_tiles = options.mlp_tiles
+
+    def forward(
+        self, tokens: torch.Tensor, ctx: SequenceContext, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Float32 logits ``[B, S_local, vocab]``; with ``labels`` ``[B, S_local]`` (``-100``:
+        no loss) the float32 sum of the labelled tokens' cross-entropy instead, through the
+        fused chunked loss when ``memory.loss_chunk_tokens`` is set (no logits tensor)."""
         x = self.embed(tokens)
         for block in self.layers:
             if self.checkpoint_blocks and torch.is_grad_enabled():
-                x = checkpoint(block, x, ctx, use_reentrant=False)
+                with offload_context(self.memory.offload_checkpoints):
+                    x = checkpoint(block, x, ctx, use_reentrant=False)
             else:
                 x = block(x, ctx)
-        return self.lm_head(self.norm(x)).float()
+        x = self.norm(x)
+        chunk = self.memory.loss_chunk_tokens
+        if labels is not None and chunk:
+            return linear_cross_entropy(x, self.lm_head.weight, labels, chunk_tokens=chunk)
+        logits = self.lm_head(x).float()
+        if labels is None:
+            return logits
+        return summed_cross_entropy(logits, labels)

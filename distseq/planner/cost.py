@@ -51,6 +51,7 @@ from functools import cached_property
 import numpy as np
 
 from distseq.layout import check_layout, chunks_per_rank
+from distseq.memory.config import PLAIN, MemoryConfig
 from distseq.planner.profile import Link, Profile
 from distseq.planner.spec import Cluster, ModelSpec
 from distseq.strategies import REGISTRY_BY_MIXER
@@ -207,6 +208,10 @@ class CostModel:
     full gradient still lives through each micro-step's backward, as long as the engine
     reduce-scatters after it rather than in buckets during it); 3 shards everything (as
     ``shard_states``). Stages 1–3 charge their collectives in :meth:`sync_time`.
+    ``memory``: the memory savers in use (:class:`distseq.memory.MemoryConfig`; default all
+    off): the fused loss replaces the per-token float32 logits by one chunk's, tiled MLPs
+    their per-token intermediates by one tile's, offloaded checkpoints drop the kept layer
+    inputs from device memory.
     """
 
     def __init__(
@@ -222,12 +227,14 @@ class CostModel:
         scan_blocks: int = 8,
         linear_layout: str = "contiguous",
         zero_stage: int | None = None,
+        memory: MemoryConfig = PLAIN,
     ) -> None:
         check_layout(linear_layout)
         if zero_stage not in (None, 0, 1, 2, 3):
             raise ValueError(f"zero_stage={zero_stage!r}; use 0 (replicated), 1, 2 or 3")
         self.zero_stage = zero_stage
         self.model, self.profile, self.cluster = model, profile, cluster
+        self.memory = memory
         self.bytes_per_param = bytes_per_param
         self.shard_states = shard_states
         self.checkpointing = activation_checkpointing
@@ -440,13 +447,19 @@ class CostModel:
             static = params * self.bytes_per_param
         static += self.profile.reserved_bytes
         saved = e * (4 * m.d_model + (2 * m.n_heads + 2 * m.n_kv_heads) * m.head_dim)
-        saved += e * 3 * m.ffn_hidden
+        mlp_static, mlp_per_token = self._mlp_memory(degree)
+        static += mlp_static
+        saved += mlp_per_token
         kv = 2 * m.n_kv_heads * m.head_dim
         all_to_all_heads = 2 * m.n_heads + 2 * sent_kv_heads(m.n_kv_heads, d)  # ulysses: Q,O,K,V
         state = m.n_heads * m.head_dim**2 * 4.0
         per_token = 0.0
         full: list[float] = []
-        transient = [2.0 * m.vocab_size * 4 / d]  # fp32 logits and their gradient
+        # fp32 log-probabilities (kept for the backward), their gradient and the logits'
+        transient = [3.0 * m.vocab_size * 4 / d]
+        if self.memory.loss_chunk_tokens:  # fused loss: one chunk's logits and probabilities
+            transient = [0.0]
+            static += 2.0 * self.memory.loss_chunk_tokens * m.vocab_size * 4
         for layer_type, planned in combo:
             strategy, ulysses = split_planned(planned)
             if layer_type == "softmax":
@@ -468,8 +481,10 @@ class CostModel:
                 full.append((saved + kept + state / self.chunk_size) / d)
                 gathered = state * (2 if layer_type == "gdn" else 1)  # gdn: A with each state
                 static += gathered * d if strategy == "lasp2" else state * 2
+        offload = self.checkpointing and self.memory.offload_checkpoints
         for (layer_type, _), layer in zip(combo, full):
             kept = e * m.d_model / d if self.checkpointing else layer
+            kept = 0.0 if offload else kept  # the layer inputs wait in host memory
             per_token += m.count(layer_type) * kept
         if self.checkpointing:
             per_token += max(full)  # the layer being recomputed
@@ -491,6 +506,17 @@ class CostModel:
         shard = 4.0 * self.model.params / w  # fp32 bytes each rank sends per ring hop
         collectives = {1: 2, 2: micro_steps + 1, 3: 3 * micro_steps}[self.zero_stage]
         return collectives * sum(self._link(w).time(w - 1, (w - 1) * shard))
+
+    def _mlp_memory(self, degree: int) -> tuple[float, float]:
+        """``(static, per token of A)`` bytes of one layer's saved MLP intermediates (gate,
+        up, their product): per token, or with ``memory.mlp_tiles`` one tile's at a time
+        (``auto``: tiles of ``d_model`` tokens, a fixed amount, twice for the recomputation's
+        intermediates and their gradients)."""
+        m, e, tiles = self.model, self.profile.elem_bytes, self.memory.mlp_tiles
+        per_token = e * 3 * m.ffn_hidden
+        if tiles == "auto":
+            return 2 * per_token * m.d_model, 0.0
+        return 0.0, per_token / tiles
 
     # ----------------------------------------------------------------- queries
     def bytes_sent(self, degree: int, combo: Combo, lengths) -> float:
@@ -545,6 +571,7 @@ class CostModel:
                 scan_blocks=self.scan_blocks,
                 linear_layout=self.linear_layout,
                 zero_stage=self.zero_stage,
+                memory=self.memory,
             )
         return self.memo[key]
 

@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from distseq.kernels import BACKENDS, LINEAR_BACKENDS, unavailable_reason
 from distseq.layout import LAYOUTS, chunks_per_rank
+from distseq.memory.config import MemoryConfig, check_memory_config
 from distseq.models.config import GDN_CONV_SIZE, ModelConfig, check_model_config
 from distseq.planner.spec import ModelSpec
 from distseq.strategies import REGISTRY_BY_MIXER
@@ -177,6 +178,7 @@ class Config:
     out_dir: str = "runs/default"
     planner: str = "static"
     adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 
 # Keys older configs may still set, and what replaces them.
@@ -266,6 +268,7 @@ def validate_config(cfg: Config, world_size: int) -> Config:
     if cfg.planner == "adaptive":
         _check_adaptive(cfg)
     _check_optim(cfg.train)
+    check_memory_config(cfg.memory, cfg.train.activation_checkpointing)
     _check_backends(cfg, spec)
     _check_data(cfg, spec)
     _check_resilience(cfg)

@@ -4,24 +4,31 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from distseq.memory.tracker import TensorPeak
 from distseq.planner.spec import ModelSpec
 
 # Dense bf16 peak FLOP/s per device, for the MFU estimate (override with log.peak_flops).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak allocated CUDA memory, or on CPU the process's peak resident set size."""
+def peak_memory_bytes(device: torch.device, tensors: TensorPeak | None = None) -> int:
+    """Peak allocated CUDA memory; on a CPU the peak bytes of live tensors that ``tensors``
+    (a :class:`~distseq.memory.tracker.TensorPeak` active during the steps) counted, not the
+    resident set size (which includes the runtime, allocator caches and page-level noise)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if tensors is None:
+        raise ValueError(
+            f"peak_memory_bytes on {device.type} needs the TensorPeak tracker that was active "
+            "during the steps (a CPU has no allocator counter)"
+        )
+    return tensors.peak
 
 
 def peak_flops(device: torch.device, override: float | None) -> float | None:

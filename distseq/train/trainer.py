@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from distseq.kernels import describe_backends
+from distseq.memory import IGNORE_INDEX
+from distseq.memory.tracker import TensorPeak
 from distseq.models import Decoder, SequenceContext
 from distseq.planner.spec import ModelSpec
 from distseq.train import checkpoint
@@ -77,7 +79,14 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg, self.mesh).to(self.device)
         self.model.checkpoint_blocks = cfg.train.activation_checkpointing
+        self.model.memory = cfg.memory
         self.engine = build_engine(cfg, self.model, self.mesh)
+        # A CPU has no allocator counter: count live tensors (parameters on from here).
+        self.tensor_peak = None if self.device.type == "cuda" else TensorPeak(self.device.type)
+        if self.tensor_peak is not None:
+            groups = self.engine.optimizer.param_groups  # DeepSpeed: its flat partitions
+            held = [p for group in groups for p in group["params"]]
+            self.tensor_peak.track([*self.model.parameters(), *self.model.buffers(), *held])
         self.scheduler: AdaptiveScheduler | None = None
         if cfg.planner == "adaptive":
             self.loader = DocumentLoader(cfg)
@@ -165,6 +174,19 @@ class Trainer:
             self.nonfinite_in_a_row = 0
         return grad_norm, skipped
 
+    def _local_loss(self, tokens: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                    ctx: SequenceContext) -> torch.Tensor:  # fmt: skip
+        """Sum of this shard's masked token losses; with ``memory.loss_chunk_tokens`` the model
+        computes it by the fused chunked loss (no ``[S_local, vocab]`` logits)."""
+        if self.cfg.memory.loss_chunk_tokens:
+            labels = targets.masked_fill(~mask.bool(), IGNORE_INDEX)
+            with self._autocast():
+                return self.engine.module(tokens, ctx, labels)
+        with self._autocast():
+            logits = self.engine.module(tokens, ctx)
+        token_loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+        return (token_loss * mask.flatten()).sum()
+
     def train_step(self) -> dict:
         """One optimizer step; returns its ``loss`` (global mean), ``grad_norm``,
         ``real_tokens``, ``tokens``, ``skipped`` and, when adaptive, the plan's summary."""
@@ -186,12 +208,7 @@ class Trainer:
                 for t in (seq.tokens, seq.targets, seq.loss_mask)
             )
             with self.engine.accumulate(sync=index == len(work) - 1):
-                with self._autocast():
-                    logits = self.engine.module(tokens, ctx)
-                token_loss = F.cross_entropy(
-                    logits.flatten(0, 1), targets.flatten(), reduction="none"
-                )
-                local = (token_loss * mask.flatten()).sum()
+                local = self._local_loss(tokens, targets, mask, ctx)
                 self.engine.backward(local * scale)
             loss_sum += local.detach().double()
             self.engine.end_micro_step()
@@ -213,12 +230,14 @@ class Trainer:
         try:
             while self.step < cfg.train.steps:
                 start = time.perf_counter()
-                result = self.train_step()
+                with self.tensor_peak or contextlib.nullcontext():
+                    result = self.train_step()
                 self.step += 1
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 elapsed = time.perf_counter() - start
-                memory = torch.tensor([peak_memory_bytes(self.device)], device=self.device)
+                memory = torch.tensor([peak_memory_bytes(self.device, self.tensor_peak)],
+                                      device=self.device)  # fmt: skip
                 dist.all_reduce(memory, op=dist.ReduceOp.MAX)
                 tokens = result["tokens"]
                 record = {
