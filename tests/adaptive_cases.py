@@ -40,4 +40,9 @@ def adaptive_run(rank: int, world: int, overrides: list[str], steps=None) -> dic
         trainer.scheduler.solve = lambda lengths: fixed_plan(steps, world, lengths)
     result = fit_and_collect(trainer)
     result["prefetched"] = trainer.scheduler.prefetched
+    result["engine"] = type(trainer.engine).__name__
+    moments = [s["exp_avg"] for s in trainer.engine.optimizer.state.values()]
+    local = [m.to_local() if hasattr(m, "to_local") else m for m in moments]  # FSDP: DTensor
+    result["adam_elements"] = sum(m.numel() for m in local)  # this rank's (rank 0's)
+    result["parameters"] = sum(p.numel() for p in trainer.model.parameters())
     return result

@@ -195,6 +195,89 @@ def test_milp_matches_brute_force(model, world, n, seed):
     assert plan.predicted_step_time_s == pytest.approx(expected, rel=1e-3)
 
 
+@pytest.mark.parametrize(
+    "model,world,n,seed",
+    [(TOY, 4, 6, 20), (TOY, 8, 6, 21), (TOY_HYBRID, 8, 5, 22), (TOY, 8, 7, 23), (TOY, 2, 6, 24)],
+)
+def test_lp_bound_is_valid_against_brute_force(model, world, n, seed):
+    """bound <= optimum <= plan, and the LP (communication included) is at least the work
+    bound and strictly above it where slow links make large groups costly."""
+    from distseq.planner.bound import lp_bound
+
+    cluster = Cluster(world, 4, parse_bytes("64GiB"))
+    cost = CostModel(model, TOY_PROFILE, cluster)
+    lengths = _lognormal(n, seed, mean=8.5, sigma=1.2, cap=60_000)
+    plan = plan_batch(lengths, cluster, model, TOY_PROFILE, cost=cost, time_limit=60)
+    optimum = _brute_force(lengths, cost)
+    assert plan.lower_bound_s <= optimum * (1 + 1e-9)
+    assert optimum <= plan.predicted_step_time_s * (1 + 1e-9)
+    parts = plan.solver["bound"]
+    assert parts["lp_status"] == "optimal" and parts["lp_s"] == plan.lower_bound_s
+    assert parts["lp_s"] >= parts["work_s"]
+    # Brute force enumerates one-step plans: the split MILP's bound holds for them.
+    assert parts["lp_s"] <= parts["one_step_s"] <= optimum * (1 + 1e-9)
+    # Rounding lengths down to a coarse grid keeps it valid (and no higher).
+    coarse = lp_bound(lengths, cost, exact=1, grid=1.0)
+    assert coarse.units < n and coarse.seconds <= plan.lower_bound_s * (1 + 1e-9)
+
+
+def test_lp_bound_sees_communication():
+    """On the web fixture at 64 ranks the LP, which charges the messages, lies >5% above the
+    work bound (compute only where overlap hides the links) and within 10% of the plan."""
+    cluster = Cluster(64, 8, parse_bytes("80GiB"))
+    lengths = load_lengths(os.path.join(FIXTURES, "web.csv")).sample(
+        1_000_000, np.random.default_rng(1)
+    )
+    plan = plan_batch(lengths, cluster, MODEL_7B, H100, time_limit=0.3)
+    parts = plan.solver["bound"]
+    assert parts["lp_s"] > 1.05 * parts["work_s"]
+    assert plan.gap_to_lower_bound < 0.10 and plan.lower_bound_s == parts["lp_s"]
+
+
+def _web(n: int, seed: int) -> np.ndarray:
+    dist = load_lengths(os.path.join(FIXTURES, "web.csv"))
+    rng = np.random.default_rng(seed)
+    return rng.choice(dist.lengths, size=n, p=dist.counts / dist.counts.sum())
+
+
+@pytest.mark.parametrize(
+    "model,world,lengths,better",
+    [
+        (MODEL_7B, 256, _web(1200, 0), 0.95),  # the split MILP beats the greedy by >5%
+        (HYBRID, 64, _lognormal(400, 1), None),  # 9 strategy pairs per degree
+    ],
+)
+def test_split_milp_at_scale_is_never_worse_than_the_heuristic(model, world, lengths, better):
+    cluster = Cluster(world, 8, parse_bytes("80GiB"))
+    plan = plan_batch(lengths, cluster, model, H100)
+    greedy = plan_batch(lengths, cluster, model, H100, use_milp=False)
+    _check_valid(plan, cluster, CostModel(model, H100, cluster))
+    assert plan.predicted_step_time_s <= greedy.predicted_step_time_s * (1 + 1e-12)
+    assert any(s.startswith("split ") for s in plan.solver["milp_status"])
+    bound = plan.solver["bound"]
+    assert bound["lp_s"] <= bound.get("one_step_s", bound["lp_s"]) <= plan.predicted_step_time_s
+    if better is not None:
+        assert plan.solver["source"] == ["milp"]
+        assert plan.predicted_step_time_s < better * greedy.predicted_step_time_s
+
+
+def test_split_milp_proposes_splits_within_the_ranks():
+    """Each target's split uses every rank, aligned power-of-two groups only, and a target
+    below the LP bound is infeasible (the fluid model is a relaxation of one micro-step)."""
+    from distseq.planner.bound import lp_bound
+    from distseq.planner.split_milp import SplitModel
+
+    cluster = Cluster(64, 8, parse_bytes("80GiB"))
+    cost = CostModel(MODEL_7B, H100, cluster)
+    lengths = _web(300, 3)
+    bound = lp_bound(lengths, cost).seconds
+    model = SplitModel(lengths, cost)
+    split, status = model.solve(bound * 1.2, 10.0)
+    assert status == "optimal" and sum(d * n for d, n in split) == 64
+    assert all(d & (d - 1) == 0 for d, _ in split)
+    assert model.solve(bound * 0.97, 10.0) == (None, "infeasible")
+
+
 def test_deterministic():
     cluster = Cluster(64, 8, parse_bytes("80GiB"))
     lengths = _lognormal(400, 5)
@@ -393,6 +476,36 @@ def test_cli_dry_run_end_to_end(tmp_path, capsys):
         assert {"ranks", "strategy", "sequences", "predicted_time_s"} <= set(group)
         assert p["world_size"] == 16 and sum(p["lengths"]) >= 256_000
     assert (out / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_7b_dry_run_fits_80gb_only_with_sharded_states(capsys):
+    """Replicated fp32 states (16 B/param) of the 7B model exceed 80 GiB on every rank; ZeRO
+    stage 1, 2 or 3 over 64 ranks fits, and its plans pay the collectives."""
+    args = [
+        "dry-run", "--lengths", os.path.join(FIXTURES, "web.csv"), "--gpus", "64",
+        "--memory", "80GiB", "--model", os.path.join(ROOT, "configs", "planner_7b.yaml"),
+        "--tokens-per-step", "256k", "--time-limit", "0.1",
+    ]  # fmt: skip
+    assert main([*args, "--zero-stage", "0"]) == 2
+    assert "fits no group" in capsys.readouterr().err
+    for stage in (1, 2, 3):
+        assert main([*args, "--zero-stage", str(stage)]) == 0, capsys.readouterr().err
+    cluster = Cluster(64, 8, parse_bytes("80GiB"))
+    lengths = _web(200, 4)
+    plans = {}
+    for stage in (1, 2):
+        cost = CostModel(MODEL_7B, H100, cluster, zero_stage=stage)
+        plans[stage] = plan_batch(lengths, cluster, MODEL_7B, H100, cost=cost)
+        _check_valid(plans[stage], cluster, cost)
+        steps = len(plans[stage].micro_steps)
+        groups = sum(m.predicted_time_s for m in plans[stage].micro_steps)
+        sync = plans[stage].predicted_step_time_s - groups
+        assert sync == pytest.approx(cost.sync_time(steps)) and sync > 0
+        # 8 B/param whole (weights, the micro-step's gradient); Adam moments (and the
+        # stage-2 gradient shard) over 64 ranks
+        assert cost.group_cost(1, cost.combos(1)[0]).static_bytes == pytest.approx(
+            MODEL_7B.params * (8 + 4 * (stage + 1) / 64) + H100.reserved_bytes
+        )
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 import adaptive_cases
 import train_cases
@@ -114,6 +115,62 @@ def test_three_ranks_fixed_plan(pools, reference, tmp_path):
     assert_same(run(pools, 3, [*MIXED, f"out_dir={tmp_path}"], steps), reference([]), "3 ranks")
 
 
+# Micro-steps mixing degrees, each leaving ranks idle (a rank idle in a micro-step still
+# joins stage 2's reduce-scatter of it).
+SHARDED = {
+    3: [[((0, 1), {"softmax": "allgather"}), ((2,), SOFTMAX)], [((1,), SOFTMAX)]],
+    4: FIXED["softmax"][1],
+}
+
+
+# Every stage on 3 and 4 ranks; the default run keeps one case per stage (``-m slow``: all).
+@pytest.mark.parametrize(
+    ("world", "stage"),
+    [
+        (3, 2),
+        (4, 1),
+        (4, 3),
+        *(pytest.param(w, st, marks=pytest.mark.slow) for w, st in [(4, 2), (3, 1), (3, 3)]),
+    ],
+)
+def test_sharded_states_match_one_process(pools, reference, tmp_path, world, stage):
+    """ZeRO stage 1/2 (:mod:`distseq.train.zero`) and 3 (FSDP2, idle ranks running a dummy
+    micro-batch) over all ranks: losses and every gradient (gathered from the shards) equal
+    one process training on the same batches."""
+    overrides = [*MIXED, f"adaptive.zero_stage={stage}", f"out_dir={tmp_path}"]
+    got = run(pools, world, overrides, SHARDED[world])
+    if stage == 3:
+        assert got["engine"] == "AdaptiveFSDPEngine"
+        # FSDP shards each tensor's first dimension: about 1/world, padding included
+        assert got["adam_elements"] < 1.5 * got["parameters"] / world
+    else:
+        assert got["engine"] == "ShardedEngine"
+        assert got["adam_elements"] == -(-got["parameters"] // world)  # a 1/world shard
+    assert_same(got, reference([]), f"zero stage {stage} on {world} ranks")
+
+
+def test_stage_3_idle_rank_runs_a_hybrid_dummy(pools, reference, tmp_path):
+    """Stage 3 with linear and softmax layers: the idle rank's dummy micro-batch (8 tokens on
+    a one-rank group) runs through every mixer and leaves every gradient exact."""
+    overrides, steps = FIXED["hybrid"]  # rank 2 idle in the second micro-step
+    got = run(pools, 4, [*MIXED, *overrides, "adaptive.zero_stage=3", f"out_dir={tmp_path}"],
+              steps)  # fmt: skip
+    assert_same(got, reference(overrides), "zero stage 3, hybrid", GATE_TOL)
+
+
+@pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_sharded_states_resume_reproduces_the_run(pools, tmp_path, stage):
+    common = [*MIXED, f"adaptive.zero_stage={stage}", "train.steps=4", f"out_dir={tmp_path}",
+              "checkpoint.every=2"]  # fmt: skip
+    steps = SHARDED[3]
+    full = run(pools, 3, common, steps)
+    resumed = run(pools, 3, [*common, f"checkpoint.resume={tmp_path}/checkpoints/step_2"], steps)
+    assert [r["step"] for r in resumed["history"]] == [3, 4]
+    assert resumed["losses"] == pytest.approx(full["losses"][2:], rel=1e-6)
+    for name, grad in full["grads"].items():
+        assert torch.allclose(resumed["grads"][name], grad, rtol=1e-6, atol=0), name
+
+
 def test_resume_reproduces_adaptive_losses(pools, tmp_path):
     common = [*MIXED, *TIGHT, "train.steps=4", f"out_dir={tmp_path}", "checkpoint.every=2"]
     full = run(pools, 2, common)
@@ -141,6 +198,7 @@ def test_sequence_that_fits_nowhere_is_refused_on_every_rank(pools, tmp_path):
         ("adaptive.profile=nope", "adaptive.profile"),
         ("adaptive.memory=lots", "adaptive.memory"),
         ("adaptive.gpus_per_node=3", "adaptive.gpus_per_node"),
+        ("adaptive.zero_stage=4", "adaptive.zero_stage"),
     ),
 )
 def test_bad_adaptive_config_names_key(override, key):

@@ -33,6 +33,9 @@ def train_run(rank: int, world: int, overrides: list[str]) -> dict:
 
 def fit_and_collect(trainer: Trainer) -> dict:
     history = trainer.fit()
+    if hasattr(trainer.engine, "gathered_gradients"):  # sharded: collective, every rank
+        grads = trainer.engine.gathered_gradients()
+        return {"losses": [r["loss"] for r in history], "grads": grads, "history": history}
     grads = {}
     for name, param in trainer.model.named_parameters():
         grad = param.grad

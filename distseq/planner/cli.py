@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 
+from distseq.planner.cost import CostModel
 from distseq.planner.lengths import LengthDistribution, load_lengths
 from distseq.planner.plan import Plan, write_plans
 from distseq.planner.profile import load_profile
@@ -49,6 +50,14 @@ def _parser() -> argparse.ArgumentParser:
         choices=["auto", "on", "off"],
         default="auto",
         help="auto: train.activation_checkpointing of the --model config",
+    )
+    dry.add_argument(
+        "--zero-stage",
+        type=int,
+        choices=[0, 1, 2, 3],
+        default=None,
+        help="the adaptive trainer's states: 0 replicated, 1/2/3 ZeRO-sharded over all ranks "
+        "(default: fully sharded, FSDP-style, its collectives not charged)",
     )
     dry.add_argument(
         "--time-limit",
@@ -95,7 +104,7 @@ def _table(plans: list[Plan]) -> None:
         "static (s)",
         "speed-up",
         "LB (s)",
-        "gap",
+        "gap to LB",
         "idle",
         "pad",
         "solve (s)",
@@ -132,15 +141,15 @@ def dry_run(args: argparse.Namespace) -> list[Plan]:
         args.activation_checkpointing == "auto"
         and config_flag(args.model, "train.activation_checkpointing")
     )
+    cost = CostModel(
+        model,
+        profile,
+        cluster,
+        activation_checkpointing=checkpointing,
+        zero_stage=args.zero_stage,
+    )
     plans = [
-        plan_batch(
-            b,
-            cluster,
-            model,
-            profile,
-            time_limit=args.time_limit,
-            activation_checkpointing=checkpointing,
-        )
+        plan_batch(b, cluster, model, profile, cost=cost, time_limit=args.time_limit)
         for b in batches
     ]
     _table(plans)

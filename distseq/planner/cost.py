@@ -201,6 +201,12 @@ class CostModel:
     (mixer communication included) during backward. ``linear_layout``: the layout linear layers
     run under; ``zigzag`` gives each rank two pieces, so ``lasp2`` gathers two states per rank,
     the ``ring`` chain runs ``0 → d-1 → 0`` (``2(d-1)`` hops) and ``allscan`` is unavailable.
+    ``zero_stage`` (the adaptive trainer's engines, fp32 weights; overrides ``shard_states``):
+    0 replicates weights, gradients and Adam moments (16 B/param); 1 shards the moments over
+    all ranks (8 B + 8 B/W); 2 also accumulates the gradient as a shard (8 B + 12 B/W: the
+    full gradient still lives through each micro-step's backward, as long as the engine
+    reduce-scatters after it rather than in buckets during it); 3 shards everything (as
+    ``shard_states``). Stages 1–3 charge their collectives in :meth:`sync_time`.
     """
 
     def __init__(
@@ -215,8 +221,12 @@ class CostModel:
         chunk_size: int = 64,
         scan_blocks: int = 8,
         linear_layout: str = "contiguous",
+        zero_stage: int | None = None,
     ) -> None:
         check_layout(linear_layout)
+        if zero_stage not in (None, 0, 1, 2, 3):
+            raise ValueError(f"zero_stage={zero_stage!r}; use 0 (replicated), 1, 2 or 3")
+        self.zero_stage = zero_stage
         self.model, self.profile, self.cluster = model, profile, cluster
         self.bytes_per_param = bytes_per_param
         self.shard_states = shard_states
@@ -419,7 +429,11 @@ class CostModel:
     def _memory(self, degree: int, combo: Combo) -> tuple[float, float]:
         m, e, d = self.model, self.profile.elem_bytes, degree
         params = m.params
-        if self.shard_states:
+        if self.zero_stage is not None and self.zero_stage < 3:
+            world = self.cluster.world_size
+            whole, sharded = {0: (16.0, 0.0), 1: (8.0, 8.0), 2: (8.0, 12.0)}[self.zero_stage]
+            static = params * (whole + sharded / world)
+        elif self.shard_states or self.zero_stage == 3:
             static = params * self.bytes_per_param / self.cluster.world_size
             static += 2 * max(m.block_params) * e  # the gathered layers in flight
         else:
@@ -460,6 +474,23 @@ class CostModel:
         if self.checkpointing:
             per_token += max(full)  # the layer being recomputed
         return static, per_token + max(transient)
+
+    def sync_time(self, micro_steps: int) -> float:
+        """Seconds of the sharded states' collectives in a step of ``micro_steps``: stage 1
+        reduce-scatters the fp32 gradients once, stage 2 after every micro-step (every rank
+        joins, idle or not); both all-gather the updated weights. Stage 3 gathers the weights
+        in every micro-step's forward and again in its backward, and reduce-scatters the
+        gradients (FSDP prefetches and overlaps them with compute, which is not credited:
+        pessimistic). Flat rings over the whole world (the inter-node link once the world
+        spans nodes). 0 without ``zero_stage``."""
+        if not self.zero_stage:
+            return 0.0
+        w = self.cluster.world_size
+        if w == 1:
+            return 0.0
+        shard = 4.0 * self.model.params / w  # fp32 bytes each rank sends per ring hop
+        collectives = {1: 2, 2: micro_steps + 1, 3: 3 * micro_steps}[self.zero_stage]
+        return collectives * sum(self._link(w).time(w - 1, (w - 1) * shard))
 
     # ----------------------------------------------------------------- queries
     def bytes_sent(self, degree: int, combo: Combo, lengths) -> float:
@@ -513,6 +544,7 @@ class CostModel:
                 chunk_size=self.chunk_size,
                 scan_blocks=self.scan_blocks,
                 linear_layout=self.linear_layout,
+                zero_stage=self.zero_stage,
             )
         return self.memo[key]
 

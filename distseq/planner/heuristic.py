@@ -95,10 +95,16 @@ def kind_of(cost: CostModel, degree: int, combo: Combo | None) -> _Kind:
 
 
 def greedy_fill(
-    split: Split, items: Items, cost: CostModel, combo: Combo | None = None
+    split: Split,
+    items: Items,
+    cost: CostModel,
+    combo: Combo | None = None,
+    target: float | None = None,
 ) -> Schedule | None:
     """Longest-first: each item goes to the group where it finishes earliest (``None`` when some
-    item fits no group's memory)."""
+    item fits no group's memory). With a ``target`` makespan, it goes to the smallest degree
+    whose least-loaded group still finishes within it (the cheapest place in rank-time), and
+    only where none does, to the earliest finish."""
     col = {d: items.degrees.index(d) for d, _ in split}
     kinds = {d: kind_of(cost, d, combo) for d, _ in split}
     loads = {d: [[0.0, 0.0] for _ in range(n)] for d, n in split}
@@ -106,6 +112,7 @@ def greedy_fill(
     heaps = {d: [(0.0, g) for g in range(n)] for d, n in split}
     for i, m in enumerate(items.members):
         best = (math.inf, 0, 0)
+        best_key = (True, math.inf, math.inf)
         for d, _ in split:
             a, q = items.tokens[i, col[d]], items.squares[i, col[d]]
             if a > kinds[d].capacity:
@@ -120,8 +127,10 @@ def greedy_fill(
                     t = kinds[d].time(load[g][0] + a, load[g][1] + q)
                     if t < math.inf:
                         break
-            if (t, d) < best[:2]:
-                best = (t, d, g)
+            within = target is not None and t <= target
+            key = (False, d, t) if within else (True, t, d)
+            if key < best_key:
+                best, best_key = (t, d, g), key
         t, d, g = best
         if t == math.inf:
             return None
@@ -163,7 +172,7 @@ def all_splits(world: int, degrees: list[int], limit: int) -> list[Split] | None
     return out if rec(0, world, []) else None
 
 
-def _fill_leftover(counts: Counter, left: int) -> Split:
+def fill_leftover(counts: Counter, left: int) -> Split:
     d = 1
     while left:
         if left & d:
@@ -210,7 +219,7 @@ def demand_splits(items: Items, cost: CostModel, lower: float, upper: float) -> 
                 break
         used = sum(d * n for d, n in counts.items())
         if feasible and used <= w:
-            found.append(_fill_leftover(counts, w - used))
+            found.append(fill_leftover(counts, w - used))
             hi = target
         else:
             lo = target

@@ -37,26 +37,28 @@ class MilpResult:
     gap: float | None
 
 
-class _Rows:
-    """Sparse constraint rows ``lb <= Σ coef·x <= ub`` collected as COO triplets."""
+class Rows:
+    """Sparse constraint rows ``lb <= Σ coef·x <= ub`` collected as COO triplets (shared by
+    the planner's MILPs and the LP bound)."""
 
     def __init__(self) -> None:
-        self.r: list[int] = []
-        self.c: list[int] = []
-        self.v: list[float] = []
+        self.r: list[np.ndarray] = []
+        self.c: list[np.ndarray] = []
+        self.v: list[np.ndarray] = []
         self.lb: list[float] = []
         self.ub: list[float] = []
 
     def add(self, cols, vals, lb: float, ub: float) -> None:
-        row = len(self.lb)
-        self.r.extend([row] * len(cols))
-        self.c.extend(cols)
-        self.v.extend(vals)
+        cols = np.asarray(cols, dtype=np.int64)
+        self.r.append(np.full(cols.size, len(self.lb), dtype=np.int64))
+        self.c.append(cols)
+        self.v.append(np.asarray(vals, dtype=np.float64))
         self.lb.append(lb)
         self.ub.append(ub)
 
     def constraint(self, n: int) -> LinearConstraint:
-        a = coo_matrix((self.v, (self.r, self.c)), shape=(len(self.lb), n)).tocsr()
+        r, c, v = (np.concatenate(x) for x in (self.r, self.c, self.v))
+        a = coo_matrix((v, (r, c)), shape=(len(self.lb), n)).tocsr()
         return LinearConstraint(a, self.lb, self.ub)
 
 
@@ -95,7 +97,7 @@ def solve_milp(
     if upper_bound is not None:
         hi[m_col] = upper_bound
 
-    rows = _Rows()
+    rows = Rows()
     tok_s, sq_s, tok_b, sq_b = {}, {}, {}, {}
     for d in {c.kind.degree for c in candidates}:
         p = padded(lengths, d).astype(np.float64)

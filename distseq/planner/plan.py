@@ -47,8 +47,9 @@ class StaticSummary:
 @dataclass(frozen=True)
 class Plan:
     """A step's plan. ``predicted_step_time_s`` is the sum over micro-steps (run one after
-    another); ``lower_bound_s`` = max(Σ best-case work / world size, longest sequence's best
-    time); ``idle_fraction``: rank-time spent idle; ``padding_fraction``: padded tokens / tokens.
+    another); ``lower_bound_s``: a bound no plan of the batch can beat, communication
+    included (:mod:`distseq.planner.bound`; ``solver["bound"]`` holds its parts);
+    ``idle_fraction``: rank-time spent idle; ``padding_fraction``: padded tokens / tokens.
     """
 
     world_size: int
@@ -65,11 +66,18 @@ class Plan:
 
     @property
     def gap_to_lower_bound(self) -> float:
+        """How far above optimal the plan can be (0.05: at most 5%)."""
         return self.predicted_step_time_s / self.lower_bound_s - 1.0
+
+    @property
+    def gap_to_static(self) -> float:
+        """How much faster than the best static plan (0.2: 20% less time)."""
+        return 1.0 - self.predicted_step_time_s / self.static_best.predicted_step_time_s
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out["gap_to_lower_bound"] = self.gap_to_lower_bound
+        out["gap_to_static"] = self.gap_to_static
         return out
 
     @classmethod

@@ -2,10 +2,14 @@
 
 Per micro-step: greedy fills of candidate splits (every homogeneous split, splits from a dual
 search on the makespan, all splits when there are few, then neighbours of the best) give the
-warm start; the MILP (:mod:`distseq.planner.milp`) on the degrees and strategies those use,
-with the longest sequences placed one by one and the rest in length buckets, tries to beat it
-under a time limit. Every candidate is scored on the true lengths, and the result is never
-worse than the best static plan (one degree and strategy for every sequence).
+incumbent. Up to 64 sequences, the slot MILP (:mod:`distseq.planner.milp`) on the degrees
+and strategies those use, with the longest sequences placed one by one and the rest in length
+buckets, tries to beat it under a time limit; above that, the split MILP
+(:mod:`distseq.planner.split_milp`) bisects a target makespan between the LP bound and the
+incumbent, and each split it proposes is filled aiming at the target. Every candidate is scored
+on the true lengths and replaces the incumbent only when better, so the plan is never worse
+than the heuristic's, nor than the best static plan (one degree and strategy for every
+sequence). ``lower_bound_s`` is the LP bound of :mod:`distseq.planner.bound`.
 """
 
 from __future__ import annotations
@@ -18,18 +22,27 @@ from collections import Counter
 import numpy as np
 
 from distseq.planner import heuristic
+from distseq.planner.bound import lp_bound
 from distseq.planner.cost import CostModel, padded, sums, work_floor
 from distseq.planner.milp import Candidate, solve_milp
 from distseq.planner.plan import GroupPlan, MicroStep, Plan, StaticSummary
 from distseq.planner.profile import Profile
 from distseq.planner.schedule import Schedule, Scored, score
 from distseq.planner.spec import Cluster, ModelSpec
+from distseq.planner.split_milp import SplitModel, one_step_bound
 from distseq.planner.units import format_bytes
 
 EXACT_SEQUENCES, EXACT_RANKS = 12, 8  # up to here the MILP sees every split and strategy
 LOCAL_SEARCH_FILLS = 24
-# Above this many sequences in a micro-step HiGHS found no better plan than the warm start
-# within its time limit in any benchmark batch (0 of 80 web/code batches), so it is skipped.
+SPLIT_ROUNDS = 3  # bisection steps of the split MILP's target makespan per micro-step
+# ... and per plan, shared by its micro-steps (a count, not a clock, so plans do not depend
+# on the machine's speed): 40 micro-steps of ~100 sequences on 8 ranks took 101 split MILPs
+# (4 s) and none improved on the greedy.
+SPLIT_ROUNDS_PER_PLAN = 12
+ONE_STEP_ROUNDS = 8  # bisection rounds of the one-step bound of a small batch
+SPLIT_LIMIT = 5.0  # seconds per split MILP: a guard (4096 sequences on 1024 ranks: ~0.3 s)
+# Up to this many sequences in a micro-step the slot MILP (one binary per sequence and group)
+# runs; above it, the split MILP (:mod:`distseq.planner.split_milp`), which counts groups.
 MILP_MAX_SEQUENCES = 64
 
 
@@ -117,7 +130,9 @@ class _StepSolver:
         self.max_items, self.time_limit, self.node_limit = max_items, time_limit, node_limit
         self.use_milp = use_milp
         self.step_limit = time_limit
-        self.info: dict = {"milp_status": [], "milp_gap": [], "source": []}
+        self.split_limit = SPLIT_LIMIT
+        self.split_rounds = SPLIT_ROUNDS
+        self.info: dict = {"milp_status": [], "milp_gap": [], "source": [], "one_step_bound": []}
         self._items: dict[tuple[int, ...], heuristic.Items] = {}
 
     def _score_split(self, split, items, index, combo=None) -> Scored | None:
@@ -128,8 +143,10 @@ class _StepSolver:
         return score(sched, self.lengths, self.cost)
 
     def share_budget(self, steps: int) -> None:
-        """Split the MILP time budget evenly over ``steps`` micro-steps."""
+        """Split the MILP time budget and the split MILP's rounds evenly over ``steps``
+        micro-steps."""
         self.step_limit = self.time_limit / steps
+        self.split_rounds = min(SPLIT_ROUNDS, SPLIT_ROUNDS_PER_PLAN // steps)
 
     def items(self, index: np.ndarray) -> heuristic.Items:
         key = tuple(index.tolist())
@@ -177,7 +194,17 @@ class _StepSolver:
                 cand = scored[split]
                 if cand is not None and cand.key < best.key:
                     best, improved = cand, True
-        source = "greedy"
+        # The greedy's best is the incumbent: the MILP's plans replace it only when better,
+        # so a plan is never worse than the heuristic's.
+        from_milp = None
+        large = len(index) > MILP_MAX_SEQUENCES and self.split_rounds > 0
+        if self.use_milp and large and best.makespan > lower * 1.005:
+            # A coarse LP (valid, ~1.5% looser, a third of the time) brackets the bisection.
+            lower = lp_bound(lengths, cost, floor=lower, exact=16, grid=0.05).seconds
+            found = self._split_milp(index, lower, best.makespan)
+            if found is not None and found.key < best.key:
+                best = from_milp = found
+        source = "milp" if best is from_milp else "greedy"
         useful = len(index) <= MILP_MAX_SEQUENCES and best.makespan > lower * 1.005
         if self.use_milp and useful:
             ranked = sorted((s for s in scored.values() if s is not None), key=lambda s: s.key)
@@ -185,6 +212,39 @@ class _StepSolver:
             if result is not None and result.key < best.key:
                 best, source = result, "milp"
         self.info["source"].append(source)
+        return best
+
+    def _split_milp(self, index: np.ndarray, lower: float, upper: float) -> Scored | None:
+        """Bisect the target makespan between ``lower`` and ``upper``: at each target the split
+        MILP (:mod:`distseq.planner.split_milp`) proposes a split, which the greedy fills
+        with every sequence as its own item, aiming at the target; the best realization on
+        the true lengths is returned. The bisection follows the fluid model's feasibility."""
+        model = SplitModel(self.lengths[index], self.cost)
+        items = heuristic.make_items(self.lengths[index], self.cost.cluster.degrees(), len(index))
+        best, lo, hi = None, lower, upper
+        for _ in range(self.split_rounds):
+            target = math.sqrt(lo * hi)
+            split, status = model.solve(target, self.split_limit)
+            self.info["milp_status"].append(f"split {status}")
+            if split is None:
+                if status != "infeasible":
+                    break  # out of time: a harder target would not solve either
+                lo = target
+            else:
+                hi = target
+                sched = heuristic.greedy_fill(split, items, self.cost, target=target)
+                if sched is not None:
+                    sched = Schedule(
+                        tuple((d, tuple(index[list(s)].tolist())) for d, s in sched.groups)
+                    )
+                    got = score(sched, self.lengths, self.cost)
+                    if best is None or got.key < best.key:
+                        best = got
+            if hi / lo < 1.005:
+                break
+        # ``lo``: no split of these sequences in one micro-step finishes within it (the split
+        # MILP relaxes one micro-step), a bound for one-step plans tighter than the LP's.
+        self.info["one_step_bound"].append(lo)
         return best
 
     def _milp(
@@ -263,6 +323,18 @@ def _lower_bound(lengths: np.ndarray, cost: CostModel) -> float:
     return float(max(work.sum() / cost.cluster.world_size, alone.max()))
 
 
+def _one_step_bound(
+    lengths: np.ndarray, cost: CostModel, lower: float, upper: float, solver: _StepSolver
+) -> float:
+    """No one-step plan of the batch is faster: the split MILP's bisection. Small batches
+    (the slot MILP's) get ``ONE_STEP_ROUNDS`` rounds here; larger ones reuse what the
+    solver's own bisection proved (its rounds are the solve time's largest part)."""
+    if len(lengths) <= MILP_MAX_SEQUENCES:
+        model = SplitModel(lengths, cost)
+        return one_step_bound(model, lower, upper, ONE_STEP_ROUNDS, SPLIT_LIMIT)
+    return max([lower, *solver.info["one_step_bound"][-1:]])
+
+
 def _to_micro_step(best: Scored, lengths: np.ndarray, cost: CostModel) -> MicroStep:
     rows = [
         (d, t, seqs, kind)
@@ -304,12 +376,14 @@ def plan_batch(
     """Plan one training step for sequences of ``lengths`` (input order is kept in the plan).
 
     ``cost`` overrides the default :class:`CostModel` (memory options) built from ``model``,
-    ``profile`` and ``cluster``. ``time_limit``: seconds of MILP per step, shared by its
-    micro-steps. Deterministic for a given input as long as the MILP ends on optimality or
-    finds nothing within its limit (the common cases); a solution found just before the limit
-    can depend on timing, so a trainer should solve on one rank and broadcast
-    ``plan.to_json()``. Raises ``ValueError`` on bad lengths or when a sequence fits no group
-    under the memory limit.
+    ``profile`` and ``cluster``. ``time_limit``: seconds of the slot MILP (≤ 64 sequences per
+    micro-step) per step, shared by its micro-steps; the split MILP (more sequences) has a
+    fixed number of rounds instead. ``use_milp=False`` plans with the heuristic alone (the
+    MILPs' incumbent; the plan is never worse than it). Deterministic for a given input as
+    long as the MILP ends on optimality or finds nothing within its limit (the common cases);
+    a solution found just before the limit can depend on timing, so a trainer should solve on
+    one rank and broadcast ``plan.to_json()``. Raises ``ValueError`` on bad lengths or when a
+    sequence fits no group under the memory limit.
     """
     start = time.perf_counter()
     lengths = _check_lengths(lengths)
@@ -342,29 +416,40 @@ def plan_batch(
             )
             if found is None:
                 continue
-            total = sum(s.makespan for s in found)
+            total = sum(s.makespan for s in found) + cost.sync_time(len(found))
             if static_best is None or total < static_best.predicted_step_time_s:
                 static_best, static_steps = StaticSummary(d, kind.strategy, total), found
     if static_best is None:
         raise ValueError("no static plan fits memory; this is a planner bug for a feasible batch")
     method = "adaptive"
-    if steps is None or sum(s.makespan for s in steps) > static_best.predicted_step_time_s:
+    adaptive = math.inf if steps is None else sum(s.makespan for s in steps)
+    if steps is None or adaptive + cost.sync_time(len(steps)) > static_best.predicted_step_time_s:
         steps, method = static_steps, "static"
     micro = tuple(_to_micro_step(s, lengths, cost) for s in steps)
-    total = float(sum(m.predicted_time_s for m in micro))
+    # The sharded states' collectives (0 unless the cost model has a ZeRO stage) are paid
+    # once per step or per micro-step, by every rank: part of the step, idle time for none.
+    sync = cost.sync_time(len(micro))
+    total = float(sum(m.predicted_time_s for m in micro)) + sync
     busy = sum(g.degree * g.predicted_time_s for m in micro for g in m.groups)
     pad = sum(
         int(padded(lengths[list(g.sequences)], g.degree).sum() - lengths[list(g.sequences)].sum())
         for m in micro
         for g in m.groups
     )
+    work = _lower_bound(lengths, cost)
+    bound = lp_bound(lengths, cost, floor=work)
+    solver.info["bound"] = {"work_s": work, "lp_s": bound.seconds, "lp_status": bound.status}
+    if len(micro) == 1:
+        solver.info["bound"]["one_step_s"] = _one_step_bound(
+            lengths, cost, bound.seconds, micro[0].predicted_time_s, solver
+        ) + cost.sync_time(1)
     return Plan(
         world_size=cluster.world_size,
         lengths=tuple(int(x) for x in lengths),
         micro_steps=micro,
         predicted_step_time_s=total,
         static_best=static_best,
-        lower_bound_s=_lower_bound(lengths, cost),
+        lower_bound_s=bound.seconds + cost.sync_time(1),  # every plan syncs at least once
         solve_time_s=time.perf_counter() - start,
         idle_fraction=1.0 - busy / (cluster.world_size * total) if total > 0 else 0.0,
         padding_fraction=pad / float(lengths.sum()),

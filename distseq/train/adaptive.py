@@ -65,7 +65,7 @@ def planner_cost(cfg: Config, world_size: int, device: torch.device) -> CostMode
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         per_node = 1 << (local - 1).bit_length()
     cluster = Cluster(world_size, per_node, memory)
-    # DDP-style replicas: fp32 weights, gradients and Adam moments on every rank.
+    # fp32 weights, gradients and Adam moments: replicated, or sharded by a ZeRO stage.
     return CostModel(
         ModelSpec.from_config(cfg.model),
         load_profile(profile),
@@ -73,7 +73,11 @@ def planner_cost(cfg: Config, world_size: int, device: torch.device) -> CostMode
         bytes_per_param=16.0,
         shard_states=False,
         activation_checkpointing=cfg.train.activation_checkpointing,
+        zero_stage=cfg.adaptive.zero_stage,
     )
+
+
+IDLE_TOKENS = 8  # a stage-3 idle rank's dummy micro-batch
 
 
 class GroupCache:
@@ -123,6 +127,14 @@ class AdaptiveScheduler:
         self.time_limit = cfg.adaptive.time_limit
         self.parallel = cfg.parallel  # the kernel backends every group's layers use
         self.groups = GroupCache(cfg.parallel.timeout_s)
+        # Stage 3 (FSDP) collectives live in forward/backward: an idle rank runs a dummy
+        # micro-batch on a one-rank group of its own (created by all ranks, in order).
+        self.idle_group = None
+        if cfg.adaptive.zero_stage == 3:
+            timeout = timedelta(seconds=cfg.parallel.timeout_s)
+            for r in range(self.world_size):
+                group = dist.new_group([r], timeout=timeout)
+                self.idle_group = group if r == self.rank else self.idle_group
         self._executor = ThreadPoolExecutor(1, "distseq-planner") if self.rank == 0 else None
         self._pending: tuple[list[int], Future[Plan]] | None = None
         self.prefetched = 0  # plans (on rank 0) that were solved while the previous step ran
@@ -152,11 +164,14 @@ class AdaptiveScheduler:
 
     def work(
         self, plan: Plan, docs: list[Document]
-    ) -> list[tuple[PackedSequence, SequenceContext]]:
-        out = []
+    ) -> list[tuple[PackedSequence, SequenceContext] | None]:
+        """One entry per micro-step of the plan: ``None`` where this rank is idle (the engine
+        may still have collectives to join there)."""
+        out: list[tuple[PackedSequence, SequenceContext] | None] = []
         for step in plan.micro_steps:
             group = step.group_of(self.rank)
             if group is None:
+                out.append(self._idle_work())
                 continue
             layout = group_layout(group)
             multiple = group.degree * chunks_per_rank(layout)
@@ -178,6 +193,20 @@ class AdaptiveScheduler:
             out.append((seq, ctx))
         return out
 
+    def _idle_work(self) -> tuple[PackedSequence, SequenceContext] | None:
+        """``None``, or with stage 3 a dummy micro-batch: ``IDLE_TOKENS`` padding tokens, none
+        in the loss, on this rank alone (its gradient is exactly zero)."""
+        if self.idle_group is None:
+            return None
+        zeros = torch.zeros(IDLE_TOKENS, dtype=torch.int64)
+        seq = PackedSequence(zeros, zeros, zeros.bool(), (IDLE_TOKENS,))
+        ctx = SequenceContext.build(
+            seq.doc_lengths, group=self.idle_group, layout="contiguous",
+            attention_backend=self.parallel.attention_backend,
+            linear_backend=self.parallel.linear_backend,
+        )  # fmt: skip
+        return seq, ctx
+
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
@@ -185,7 +214,9 @@ class AdaptiveScheduler:
 
 def plan_summary(plan: Plan) -> dict:
     """The metrics a step logs about its plan; ``plan_groups`` lists ``degree:strategy`` per
-    group, micro-steps separated by ``|`` (e.g. ``2:ring+lasp2 1:ring+lasp2 | 4:ring+lasp2``)."""
+    group, micro-steps separated by ``|`` (e.g. ``2:ring+lasp2 1:ring+lasp2 | 4:ring+lasp2``);
+    ``plan_gap_to_bound``: how far above optimal the plan can be; ``plan_gap_to_static``: the
+    share of the best static plan's time it saves."""
     shapes = [
         " ".join(f"{g.degree}:{g.strategy}" for g in step.groups) for step in plan.micro_steps
     ]
@@ -194,5 +225,8 @@ def plan_summary(plan: Plan) -> dict:
         "plan_method": plan.method,
         "plan_predicted_s": plan.predicted_step_time_s,
         "plan_static_best_s": plan.static_best.predicted_step_time_s,
+        "plan_lower_bound_s": plan.lower_bound_s,
+        "plan_gap_to_bound": plan.gap_to_lower_bound,
+        "plan_gap_to_static": plan.gap_to_static,
         "plan_solve_s": plan.solve_time_s,
     }

@@ -30,12 +30,14 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 
 from distseq.train.config import Config
 from distseq.train.engine import DeepSpeedEngine, Engine
 from distseq.train.mesh import launched_rank
+from distseq.train.zero import ShardedEngine
 
 META = "meta.json"
 COMPLETE = "COMPLETE"
@@ -197,6 +199,9 @@ def save(path: Path, cfg: Config, engine: Engine, step: int, loader_state: dict)
     path.mkdir(parents=True, exist_ok=True)
     if isinstance(engine, DeepSpeedEngine):
         engine.module.save_checkpoint(str(path), tag="deepspeed")
+    elif isinstance(engine, ShardedEngine):  # replicated weights; each rank's own shard
+        dcp.save({"model": get_model_state_dict(engine.model)}, checkpoint_id=str(path / "dcp"))
+        torch.save(engine.state_dict(), path / f"zero_rank{dist.get_rank()}.pt")
     else:
         model_state, optim_state = get_state_dict(engine.model, engine.optimizer)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path / "dcp"))
@@ -229,6 +234,19 @@ def load(path: Path, engine: Engine) -> None:
     to this run's engine and mesh."""
     if isinstance(engine, DeepSpeedEngine):
         engine.module.load_checkpoint(str(path), tag="deepspeed")
+        return
+    if isinstance(engine, ShardedEngine):
+        state = {"model": get_model_state_dict(engine.model)}
+        dcp.load(state, checkpoint_id=str(path / "dcp"))
+        set_model_state_dict(engine.model, state["model"])
+        shard = path / f"zero_rank{dist.get_rank()}.pt"
+        if not shard.is_file():
+            raise ValueError(
+                f"{path} has no sharded optimizer state for rank {dist.get_rank()} ({shard.name}); "
+                "it was saved without adaptive.zero_stage or on fewer ranks: resume with the "
+                "saving run's adaptive.zero_stage and world size"
+            )
+        engine.load_state_dict(torch.load(shard, weights_only=True))
         return
     model_state, optim_state = get_state_dict(engine.model, engine.optimizer)
     state = {"model": model_state, "optim": optim_state}

@@ -154,12 +154,16 @@ class AdaptiveConfig:
     ``h100_nvlink_ib400`` on CUDA); ``memory``: usable bytes per rank such as ``"60GiB"``
     (null: the device's memory, or RAM / local ranks on CPU); ``gpus_per_node`` (null:
     torchrun's local world size, rounded up to a power of two); ``time_limit``: MILP seconds
-    per step."""
+    per step; ``zero_stage``: 0 replicates optimizer state and gradients on every rank, 1
+    shards the optimizer state over all ranks, 2 the gradients too
+    (:mod:`distseq.train.zero`), 3 the parameters too (FSDP2; idle ranks run a dummy
+    micro-batch so its per-layer collectives stay matched)."""
 
     profile: str = "auto"
     memory: str | None = None
     gpus_per_node: int | None = None
     time_limit: float = 0.25
+    zero_stage: int = 0
 
 
 @dataclass
@@ -355,6 +359,11 @@ def _check_adaptive(cfg: Config) -> None:
     if gpn is not None and (gpn < 1 or gpn & (gpn - 1)):
         raise ValueError(f"adaptive.gpus_per_node={gpn} must be a power of two (1, 2, 4, ...)")
     _positive("adaptive.time_limit", opts.time_limit)
+    if opts.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(
+            f"adaptive.zero_stage={opts.zero_stage!r}; use 0 (replicated), 1 (sharded "
+            "optimizer state), 2 (and gradients) or 3 (and parameters)"
+        )
 
 
 def _check_optim(opt: OptimConfig) -> None:

@@ -64,6 +64,10 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
+    def end_micro_step(self) -> None:
+        """Called by every rank after every micro-step of an adaptive plan, idle or not (an
+        engine may issue collectives here that all ranks must join)."""
+
     def step(self, lr: float, should_update: Callable[[float], bool]) -> float:
         """Clip, then update with learning rate ``lr`` if ``should_update(global gradient
         norm)`` (every rank sees the same norm); returns the norm."""
@@ -197,7 +201,15 @@ ENGINES: dict[str, type[Engine]] = {
 
 def build_engine(cfg: Config, model: nn.Module, mesh: Mesh) -> Engine:
     """``parallel.engine``; under ``planner: adaptive`` (``ddp`` only) the same replicated
-    data-parallel semantics come from :class:`ReplicatedEngine`."""
+    data-parallel semantics come from :class:`ReplicatedEngine`, or with
+    ``adaptive.zero_stage`` 1/2 from :class:`distseq.train.zero.ShardedEngine`, 3 from
+    :class:`distseq.train.zero.AdaptiveFSDPEngine`."""
     if cfg.planner == "adaptive":
+        from distseq.train.zero import AdaptiveFSDPEngine, ShardedEngine
+
+        if cfg.adaptive.zero_stage == 3:
+            return AdaptiveFSDPEngine(cfg, model, mesh)
+        if cfg.adaptive.zero_stage:
+            return ShardedEngine(cfg, model, mesh, cfg.adaptive.zero_stage)
         return ReplicatedEngine(cfg, model, mesh)
     return ENGINES[cfg.parallel.engine](cfg, model, mesh)

@@ -40,7 +40,7 @@ from distseq.train.engine import build_engine, learning_rate
 from distseq.train.mesh import Mesh, build_mesh, init_distributed, pick_device
 from distseq.train.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_bytes
 
-Work = tuple[PackedSequence, SequenceContext]  # a sequence this rank runs, and its sharding
+Work = tuple[PackedSequence, SequenceContext] | None  # a sequence and its sharding (None: idle)
 
 
 def build_model(cfg: Config, mesh: Mesh) -> nn.Module:
@@ -176,7 +176,11 @@ class Trainer:
         scale = self.mesh.world_size / real_tokens
         self.engine.zero_grad()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for index, (seq, ctx) in enumerate(work):
+        for index, item in enumerate(work):
+            if item is None:  # idle in this micro-step of an adaptive plan
+                self.engine.end_micro_step()
+                continue
+            seq, ctx = item
             tokens, targets, mask = (
                 ctx.shard_tokens(t[None].to(self.device))
                 for t in (seq.tokens, seq.targets, seq.loss_mask)
@@ -190,6 +194,7 @@ class Trainer:
                 local = (token_loss * mask.flatten()).sum()
                 self.engine.backward(local * scale)
             loss_sum += local.detach().double()
+            self.engine.end_micro_step()
         dist.all_reduce(loss_sum)
         loss = float(loss_sum) / real_tokens
         grad_norm, skipped = self._update(loss)
