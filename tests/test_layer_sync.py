@@ -62,8 +62,8 @@ def test_four_layers_with_checkpointing_agree_once(pools, mixers, strategies, pe
 
 
 USP_2X2 = {"attention_strategy": "usp", "ulysses_degree": 2}
-# A known gap: the torch linear kernel builds its chunk packing per call (reads cu_seqlens on
-# the host and copies its index maps to the device).
+# A known gap: the torch (and triton) linear kernels build their chunk tables per call (read
+# cu_seqlens on the host and copy index maps to the device).
 LINEAR_TORCH_PACKING = "linear_torch packs per call"
 
 
