@@ -7,11 +7,9 @@ import torch
 from distseq.agreed import AgreedBatch
 from distseq.comm import ProcessGroup, resolve_group
 from distseq.kernels import select_delta_backend
-from distseq.layout import check_layout
-from distseq.linear_validation import SIGNATURE, check_beta, check_call, plan_agreed
+from distseq.linear_validation import plan_agreed, validated_call
 from distseq.strategies import DELTA_STRATEGIES
 from distseq.strategies.delta_base import SequenceParallelDeltaRule
-from distseq.validation import validate_on_all_ranks
 
 
 def delta_rule(
@@ -45,27 +43,14 @@ def delta_rule(
     ``available_strategies()["delta_rule"]``; ``backend`` picks the local kernel (``"auto"``,
     ``"torch"``, ``"fla"``).
     """
-    info = resolve_group(group)
-    built: dict[str, object] = {}
-
-    def check() -> list[int]:
-        check_layout(layout)
-        impl = DELTA_STRATEGIES.check(strategy, info.world_size, layout)
-        ctx, signature = check_call(
-            info,
-            {"q": q, "k": k, "v": v, "log_decay": log_decay, "initial_state": initial_state},
-            {"strategy": strategy, "layout": layout, "cu_seqlens": cu_seqlens, "scale": scale,
-             "output_final_state": output_final_state, "backend": backend},
-            select_delta_backend,
-        )  # fmt: skip
-        check_beta(beta, q)
-        built.update(impl=impl, ctx=ctx)
-        return signature
-
-    validate_on_all_ranks("distseq.delta_rule", info, check, SIGNATURE)
-    out, final = SequenceParallelDeltaRule.apply(
-        q, k, v, beta, log_decay, initial_state, built["impl"], built["ctx"]
-    )
+    impl, ctx = validated_call(
+        "distseq.delta_rule", resolve_group(group), DELTA_STRATEGIES, select_delta_backend,
+        {"q": q, "k": k, "v": v, "log_decay": log_decay, "initial_state": initial_state,
+         "beta": beta},
+        {"strategy": strategy, "layout": layout, "cu_seqlens": cu_seqlens, "scale": scale,
+         "output_final_state": output_final_state, "backend": backend},
+    )  # fmt: skip
+    out, final = SequenceParallelDeltaRule.apply(q, k, v, beta, log_decay, initial_state, impl, ctx)
     return (out, final) if output_final_state else out
 
 

@@ -106,6 +106,16 @@ class ShardLayout:
         """Global positions of every rank's shard, rank-major: ``[world_size * local_length]``."""
         return torch.cat([self.positions_of(r) for r in range(self.world_size)])
 
+    @functools.cached_property
+    def natural_order(self) -> torch.Tensor:
+        """Indices into :attr:`all_positions` that sort it: every rank's shard concatenated
+        rank-major -> natural token order (``all_positions`` itself maps back)."""
+        return torch.argsort(self.all_positions)
+
+    def global_cu_seqlens(self) -> torch.Tensor:
+        """int32 cumulative boundaries of the global documents."""
+        return cu_seqlens(self.doc_lengths)
+
     def local_cu_seqlens(self) -> torch.Tensor:
         """int32 cumulative boundaries of the documents inside the local shard."""
         lengths = [c * chunks_per_rank(self.layout) for c in self.chunk_lengths]

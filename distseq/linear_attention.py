@@ -7,11 +7,9 @@ import torch
 from distseq.agreed import AgreedBatch
 from distseq.comm import ProcessGroup, resolve_group
 from distseq.kernels import select_linear_backend
-from distseq.layout import check_layout
-from distseq.linear_validation import SIGNATURE, check_call, plan_agreed
+from distseq.linear_validation import plan_agreed, validated_call
 from distseq.strategies import LINEAR_STRATEGIES
 from distseq.strategies.linear_base import SequenceParallelLinearAttention
-from distseq.validation import validate_on_all_ranks
 
 
 def linear_attention(
@@ -48,26 +46,14 @@ def linear_attention(
     ``available_strategies()["linear_attention"]``; ``backend`` picks the local chunked kernel
     (``"auto"``, ``"torch"``, ``"triton"``, ``"fla"``). ``group=None`` means WORLD.
     """
-    info = resolve_group(group)
-    built: dict[str, object] = {}
-
-    def check() -> list[int]:
-        check_layout(layout)
-        impl = LINEAR_STRATEGIES.check(strategy, info.world_size, layout)
-        ctx, signature = check_call(
-            info,
-            {"q": q, "k": k, "v": v, "log_decay": log_decay, "initial_state": initial_state},
-            {"strategy": strategy, "layout": layout, "cu_seqlens": cu_seqlens, "scale": scale,
-             "output_final_state": output_final_state, "backend": backend},
-            select_linear_backend,
-        )  # fmt: skip
-        built.update(impl=impl, ctx=ctx)
-        return signature
-
-    validate_on_all_ranks("distseq.linear_attention", info, check, SIGNATURE)
-    out, final = SequenceParallelLinearAttention.apply(
-        q, k, v, log_decay, initial_state, built["impl"], built["ctx"]
-    )
+    impl, ctx = validated_call(
+        "distseq.linear_attention", resolve_group(group), LINEAR_STRATEGIES,
+        select_linear_backend,
+        {"q": q, "k": k, "v": v, "log_decay": log_decay, "initial_state": initial_state},
+        {"strategy": strategy, "layout": layout, "cu_seqlens": cu_seqlens, "scale": scale,
+         "output_final_state": output_final_state, "backend": backend},
+    )  # fmt: skip
+    out, final = SequenceParallelLinearAttention.apply(q, k, v, log_decay, initial_state, impl, ctx)
     return (out, final) if output_final_state else out
 
 

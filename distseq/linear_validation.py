@@ -16,7 +16,13 @@ from distseq.comm import GroupInfo
 from distseq.layout import check_layout, shard_layout
 from distseq.strategies.linear_base import LinearContext, LinearStrategy
 from distseq.strategies.registry import Registry
-from distseq.validation import check_cu_seqlens, check_scale, check_tensors, signature_code
+from distseq.validation import (
+    check_cu_seqlens,
+    check_scale,
+    check_tensors,
+    signature_code,
+    validate_on_all_ranks,
+)
 
 # What the ranks of a group must agree on (see distseq.validation.validate_on_all_ranks).
 SIGNATURE = [
@@ -24,6 +30,33 @@ SIGNATURE = [
     "strategy", "layout", "cu_seqlens", "scale", "log_decay given", "initial_state given",
     "output_final_state",
 ]  # fmt: skip
+
+
+def validated_call(
+    op: str,
+    info: GroupInfo,
+    registry: Registry,
+    select_kernel: Callable[[str, torch.device, torch.dtype], ModuleType],
+    tensors: dict[str, torch.Tensor | None],
+    options: dict[str, object],
+) -> tuple[LinearStrategy, LinearContext]:
+    """Check a recurrent op's call and agree on it across ``info``'s group (every rank raises
+    together: :func:`distseq.validation.validate_on_all_ranks`); returns the strategy and
+    context. ``tensors`` and ``options`` as :func:`check_call`; ``tensors`` may add ``beta``
+    (the delta rule's, checked too)."""
+    built: dict[str, object] = {}
+
+    def check() -> list[int]:
+        check_layout(options["layout"])
+        impl = registry.check(options["strategy"], info.world_size, options["layout"])
+        ctx, signature = check_call(info, tensors, options, select_kernel)
+        if "beta" in tensors:
+            check_beta(tensors["beta"], tensors["q"])
+        built.update(impl=impl, ctx=ctx)
+        return signature
+
+    validate_on_all_ranks(op, info, check, SIGNATURE)
+    return built["impl"], built["ctx"]
 
 
 def check_call(

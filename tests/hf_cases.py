@@ -97,13 +97,14 @@ def reference_loss_and_grads(model, ids: torch.Tensor, docs: list[int] | None):
 
 
 def sharded_loss_and_grads(model, ids, position_ids, strategy: str, layout: str,
-                           merge_documents: bool = False):  # fmt: skip
+                           merge_documents: bool = False,
+                           ulysses_degree: int | None = None):  # fmt: skip
     """``distseq.hf`` on this rank; the loss and gradients summed over the ranks.
 
     ``merge_documents`` withholds the document boundaries from the attention (a deliberate
     defect, to show the comparison catches one).
     """
-    distseq.hf.apply(model, strategy=strategy, layout=layout)
+    distseq.hf.apply(model, strategy=strategy, layout=layout, ulysses_degree=ulysses_degree)
     model.zero_grad(set_to_none=True)
     local = distseq.hf.shard_batch(ids, position_ids=position_ids, layout=layout)
     if merge_documents:
@@ -134,12 +135,35 @@ def hf_vs_transformers(rank, world, model_type: str, shape_name: str, seed: int)
         for layout in LAYOUTS:
             model = tiny_model(model_type, seed)
             loss, grads = sharded_loss_and_grads(model, ids, position_ids, strategy, layout)
-            errors = {name: relative_error(grads[name], ref_grads[name]) for name in ref_grads}
-            records.append(dict(
-                strategy=strategy, layout=layout, loss=relative_error(loss, ref_loss),
-                grad=nan_max(errors.values()), worst_param=max(errors, key=errors.__getitem__),
-                params=len(errors),
-            ))  # fmt: skip
+            records.append(dict(strategy=strategy, layout=layout,
+                                **_errors(loss, grads, ref_loss, ref_grads)))  # fmt: skip
+    return records
+
+
+def _errors(loss, grads, ref_loss, ref_grads) -> dict:
+    """The loss's relative error, the largest gradient relative error over the parameters,
+    the parameter it belongs to and the parameter count."""
+    errors = {name: relative_error(grads[name], ref_grads[name]) for name in ref_grads}
+    return dict(loss=relative_error(loss, ref_loss), grad=nan_max(errors.values()),
+                worst_param=max(errors, key=errors.__getitem__), params=len(errors))  # fmt: skip
+
+
+def usp_degree_vs_transformers(rank, world, ulysses_degree: int, seed: int) -> list[dict]:
+    """``apply(strategy="usp", ulysses_degree=...)`` per layout on packed documents against
+    the unpatched Llama, with the ``torch.distributed`` ops each run launched (they tell the
+    degree: only a Ulysses group of the whole world all-to-alls as one collective)."""
+    reference = tiny_model("llama", seed)
+    ids, position_ids, docs = make_batch("packed", seed)
+    ref_loss, ref_grads = reference_loss_and_grads(reference, ids, docs)
+    records = []
+    for layout in LAYOUTS:
+        model = tiny_model("llama", seed)
+        with distseq.CommCounter() as counter:
+            loss, grads = sharded_loss_and_grads(
+                model, ids, position_ids, "usp", layout, ulysses_degree=ulysses_degree
+            )
+        ops = sorted(op for op, n in counter.calls.items() if n)
+        records.append(dict(layout=layout, ops=ops, **_errors(loss, grads, ref_loss, ref_grads)))
     return records
 
 

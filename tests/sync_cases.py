@@ -37,18 +37,22 @@ def model_step_calls(rank, world, mixers: list[str], strategies: dict, agreed: b
             "grads": grads}  # fmt: skip
 
 
-def layer_calls(rank, world, layer: str, strategies: dict) -> dict:
-    """The calls of one layer's forward and of its backward on an agreed batch."""
+def _layer(rank: int, layer: str, strategies: dict, heads: int):
+    """A ``SequenceContext`` method ``layer`` on random inputs of this rank's shard (``heads``
+    heads of 8): the function running it."""
     torch.manual_seed(rank)
     ctx = SequenceContext.build(DOCS, **strategies)
     n = ctx.shard.local_length
     if layer == "conv":
-        inputs = [torch.randn(1, n, 6).requires_grad_()]
-        weight = torch.randn(6, 4)
-        run = lambda: ctx.causal_conv1d(inputs[0], weight, activation="silu")  # noqa: E731
-    else:
-        inputs = [torch.randn(1, n, 2, 8).requires_grad_() for _ in range(3)]
-        run = lambda: getattr(ctx, layer)(*inputs)  # noqa: E731
+        x, weight = torch.randn(1, n, 6).requires_grad_(), torch.randn(6, 4)
+        return lambda: ctx.causal_conv1d(x, weight, activation="silu")
+    inputs = [torch.randn(1, n, heads, 8).requires_grad_() for _ in range(3)]
+    return lambda: getattr(ctx, layer)(*inputs)
+
+
+def layer_calls(rank, world, layer: str, strategies: dict, heads: int = 2) -> dict:
+    """The calls of one layer's forward and of its backward on an agreed batch."""
+    run = _layer(rank, layer, strategies, heads)
     with distseq.CommCounter() as forward:
         out = run()
     with distseq.CommCounter() as backward:
@@ -76,3 +80,43 @@ def wrong_layer_shape(rank, world) -> str:
     except ValueError as exc:
         return str(exc)
     return "ran"
+
+
+class HostToDevice(torch.overrides.TorchFunctionMode):
+    """Records the calls that copy host data to a device on a GPU: ``Tensor.to`` given a
+    device (on CPU a no-op, but the same call) and tensors built from host values. A CPU run
+    cannot see the copies themselves, only the calls that make them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.to and _names_device(args[1:], kwargs):
+            self.calls.append(f"Tensor.to{tuple(type(a).__name__ for a in args[1:])}")
+        elif func in (torch.tensor, torch.as_tensor, torch.Tensor.cuda):
+            self.calls.append(func.__name__)
+        return func(*args, **kwargs)
+
+
+def _names_device(args, kwargs) -> bool:
+    devices = (torch.device, str, torch.Tensor)  # a tensor argument: "to its device"
+    return "device" in kwargs or any(isinstance(a, devices) for a in args)
+
+
+def layer_host_copies(rank, world, layer: str, strategies: dict, heads: int) -> list[list[str]]:
+    """Host-to-device copy calls of a layer's forward + backward on an agreed batch: on the
+    first call (cold device caches) and on the next (as a model's second layer)."""
+    from distseq.layout import shard_tensor
+    from distseq.strategies import usp
+
+    shard_tensor.cache_clear()  # the pool's workers may have run this shard before
+    usp._ring_order.cache_clear()
+    run = _layer(rank, layer, strategies, heads)
+    calls = []
+    for _ in range(2):
+        with HostToDevice() as copies:
+            run().sum().backward()
+        calls.append(copies.calls)
+    return calls

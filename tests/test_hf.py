@@ -57,6 +57,27 @@ def test_matches_transformers(pools, model_type, shape, world):
             assert r["grad"] <= GRAD_TOL, r
 
 
+@pytest.mark.parametrize("world, degree", [(2, 1), (4, 2)])
+def test_apply_ulysses_degree_matches_transformers(pools, world, degree):
+    """``apply(ulysses_degree=)`` reaches usp: at P = 2 a degree of 1 (a ring of two, where
+    the default is one Ulysses pair) and at P = 4 usp 2x2 (the default: one group of four)."""
+    records = pools(world).run(hf_cases.usp_degree_vs_transformers, degree, world)
+    for rank_records in records:
+        assert {r["layout"] for r in rank_records} == set(hf_cases.LAYOUTS)
+        for r in rank_records:
+            assert r["params"] > 0 and r["loss"] <= LOSS_TOL and r["grad"] <= GRAD_TOL, r
+            # neither runs one all-to-all over the whole world (the default degree's)
+            assert "all_to_all_single" not in r["ops"] and "batch_isend_irecv" in r["ops"], r
+
+
+def test_apply_refuses_ulysses_degree_for_other_strategies():
+    model = hf_cases.tiny_model("llama")
+    with pytest.raises(ValueError, match="ulysses_degree=2 applies to strategy 'usp' only"):
+        distseq.hf.apply(model, strategy="ring", ulysses_degree=2)
+    with pytest.raises(ValueError, match="usp: ulysses_degree=5 must be a positive integer"):
+        distseq.hf.apply(model, strategy="usp", ulysses_degree=5)
+
+
 def test_comparison_catches_merged_documents(pools):
     """The comparison can fail: withholding the document boundaries from the attention (so
     documents attend to each other) puts the loss and gradients far outside the tolerance."""

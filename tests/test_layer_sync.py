@@ -18,15 +18,19 @@ HYBRID = ["linear", "softmax", "linear", "softmax"]
 GDN = ["gdn", "softmax", "gdn", "softmax"]
 
 
-P2P, GATHER = "batch_isend_irecv", "all_gather_single"
+P2P, GATHER, A2A = "batch_isend_irecv", "all_gather_single", "all_to_all_single"
 ENTRY_POINTS = {"softmax": 1, "linear": 1, "gdn": 2}  # distseq calls per layer forward
 RING = {P2P: (1, 2)}  # ring at P = 2: one K/V post forward; a K/V and a dK/dV post backward
+ULYSSES = {A2A: (2, 2)}  # sequence -> heads and back, each pass (usp 2x1 is the same)
 
 
 @pytest.mark.parametrize(
     "mixers, strategies, per_layer",
     [
         (SOFTMAX, {"attention_strategy": "ring"}, {"softmax": RING}),
+        (SOFTMAX, {"attention_strategy": "ulysses"}, {"softmax": ULYSSES}),
+        (HYBRID, {"layout": "contiguous", "attention_strategy": "usp", "ulysses_degree": 2},
+         {"softmax": ULYSSES, "linear": {GATHER: (1, 1)}}),
         # allscan at P = 2, Dk = 8: K = 4 slices, one post each, per direction
         (HYBRID, {"layout": "contiguous", "linear_strategy": "allscan"},
          {"softmax": RING, "linear": {P2P: (4, 4)}}),
@@ -57,21 +61,54 @@ def test_four_layers_with_checkpointing_agree_once(pools, mixers, strategies, pe
         assert a["loss"] == c["loss"] and torch.equal(a["grads"], c["grads"])
 
 
+USP_2X2 = {"attention_strategy": "usp", "ulysses_degree": 2}
+# A known gap: the torch (and triton) linear kernels build their chunk tables per call (read
+# cu_seqlens on the host and copy index maps to the device).
+LINEAR_TORCH_PACKING = "linear_torch packs per call"
+
+
 @pytest.mark.parametrize(
-    "layer, strategies, forward, backward",
+    "world, heads, layer, strategies, forward, backward",
     [
-        ("attention", {"attention_strategy": "ring"}, {"batch_isend_irecv": 1},
-         {"batch_isend_irecv": 2}),
-        ("linear_attention", {"linear_strategy": "lasp2"}, {"all_gather_single": 1},
-         {"all_gather_single": 1}),
-        ("linear_attention", {"linear_strategy": "allscan", "layout": "contiguous"},
-         {"batch_isend_irecv": 4}, {"batch_isend_irecv": 4}),
-        ("conv", {}, {"batch_isend_irecv": 1}, {"batch_isend_irecv": 1}),  # the halo
+        (2, 2, "attention", {"attention_strategy": "ring"}, {P2P: 1}, {P2P: 2}),
+        (2, 2, "attention", {"attention_strategy": "ulysses"}, {A2A: 2}, {A2A: 2}),
+        (4, 4, "attention", {"attention_strategy": "ulysses"}, {A2A: 2}, {A2A: 2}),
+        # usp 2x2: the all-to-alls inside the Ulysses pair are point-to-point (a strided
+        # sub-group); between them the ring of two posts once forward, twice backward
+        (4, 4, "attention", USP_2X2, {P2P: 1 + 1 + 1}, {P2P: 1 + 2 + 1}),
+        (2, 2, "linear_attention", {"linear_strategy": "lasp2"}, {GATHER: 1}, {GATHER: 1}),
+        (2, 2, "linear_attention", {"linear_strategy": "allscan", "layout": "contiguous"},
+         {P2P: 4}, {P2P: 4}),
+        (2, 2, "conv", {}, {P2P: 1}, {P2P: 1}),  # the halo
     ],
 )  # fmt: skip
-def test_agreed_layer_launches_only_its_exchange(pools, layer, strategies, forward, backward):
-    for calls in pools(2).run(sync_cases.layer_calls, layer, strategies):
+def test_agreed_layer_launches_only_its_exchange(
+    pools, world, heads, layer, strategies, forward, backward
+):
+    for calls in pools(world).run(sync_cases.layer_calls, layer, strategies, heads):
         assert calls == {"forward": forward, "backward": backward, "control": 0}, calls
+
+
+@pytest.mark.parametrize(
+    "world, heads, layer, strategies",
+    [
+        (2, 2, "attention", {"attention_strategy": "ring"}),
+        (2, 2, "attention", {"attention_strategy": "allgather"}),
+        (2, 2, "attention", {"attention_strategy": "ulysses"}),
+        (4, 4, "attention", {"attention_strategy": "ulysses", "layout": "contiguous"}),
+        (4, 4, "attention", USP_2X2),
+        (4, 4, "attention", {**USP_2X2, "layout": "contiguous"}),
+        pytest.param(2, 2, "linear_attention", {"linear_strategy": "lasp2"},
+                     marks=pytest.mark.xfail(strict=True, reason=LINEAR_TORCH_PACKING)),
+    ],
+)  # fmt: skip
+def test_layer_copies_to_the_device_only_once(pools, world, heads, layer, strategies):
+    """A layer's index and boundary tensors reach the device on its first call, and a later
+    layer on the same batch makes no host-to-device copy (each would stall a GPU's stream).
+    On CPU the copies are no-ops, so the calls that would make them are counted."""
+    for first, second in pools(world).run(sync_cases.layer_host_copies, layer, strategies, heads):
+        assert first, "the counter saw no copy of the cold first call"
+        assert second == [], second
 
 
 def test_disagreeing_batch_raises_on_every_rank(pools):

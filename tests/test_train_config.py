@@ -98,6 +98,16 @@ def test_gdn_convolution_needs_pieces_of_three_tokens():
     check(["model.mixers=linear", "parallel.sp=2", "parallel.dp=1", "data.pad_multiple=8"])
 
 
+def test_adaptive_planner_refuses_linear_beside_gdn_layers():
+    """The planner would pick one strategy per layer type; a group runs one for both."""
+    adaptive = ROOT / "configs" / "tiny_adaptive.yaml"
+    both = ["model.n_layers=3", "model.mixers=[linear,gdn,softmax]"]
+    with pytest.raises(ValueError, match="planner=adaptive with both linear and gdn layers"):
+        validate_config(load_config(adaptive, both), 4)
+    validate_config(load_config(adaptive, [*both, "planner=static", "parallel.sp=4"]), 4)
+    validate_config(load_config(adaptive, ["model.n_layers=2", "model.mixers=[gdn,softmax]"]), 4)
+
+
 def test_hybrid_pattern_with_gdn_layers():
     from distseq.models.config import ModelConfig, layer_mixers
 

@@ -31,7 +31,7 @@ def test_ulysses_group_shards_are_one_ring_level_shard(layout, world, ulysses):
         gathered = torch.cat([shard.positions_of(j * ulysses + t) for t in range(ulysses)])
         ring = shard_layout(docs, world // ulysses, j, layout).positions
         assert sorted(gathered.tolist()) == sorted(ring.tolist())
-        order, inverse = _ring_order(shard, ulysses)
+        order, inverse = _ring_order(shard, ulysses, torch.device("cpu"))
         if order is None:  # contiguous: consecutive ranks' chunks already are in order
             assert layout == "contiguous" and torch.equal(gathered, ring)
             continue
@@ -75,4 +75,4 @@ def test_degree_one_needs_no_permutation():
     """u = 1: each rank is its own Ulysses group and ring position (plain ring)."""
     for layout, world in itertools.product(LAYOUTS, (2, 4)):
         shard = shard_layout((4 * world,), world, 0, layout)
-        assert _ring_order(shard, 1) == (None, None)
+        assert _ring_order(shard, 1, torch.device("cpu")) == (None, None)

@@ -52,10 +52,13 @@ def apply(
     layout: str = "zigzag",
     group: ProcessGroup | None = None,
     backend: str = "auto",
+    ulysses_degree: int | None = None,
 ) -> torch.nn.Module:
     """Route every attention layer of ``model`` (a ``transformers.PreTrainedModel`` whose
     attention goes through transformers' ``AttentionInterface``) through
     :func:`distseq.attention` with ``strategy``/``layout`` over ``group`` (``None``: WORLD).
+    ``ulysses_degree`` (``strategy="usp"`` only, refused for the others): ranks per Ulysses
+    group, ``None`` for usp's default (see :func:`distseq.attention`).
 
     Registers a distseq attention function under a fresh name and switches the model to it;
     returns the same model. Feed it :func:`distseq.hf.shard_batch`'s output. Raises
@@ -76,10 +79,12 @@ def apply(
     config = model.config.get_text_config()
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    ATTENTION_STRATEGIES.check(strategy, resolve_group(group).world_size, heads, kv_heads, layout)
+    world = resolve_group(group).world_size
+    ATTENTION_STRATEGIES.check(strategy, world, heads, kv_heads, layout, ulysses_degree)
     check_config(model)
     name = new_name()
-    settings = Settings(strategy=strategy, layout=layout, group=group, backend=backend)
+    settings = Settings(strategy=strategy, layout=layout, group=group, backend=backend,
+                        ulysses_degree=ulysses_degree)  # fmt: skip
     AttentionInterface.register(name, make_attention_function(settings))
     AttentionMaskInterface.register(name, distseq_mask)
     model.set_attn_implementation(name)

@@ -36,6 +36,7 @@ class Settings:
     layout: str
     group: ProcessGroup | None
     backend: str
+    ulysses_degree: int | None = None  # usp's Ulysses group size (None: its default)
 
 
 def refuse(field: str, value: object, fix: str) -> None:
@@ -113,7 +114,7 @@ def make_attention_function(settings: Settings):
         out = distseq.attention(
             q, k, v, strategy=settings.strategy, group=settings.group, causal=True,
             layout=settings.layout, cu_seqlens=kwargs.get(CU_SEQLENS_KWARG), scale=scaling,
-            backend=settings.backend,
+            backend=settings.backend, ulysses_degree=settings.ulysses_degree,
         )  # fmt: skip
         return out, None
 

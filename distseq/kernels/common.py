@@ -37,3 +37,20 @@ def lse_for_backward(lse: torch.Tensor) -> torch.Tensor:
     instead of nan.
     """
     return torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
+
+
+FLA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def fla_unavailable(
+    import_error: str | None, device: torch.device, dtype: torch.dtype
+) -> str | None:
+    """Why a flash-linear-attention backend cannot run on ``device`` with ``dtype`` (``None``:
+    it can), given the error its import left (``None``: it imported)."""
+    if import_error is not None:
+        return import_error
+    if device.type != "cuda":
+        return "flash-linear-attention needs a CUDA device"
+    if dtype not in FLA_DTYPES:
+        return f"unsupported dtype {dtype}"
+    return None

@@ -31,16 +31,11 @@ from __future__ import annotations
 
 import torch
 
+from distseq.kernels import linear_torch
 from distseq.kernels.common import accumulator_dtype
-from distseq.kernels.linear_torch import _Packing
+from distseq.kernels.linear_torch import _Packing, chunk_decay_mask
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-def is_available(device: torch.device, dtype: torch.dtype) -> str | None:
-    if dtype not in _SUPPORTED_DTYPES:
-        return f"unsupported dtype {dtype}"
-    return None
+is_available = linear_torch.is_available  # the same chunked form, the same dtypes
 
 
 class _Chunks:
@@ -61,10 +56,7 @@ class _Chunks:
         if log_decay is None:
             decay, start_decay, end_decay, chunk_decay = causal.to(work), 1.0, 1.0, 1.0
         else:
-            b = packing.pack(log_decay.to(work)).cumsum(-1)  # [N, H, chunks, C]
-            # Mask before exp: only exponents <= 0 are ever evaluated.
-            diff = (b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill(~causal, float("-inf"))
-            decay = diff.exp()
+            b, decay = chunk_decay_mask(packing, log_decay, causal, work)
             last = b[..., -1:]
             start_decay = b.exp().unsqueeze(-1)
             end_decay = (last - b).exp().unsqueeze(-1)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from distseq.kernels.common import fla_unavailable
+
 try:
     from fla.ops.simple_gla import chunk_simple_gla
 except (ImportError, RuntimeError, OSError) as _exc:  # no GPU driver: not only ImportError
@@ -18,17 +20,9 @@ except (ImportError, RuntimeError, OSError) as _exc:  # no GPU driver: not only 
 else:
     _IMPORT_ERROR = None
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 def is_available(device: torch.device, dtype: torch.dtype) -> str | None:
-    if _IMPORT_ERROR is not None:
-        return _IMPORT_ERROR
-    if device.type != "cuda":
-        return "flash-linear-attention needs a CUDA device"
-    if dtype not in _SUPPORTED_DTYPES:
-        return f"unsupported dtype {dtype}"
-    return None
+    return fla_unavailable(_IMPORT_ERROR, device, dtype)
 
 
 def forward(q, k, v, log_decay, *, scale, initial_state=None, cu_seqlens=None, chunk_size=64):

@@ -87,6 +87,18 @@ class _Packing:
         return flat.view(self.batch, self.length, *tail)
 
 
+def chunk_decay_mask(
+    packing: _Packing, log_decay: torch.Tensor, causal: torch.Tensor, work: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``b``, the in-chunk cumulative log decay ``[N, H, chunks, C]`` of ``log_decay``
+    ``[B, S, H]``, and ``exp(b_i - b_j)`` for ``j <= i`` (0 above the diagonal) ``[N, H,
+    chunks, C, C]``, both in ``work``; ``causal`` is the ``[C, C]`` lower-triangular mask."""
+    b = packing.pack(log_decay.to(work)).cumsum(-1)
+    # Mask before exp: only exponents <= 0 are ever evaluated.
+    diff = (b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill(~causal, float("-inf"))
+    return b, diff.exp()
+
+
 class _Chunks:
     """The inputs in chunks ``[N, H, chunks, C, D]`` and everything both passes reuse.
 
@@ -109,11 +121,8 @@ class _Chunks:
             self.mask = causal.to(work)
             self.q_decay, self.k_decay = self.q, self.k
         else:
-            b = packing.pack(log_decay.to(work)).cumsum(-1)  # [N, H, chunks, C]
-            # Mask before exp: only exponents <= 0 are ever evaluated.
-            diff = (b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill(~causal, float("-inf"))
-            self.b, self.mask = b, diff.exp()
-            last = b[..., -1:]
+            b, self.mask = chunk_decay_mask(packing, log_decay, causal, work)
+            self.b, last = b, b[..., -1:]
             self.to_end = last - b
             self.q_decay = self.q * b.exp().unsqueeze(-1)
             self.k_decay = self.k * self.to_end.exp().unsqueeze(-1)

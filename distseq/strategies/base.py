@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 
 from distseq.comm import GroupInfo
-from distseq.layout import LAYOUTS, ShardLayout, cu_seqlens
+from distseq.layout import LAYOUTS, ShardLayout
 from distseq.strategies.registry import Registry, check_layout_supported
 from distseq.traffic import Traffic
 
@@ -38,14 +38,6 @@ class AttentionContext:
     scale: float
     kernel: ModuleType
     ulysses_degree: int | None = None
-
-    @property
-    def local_cu_seqlens(self) -> torch.Tensor | None:
-        return self.shard.local_cu_seqlens() if self.varlen else None
-
-    @property
-    def global_cu_seqlens(self) -> torch.Tensor | None:
-        return cu_seqlens(self.shard.doc_lengths) if self.varlen else None
 
 
 class AttentionStrategy(ABC):

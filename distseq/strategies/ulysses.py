@@ -17,6 +17,7 @@ import math
 import torch
 
 from distseq.comm import GroupInfo, all_to_all
+from distseq.layout import shard_tensor
 from distseq.strategies.base import AttentionContext, AttentionStrategy, register_attention_strategy
 from distseq.traffic import Traffic
 
@@ -26,14 +27,14 @@ def to_heads(
 ) -> list[torch.Tensor]:
     """``[B, S_local, H_i, D]`` shards -> ``[B, P*S_local, H_i/P, D]``: rank ``i`` keeps head
     group ``i`` of every rank's tokens, concatenated rank-major, then reordered by ``order``
-    (indices into that concatenation; ``None`` keeps it)."""
+    (indices into that concatenation, on the tensors' device; ``None`` keeps it)."""
     p = info.world_size
     # [P (destination), B, S_local, sum_i H_i/P, D]: one message per destination rank.
     packed = torch.cat([t.unflatten(2, (p, -1)).movedim(2, 0) for t in parts], dim=3)
     received = all_to_all(packed, info)  # [P (source), B, S_local, sum H_i/P, D]
     full = received.movedim(0, 1).flatten(1, 2)  # [B, P*S_local, ...] rank-major
     if order is not None:
-        full = full.index_select(1, order.to(full.device))
+        full = full.index_select(1, order)
     return list(full.split([t.shape[2] // p for t in parts], dim=2))
 
 
@@ -45,7 +46,7 @@ def to_sequence(
     p = info.world_size
     full = torch.cat(parts, dim=2)
     if inverse is not None:
-        full = full.index_select(1, inverse.to(full.device))
+        full = full.index_select(1, inverse)
     b, s, h, d = full.shape
     packed = full.unflatten(1, (p, s // p)).movedim(1, 0)  # [P (destination), B, S_local, h, D]
     received = all_to_all(packed, info)  # [P (source = head group), B, S_local, h, D]
@@ -83,12 +84,27 @@ def sum_kv_replicas(
     return dk, dv
 
 
-def _natural_order(ctx: AttentionContext) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(order, inverse)`` for :func:`to_heads`: natural token order of the whole sequence
-    (``None`` when the layout already is: contiguous without documents)."""
+def _natural_order(
+    ctx: AttentionContext, device: torch.device
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(order, inverse)`` on ``device`` for :func:`to_heads`: natural token order of the
+    whole sequence (``None`` when the layout already is: contiguous without documents)."""
     if ctx.shard.layout == "contiguous" and not ctx.varlen:
         return None, None
-    return torch.argsort(ctx.shard.all_positions), ctx.shard.all_positions
+    order = shard_tensor(ctx.shard, "natural_order", device)
+    return order, shard_tensor(ctx.shard, "all_positions", device)
+
+
+def _whole_sequence(ctx: AttentionContext, device: torch.device) -> dict:
+    """The kernel's varlen arguments for the whole (natural-order) sequence: the global
+    document boundaries on ``device`` and the longest document, known on the host so no
+    kernel reads it back from the device (``{}`` without documents)."""
+    if not ctx.varlen:
+        return {}
+    cu = shard_tensor(ctx.shard, "global_cu_seqlens", device)
+    longest = max(ctx.shard.doc_lengths)
+    return {"cu_seqlens_q": cu, "cu_seqlens_k": cu, "max_seqlen_q": longest,
+            "max_seqlen_k": longest}  # fmt: skip
 
 
 @register_attention_strategy
@@ -114,34 +130,22 @@ class UlyssesAttention(AttentionStrategy):
 
     def forward(self, q, k, v, ctx: AttentionContext):
         k, v, kv_heads = replicate_kv(k, v, ctx.info.world_size)
-        order, inverse = _natural_order(ctx)
+        order, inverse = _natural_order(ctx, q.device)
         qh, kh, vh = to_heads([q, k, v], ctx.info, order)
-        cu = ctx.global_cu_seqlens
-        cu = None if cu is None else cu.to(q.device)
         out_h, lse_h = ctx.kernel.forward(
-            qh, kh, vh, scale=ctx.scale, causal=ctx.causal, cu_seqlens_q=cu, cu_seqlens_k=cu
+            qh, kh, vh, scale=ctx.scale, causal=ctx.causal, **_whole_sequence(ctx, q.device)
         )
         (out,) = to_sequence([out_h], ctx.info, inverse)
         return out, (qh, kh, vh, out_h, lse_h, kv_heads)
 
     def backward(self, dout, saved, ctx: AttentionContext):
         qh, kh, vh, out_h, lse_h, kv_heads = saved
-        order, inverse = _natural_order(ctx)
+        order, inverse = _natural_order(ctx, dout.device)
         (dout_h,) = to_heads([dout], ctx.info, order)
-        cu = ctx.global_cu_seqlens
-        cu = None if cu is None else cu.to(dout.device)
         dq, dk, dv = ctx.kernel.backward(
-            dout_h,
-            qh,
-            kh,
-            vh,
-            out_h,
-            lse_h,
-            scale=ctx.scale,
-            causal=ctx.causal,
-            cu_seqlens_q=cu,
-            cu_seqlens_k=cu,
-        )
+            dout_h, qh, kh, vh, out_h, lse_h, scale=ctx.scale, causal=ctx.causal,
+            **_whole_sequence(ctx, dout.device),
+        )  # fmt: skip
         dq, dk, dv = to_sequence([dq, dk, dv], ctx.info, inverse)
         dk, dv = sum_kv_replicas(dk, dv, kv_heads)
         return dq, dk, dv

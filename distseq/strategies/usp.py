@@ -86,9 +86,13 @@ def split_planned(name: str) -> tuple[str, int | None]:
 
 
 @functools.lru_cache(maxsize=256)
-def _ring_order(shard: ShardLayout, u: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(order, inverse)`` taking the Ulysses group's tokens (its ``u`` shards concatenated,
-    rank-major) to ring-level shard order and back (``None`` where that is the identity)."""
+def _ring_order(
+    shard: ShardLayout, u: int, device: torch.device
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(order, inverse)`` on ``device`` taking the Ulysses group's tokens (its ``u`` shards
+    concatenated, rank-major) to ring-level shard order and back (``None`` where that is the
+    identity). Built and copied once per shard, degree and device, like
+    :func:`distseq.layout.shard_tensor`: a copy per layer would stall a GPU's stream."""
     j = shard.rank // u
     gathered = torch.cat([shard.positions_of(j * u + t) for t in range(u)])
     ring = shard_layout(shard.doc_lengths, shard.world_size // u, j, shard.layout).positions
@@ -96,7 +100,7 @@ def _ring_order(shard: ShardLayout, u: int) -> tuple[torch.Tensor | None, torch.
     order = index[torch.searchsorted(ascending, ring)]
     if torch.equal(order, torch.arange(len(order))):
         return None, None
-    return order, torch.argsort(order)
+    return order.to(device), torch.argsort(order).to(device)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +113,7 @@ class _Levels:
     inverse: torch.Tensor | None
 
 
-def _levels(ctx: AttentionContext, q_heads: int) -> _Levels:
+def _levels(ctx: AttentionContext, q_heads: int, device: torch.device) -> _Levels:
     info = ctx.info
     p = info.world_size
     u = resolve_ulysses_degree(p, q_heads, ctx.ulysses_degree)
@@ -121,7 +125,7 @@ def _levels(ctx: AttentionContext, q_heads: int) -> _Levels:
     ring_info = sub(range(i, p, u))
     ring_shard = shard_layout(ctx.shard.doc_lengths, p // u, j, ctx.shard.layout)
     ring = dataclasses.replace(ctx, info=ring_info, shard=ring_shard)
-    return _Levels(sub(range(j * u, (j + 1) * u)), ring, *_ring_order(ctx.shard, u))
+    return _Levels(sub(range(j * u, (j + 1) * u)), ring, *_ring_order(ctx.shard, u, device))
 
 
 _RING = RingAttention()
@@ -168,7 +172,7 @@ class UspAttention(AttentionStrategy):
         return a2a, ring
 
     def forward(self, q, k, v, ctx: AttentionContext):
-        levels = _levels(ctx, q.shape[2])
+        levels = _levels(ctx, q.shape[2], q.device)
         k, v, kv_heads = replicate_kv(k, v, levels.ulysses.world_size)
         qh, kh, vh = to_heads([q, k, v], levels.ulysses, levels.order)
         out_h, saved = _RING.forward(qh, kh, vh, levels.ring)
@@ -177,7 +181,7 @@ class UspAttention(AttentionStrategy):
 
     def backward(self, dout, saved, ctx: AttentionContext):
         *saved, kv_heads = saved
-        levels = _levels(ctx, dout.shape[2])
+        levels = _levels(ctx, dout.shape[2], dout.device)
         (dout_h,) = to_heads([dout], levels.ulysses, levels.order)
         dq, dk, dv = _RING.backward(dout_h, tuple(saved), levels.ring)
         dq, dk, dv = to_sequence([dq, dk, dv], levels.ulysses, levels.inverse)

@@ -311,6 +311,15 @@ def _check_parallel(cfg: Config, spec: ModelSpec) -> None:
             except ValueError as exc:
                 where = ", ".join(f"{k}={v}" for k, v in shape.items())
                 raise ValueError(f"{key}={name!r} cannot run with {where}: {exc}") from None
+    if cfg.planner == "adaptive" and {"linear", "gdn"} <= mixers:
+        # A group's SequenceContext has one linear-strategy slot for both layer types, while
+        # the planner picks (and costs) a strategy per layer type.
+        raise ValueError(
+            "planner=adaptive with both linear and gdn layers in model.mixers: the planner "
+            "picks a strategy per layer type but a group runs all of them with one linear "
+            "strategy; use one of the two recurrent layer types, or planner=static "
+            "(parallel.linear_strategy serves both)"
+        )
     if par.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise ValueError(
             "parallel.engine=deepspeed but deepspeed is not installed "
