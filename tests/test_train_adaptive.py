@@ -139,8 +139,8 @@ BUCKETS = ["adaptive.zero_bucket_mb=0.02"]
 def test_sharded_states_match_one_process(pools, reference, tmp_path, world, stage):
     """ZeRO stage 1/2 (:mod:`distseq.train.zero`) and 3 (FSDP2, idle ranks running a dummy
     micro-batch) over all ranks: losses and every gradient (gathered from the shards) equal
-    one process training on the same batches. Stage 2 reduce-scatters during the backward in
-    buckets of 0.02 MiB (several per block)."""
+    one process training on the same batches. Buckets of 0.02 MiB (several per block), which
+    stage 2 reduce-scatters during the backward."""
     overrides = [*MIXED, f"adaptive.zero_stage={stage}", f"out_dir={tmp_path}", *BUCKETS]
     got = run(pools, world, overrides, SHARDED[world])
     if stage == 3:
@@ -149,7 +149,7 @@ def test_sharded_states_match_one_process(pools, reference, tmp_path, world, sta
         assert got["adam_elements"] < 1.5 * got["parameters"] / world
     else:
         assert got["engine"] == "ShardedEngine"
-        assert got["buckets"] > 4 if stage == 2 else got["buckets"] == 1
+        assert got["buckets"] > 4
         # a 1/world shard of every bucket (each padded to a multiple of world)
         assert 0 <= got["adam_elements"] - got["parameters"] / world < got["buckets"]
     assert_same(got, reference([]), f"zero stage {stage} on {world} ranks")

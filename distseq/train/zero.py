@@ -3,15 +3,19 @@
 Each rank runs different sequences in groups of different sizes, or none, in every
 micro-step, so an engine whose collectives live in the forward and backward (DDP hooks, FSDP,
 DeepSpeed) keeps them matched only if idle ranks run a forward and backward too. Stages 1 and 2
-avoid that: the collectives are issued by the trainer's loop, by every rank, at fixed points:
-stage 2 reduce-scatters the gradients after *every* micro-step of the plan
-(a rank idle in it contributes zeros), stage 1 once per step; both all-gather the updated
-weights after the optimizer step.
+avoid that with collectives on the whole world in one fixed order
+(:mod:`distseq.train.zero_buckets`): stage 2 reduce-scatters the gradients of *every*
+micro-step of the plan in buckets (``adaptive.zero_bucket_mb``), posting bucket ``b`` during
+the backward once it and every earlier bucket hold their gradients and the rest at
+:meth:`ShardedEngine.end_micro_step`, which every rank calls after every micro-step (an idle
+rank posts zeros for all of them); stage 1 reduce-scatters the same buckets once per step.
+Both all-gather the updated weights after the optimizer step, bucket by bucket.
 
-Layout: the trainable parameters, weight-decayed ones first, flattened into one fp32 vector of
-``N`` elements padded to ``P·S``; rank ``r`` owns elements ``[r·S, (r+1)·S)``: the Adam moments
-and (stage 2) the accumulated gradient of that range only. AdamW runs on the shard's decayed
-and non-decayed parts as two parameter groups: the same elementwise arithmetic as one process.
+Layout: the trainable parameters in buckets (registration order reversed: the order the
+backward reaches them), each flattened into fp32 and padded to a multiple
+of ``P``; rank ``r`` owns the ``r``-th ``1/P`` of every bucket: the Adam moments and the
+accumulated gradient of those elements only. AdamW runs on the shard's weight-decayed and
+non-decayed elements as two parameter groups: the same elementwise arithmetic as one process.
 
 Stage 3 (:class:`AdaptiveFSDPEngine`) is FSDP2 (``fully_shard`` per block over all ranks),
 whose per-layer all-gathers and reduce-scatters live in the forward and backward: there a rank
@@ -19,10 +23,12 @@ idle in a micro-step runs a dummy micro-batch (a few padding tokens, no token in
 one-rank group), so every rank runs one forward and backward per micro-step and FSDP's
 collectives stay matched; its gradient is exactly zero.
 
-Memory per parameter (fp32): weights 4 B and the micro-step's gradient 4 B whole, Adam's
-moments 8 B / P, and in stage 2 the accumulated gradient shard 4 B / P. Stage 2 saves the
-accumulated whole gradient only between micro-steps; a reduce-scatter in buckets during the
-backward (not done here) would be what removes the whole gradient from the peak.
+Memory per parameter (fp32): weights 4 B whole and Adam's moments 8 B / P. Stage 1 keeps the
+step's whole gradient (4 B) until the step; stage 2 only the gradient shard (4 B / P) plus the
+buckets in flight: each parameter's ``.grad`` lives from its accumulation until its bucket is
+posted, the bucket's flat copy until its reduce-scatter completes (measured in
+``docs/training.md``). Gradients of parameters in a bucket behind one the backward has not
+finished wait with it, so buckets follow the backward's order.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ from distseq.train.engine import Engine, FSDPEngine
 from distseq.train.mesh import Mesh
 from distseq.train.zero_buckets import Bucket, BucketReducer, flatten, plan_buckets
 
+NORM_CHUNK = 1 << 20  # elements per fp64 piece of the gradient norm
+
 
 class ShardedEngine(Engine):
     """ZeRO stage ``stage`` (1 or 2) over all ranks; parameters stay whole on every rank (the
@@ -56,9 +64,8 @@ class ShardedEngine(Engine):
         self._params = [p for p in model.parameters() if p.requires_grad]
         world = mesh.world_size
         sizes = [p.numel() for p in self._params]
-        # Stage 1 reduces once per step, outside the backward: one bucket, one collective.
-        target = cfg.adaptive.zero_bucket_mb * 2**20 / 4 if stage == 2 else sum(sizes)
-        self.buckets = plan_buckets(sizes, world, target)
+        # Stage 1 reduces the same buckets once per step (one bucket's flat copy at a time).
+        self.buckets = plan_buckets(sizes, world, cfg.adaptive.zero_bucket_mb * 2**20 / 4)
         self.shard = sum(bucket.shard for bucket in self.buckets)
         # Which shard elements are weight-decayed (2-D and larger parameters; padding is not).
         self._decay = self._mine(lambda p: torch.full_like(p, p.dim() >= 2, dtype=torch.bool))
@@ -76,7 +83,6 @@ class ShardedEngine(Engine):
             foreach=False,
         )
         self._grad = torch.zeros(self.shard, dtype=torch.float32, device=mine.device)
-        self._full_grad = torch.zeros_like(self._grad)  # the last step's, for tests
         self._reducer = BucketReducer(self._params, self.buckets, self._grad, world)
         if stage == 2:
             self._reducer.watch()
@@ -105,8 +111,10 @@ class ShardedEngine(Engine):
         squared norms), update the shard and all-gather the weights."""
         if self.stage == 1:
             self._reducer.flush()
-        grad = self._grad / self.mesh.world_size
-        square = grad.double().square().sum()
+        grad = self._grad.div_(self.mesh.world_size)  # in place: the shard is all this step
+        # fp64 sum of squares, a chunk at a time (no fp64 copy of the whole shard)
+        square = sum(chunk.double().square().sum() for chunk in grad.split(NORM_CHUNK))
+        square = torch.as_tensor(square, dtype=torch.float64, device=grad.device)
         dist.all_reduce(square)
         norm = float(square.sqrt())
         limit = self.cfg.train.grad_clip or math.inf
@@ -115,10 +123,13 @@ class ShardedEngine(Engine):
         self._parts[0].grad, self._parts[1].grad = grad[self._decay], grad[self._plain]
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if should_update(norm):
+        updated = should_update(norm)
+        if updated:
             self.optimizer.step()
+        for part in self._parts:
+            part.grad = None  # before the gather's buffers
+        if updated:
             self._gather()
-        self._full_grad = grad
         return norm
 
     def _gather(self) -> None:
@@ -146,10 +157,11 @@ class ShardedEngine(Engine):
 
     def gathered_gradients(self) -> dict[str, torch.Tensor]:
         """Collective: the last step's averaged, clipped gradient of every parameter by name
-        (what a replicated engine leaves in ``.grad``), for tests and debugging."""
+        (what a replicated engine leaves in ``.grad``; until the next step starts), for tests
+        and debugging."""
         names = {id(p): n for n, p in self.model.named_parameters()}
         out = {}
-        for bucket, full in self._gathered(self._full_grad):
+        for bucket, full in self._gathered(self._grad):
             for i, value in zip(bucket.params, self._split(bucket, full)):
                 out[names[id(self._params[i])]] = value.clone()
         return out
