@@ -74,6 +74,7 @@ def planner_cost(cfg: Config, world_size: int, device: torch.device) -> CostMode
         shard_states=False,
         activation_checkpointing=cfg.train.activation_checkpointing,
         zero_stage=cfg.adaptive.zero_stage,
+        zero_bucket_bytes=cfg.adaptive.zero_bucket_mb * 2**20,
     )
 
 
