@@ -178,6 +178,11 @@ def test_sharded_states_resume_reproduces_the_run(pools, tmp_path, stage):
     assert resumed["losses"] == pytest.approx(full["losses"][2:], rel=1e-6)
     for name, grad in full["grads"].items():
         assert torch.allclose(resumed["grads"][name], grad, rtol=1e-6, atol=0), name
+    if stage == 2:  # each rank's shard is its piece of every bucket: other buckets, other shards
+        other = [*common, "planner=adaptive", "adaptive.zero_bucket_mb=0.05",
+                 f"checkpoint.resume={tmp_path}/checkpoints/step_2"]  # fmt: skip
+        for message in pools(3).run(train_cases.resume_error, other, timeout=300):
+            assert "adaptive.zero_bucket_mb" in message, message
 
 
 def test_resume_reproduces_adaptive_losses(pools, tmp_path):
