@@ -16,9 +16,9 @@ from distseq.train.zero import ShardedEngine
 WIDTH, LAYERS = 24, 5
 
 
-def _config(stage_bucket_mb: float) -> Config:
+def _config(bucket_mb: float) -> Config:
     cfg = Config()
-    cfg.adaptive.zero_bucket_mb = stage_bucket_mb
+    cfg.adaptive.zero_bucket_mb = bucket_mb
     cfg.train.grad_clip = 0.0  # compare raw averaged gradients
     return cfg
 

@@ -123,7 +123,10 @@ class BucketReducer:
         self._next += 1
         params = [self.params[i] for i in bucket.params]
         # zeros for a parameter this rank's backward did not reach (all of them when idle)
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad.float() for p in params]
+        grads = [
+            torch.zeros_like(p, dtype=torch.float32) if p.grad is None else p.grad.float()
+            for p in params
+        ]
         flat = flatten(bucket, grads, self.world)
         del grads
         for param in params:
