@@ -45,4 +45,5 @@ def adaptive_run(rank: int, world: int, overrides: list[str], steps=None) -> dic
     local = [m.to_local() if hasattr(m, "to_local") else m for m in moments]  # FSDP: DTensor
     result["adam_elements"] = sum(m.numel() for m in local)  # this rank's (rank 0's)
     result["parameters"] = sum(p.numel() for p in trainer.model.parameters())
+    result["buckets"] = len(getattr(trainer.engine, "buckets", ()))
     return result

@@ -501,11 +501,17 @@ def test_7b_dry_run_fits_80gb_only_with_sharded_states(capsys):
         groups = sum(m.predicted_time_s for m in plans[stage].micro_steps)
         sync = plans[stage].predicted_step_time_s - groups
         assert sync == pytest.approx(cost.sync_time(steps)) and sync > 0
-        # 8 B/param whole (weights, the micro-step's gradient); Adam moments (and the
-        # stage-2 gradient shard) over 64 ranks
+        # Weights whole, Adam moments over 64 ranks; the gradient whole (stage 1) or a
+        # shard plus two buckets in flight (stage 2: the embedding, the largest bucket)
+        whole = {1: 8.0, 2: 4.0}[stage]
+        in_flight = 2 * 4.0 * MODEL_7B.vocab_size * MODEL_7B.d_model if stage == 2 else 0.0
         assert cost.group_cost(1, cost.combos(1)[0]).static_bytes == pytest.approx(
-            MODEL_7B.params * (8 + 4 * (stage + 1) / 64) + H100.reserved_bytes
+            MODEL_7B.params * (whole + 4 * (stage + 1) / 64) + in_flight + H100.reserved_bytes
         )
+    # stage 2's step: the reduce-scatter of every micro-step and the all-gather, each one
+    # ring per bucket (the latency), the bandwidth of the whole fp32 gradient
+    few = CostModel(MODEL_7B, H100, cluster, zero_stage=2, zero_bucket_bytes=2**40)
+    assert cost.sync_time(3) > few.sync_time(3) > 0
 
 
 @pytest.mark.parametrize(

@@ -125,6 +125,9 @@ SHARDED = {
 }
 
 
+BUCKETS = ["adaptive.zero_bucket_mb=0.02"]
+
+
 # Every stage on 3 and 4 ranks; the default run keeps one case per stage (``-m slow``: all).
 @pytest.mark.parametrize(
     ("world", "stage"),
@@ -138,8 +141,9 @@ SHARDED = {
 def test_sharded_states_match_one_process(pools, reference, tmp_path, world, stage):
     """ZeRO stage 1/2 (:mod:`distseq.train.zero`) and 3 (FSDP2, idle ranks running a dummy
     micro-batch) over all ranks: losses and every gradient (gathered from the shards) equal
-    one process training on the same batches."""
-    overrides = [*MIXED, f"adaptive.zero_stage={stage}", f"out_dir={tmp_path}"]
+    one process training on the same batches. Buckets of 0.02 MiB (several per block), which
+    stage 2 reduce-scatters during the backward."""
+    overrides = [*MIXED, f"adaptive.zero_stage={stage}", f"out_dir={tmp_path}", *BUCKETS]
     got = run(pools, world, overrides, SHARDED[world])
     if stage == 3:
         assert got["engine"] == "AdaptiveFSDPEngine"
@@ -147,23 +151,28 @@ def test_sharded_states_match_one_process(pools, reference, tmp_path, world, sta
         assert got["adam_elements"] < 1.5 * got["parameters"] / world
     else:
         assert got["engine"] == "ShardedEngine"
-        assert got["adam_elements"] == -(-got["parameters"] // world)  # a 1/world shard
+        assert got["buckets"] > 4
+        # a 1/world shard of every bucket (each padded to a multiple of world)
+        assert 0 <= got["adam_elements"] - got["parameters"] / world < got["buckets"]
     assert_same(got, reference([]), f"zero stage {stage} on {world} ranks")
 
 
-def test_stage_3_idle_rank_runs_a_hybrid_dummy(pools, reference, tmp_path):
-    """Stage 3 with linear and softmax layers: the idle rank's dummy micro-batch (8 tokens on
-    a one-rank group) runs through every mixer and leaves every gradient exact."""
-    overrides, steps = FIXED["hybrid"]  # rank 2 idle in the second micro-step
-    got = run(pools, 4, [*MIXED, *overrides, "adaptive.zero_stage=3", f"out_dir={tmp_path}"],
-              steps)  # fmt: skip
-    assert_same(got, reference(overrides), "zero stage 3, hybrid", GATE_TOL)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_idle_rank_with_a_hybrid_model(pools, reference, tmp_path, stage):
+    """Linear and softmax layers, rank 2 idle in the second micro-step. Stage 3: the idle
+    rank's dummy micro-batch (8 tokens on a one-rank group) runs through every mixer; stage
+    2: buckets (several per block) posted during the backwards of the groups and by the idle
+    rank after it. Every gradient stays exact."""
+    overrides, steps = FIXED["hybrid"]
+    extra = [f"adaptive.zero_stage={stage}", f"out_dir={tmp_path}", *BUCKETS]
+    got = run(pools, 4, [*MIXED, *overrides, *extra], steps)
+    assert_same(got, reference(overrides), f"zero stage {stage}, hybrid", GATE_TOL)
 
 
 @pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_sharded_states_resume_reproduces_the_run(pools, tmp_path, stage):
     common = [*MIXED, f"adaptive.zero_stage={stage}", "train.steps=4", f"out_dir={tmp_path}",
-              "checkpoint.every=2"]  # fmt: skip
+              "checkpoint.every=2", *BUCKETS]  # fmt: skip
     steps = SHARDED[3]
     full = run(pools, 3, common, steps)
     resumed = run(pools, 3, [*common, f"checkpoint.resume={tmp_path}/checkpoints/step_2"], steps)
@@ -171,6 +180,11 @@ def test_sharded_states_resume_reproduces_the_run(pools, tmp_path, stage):
     assert resumed["losses"] == pytest.approx(full["losses"][2:], rel=1e-6)
     for name, grad in full["grads"].items():
         assert torch.allclose(resumed["grads"][name], grad, rtol=1e-6, atol=0), name
+    if stage == 2:  # each rank's shard is its piece of every bucket: other buckets, other shards
+        other = [*common, "planner=adaptive", "adaptive.zero_bucket_mb=0.05",
+                 f"checkpoint.resume={tmp_path}/checkpoints/step_2"]  # fmt: skip
+        for message in pools(3).run(train_cases.resume_error, other, timeout=300):
+            assert "adaptive.zero_bucket_mb" in message, message
 
 
 def test_resume_reproduces_adaptive_losses(pools, tmp_path):
@@ -201,6 +215,7 @@ def test_sequence_that_fits_nowhere_is_refused_on_every_rank(pools, tmp_path):
         ("adaptive.memory=lots", "adaptive.memory"),
         ("adaptive.gpus_per_node=3", "adaptive.gpus_per_node"),
         ("adaptive.zero_stage=4", "adaptive.zero_stage"),
+        ("adaptive.zero_bucket_mb=0", "adaptive.zero_bucket_mb"),
     ),
 )
 def test_bad_adaptive_config_names_key(override, key):

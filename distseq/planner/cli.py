@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
         "(default: fully sharded, FSDP-style, its collectives not charged)",
     )
     dry.add_argument(
+        "--zero-bucket-mb",
+        type=float,
+        default=25.0,
+        help="gradient bucket of --zero-stage 1/2 in MiB (adaptive.zero_bucket_mb)",
+    )
+    dry.add_argument(
         "--time-limit",
         type=float,
         default=0.25,
@@ -147,6 +153,7 @@ def dry_run(args: argparse.Namespace) -> list[Plan]:
         cluster,
         activation_checkpointing=checkpointing,
         zero_stage=args.zero_stage,
+        zero_bucket_bytes=args.zero_bucket_mb * 2**20,
     )
     plans = [
         plan_batch(b, cluster, model, profile, cost=cost, time_limit=args.time_limit)

@@ -212,6 +212,10 @@ class CostModel:
     off): the fused loss replaces the per-token float32 logits by one chunk's, tiled MLPs
     their per-token intermediates by one tile's, offloaded checkpoints drop the kept layer
     inputs from device memory.
+    all ranks (8 B + 8 B/W); 2 also the gradient, reduce-scattered during the backward in
+    buckets of ``zero_bucket_bytes`` (4 B + 12 B/W, plus two buckets in flight: one filling,
+    one being reduced; a bucket is at least the largest weight matrix); 3 shards everything
+    (as ``shard_states``). Stages 1–3 charge their collectives in :meth:`sync_time`.
     """
 
     def __init__(
@@ -228,11 +232,15 @@ class CostModel:
         linear_layout: str = "contiguous",
         zero_stage: int | None = None,
         memory: MemoryConfig = PLAIN,
+        zero_bucket_bytes: float = 25 * 2**20,
     ) -> None:
         check_layout(linear_layout)
         if zero_stage not in (None, 0, 1, 2, 3):
             raise ValueError(f"zero_stage={zero_stage!r}; use 0 (replicated), 1, 2 or 3")
+        if zero_bucket_bytes <= 0:
+            raise ValueError(f"zero_bucket_bytes={zero_bucket_bytes!r}; use a positive size")
         self.zero_stage = zero_stage
+        self.zero_bucket_bytes = zero_bucket_bytes
         self.model, self.profile, self.cluster = model, profile, cluster
         self.memory = memory
         self.bytes_per_param = bytes_per_param
@@ -438,8 +446,10 @@ class CostModel:
         params = m.params
         if self.zero_stage is not None and self.zero_stage < 3:
             world = self.cluster.world_size
-            whole, sharded = {0: (16.0, 0.0), 1: (8.0, 8.0), 2: (8.0, 12.0)}[self.zero_stage]
+            whole, sharded = {0: (16.0, 0.0), 1: (8.0, 8.0), 2: (4.0, 12.0)}[self.zero_stage]
             static = params * (whole + sharded / world)
+            if self.zero_stage == 2:
+                static += 2 * self._bucket_bytes()
         elif self.shard_states or self.zero_stage == 3:
             static = params * self.bytes_per_param / self.cluster.world_size
             static += 2 * max(m.block_params) * e  # the gathered layers in flight
@@ -490,14 +500,23 @@ class CostModel:
             per_token += max(full)  # the layer being recomputed
         return static, per_token + max(transient)
 
+    def _bucket_bytes(self) -> float:
+        """fp32 bytes of a stage-1/2 gradient bucket: ``zero_bucket_bytes``, or the largest
+        weight matrix, which is a bucket of its own; at most the whole gradient."""
+        m = self.model
+        largest = m.d_model * max(m.vocab_size, m.ffn_hidden, m.n_heads * m.head_dim)
+        return min(max(self.zero_bucket_bytes, 4.0 * largest), 4.0 * m.params)
+
     def sync_time(self, micro_steps: int) -> float:
         """Seconds of the sharded states' collectives in a step of ``micro_steps``: stage 1
         reduce-scatters the fp32 gradients once, stage 2 after every micro-step (every rank
         joins, idle or not); both all-gather the updated weights. Stage 3 gathers the weights
         in every micro-step's forward and again in its backward, and reduce-scatters the
         gradients (FSDP prefetches and overlaps them with compute, which is not credited:
-        pessimistic). Flat rings over the whole world (the inter-node link once the world
-        spans nodes). 0 without ``zero_stage``."""
+        pessimistic). Stages 1 and 2 run each collective as one ring per gradient bucket (a
+        ring's latency per bucket); stage 2's reduce-scatters overlap the backward, which is
+        not credited either. Flat rings over the whole world (the inter-node link once the
+        world spans nodes). 0 without ``zero_stage``."""
         if not self.zero_stage:
             return 0.0
         w = self.cluster.world_size
@@ -505,7 +524,10 @@ class CostModel:
             return 0.0
         shard = 4.0 * self.model.params / w  # fp32 bytes each rank sends per ring hop
         collectives = {1: 2, 2: micro_steps + 1, 3: 3 * micro_steps}[self.zero_stage]
-        return collectives * sum(self._link(w).time(w - 1, (w - 1) * shard))
+        rings = 1
+        if self.zero_stage < 3:
+            rings = math.ceil(4.0 * self.model.params / self._bucket_bytes())
+        return collectives * sum(self._link(w).time(rings * (w - 1), (w - 1) * shard))
 
     def _mlp_memory(self, degree: int) -> tuple[float, float]:
         """``(static, per token of A)`` bytes of one layer's saved MLP intermediates (gate,
@@ -572,6 +594,7 @@ class CostModel:
                 linear_layout=self.linear_layout,
                 zero_stage=self.zero_stage,
                 memory=self.memory,
+                zero_bucket_bytes=self.zero_bucket_bytes,
             )
         return self.memo[key]
 

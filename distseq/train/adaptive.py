@@ -75,6 +75,7 @@ def planner_cost(cfg: Config, world_size: int, device: torch.device) -> CostMode
         activation_checkpointing=cfg.train.activation_checkpointing,
         zero_stage=cfg.adaptive.zero_stage,
         memory=cfg.memory,
+        zero_bucket_bytes=cfg.adaptive.zero_bucket_mb * 2**20,
     )
 
 

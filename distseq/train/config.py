@@ -158,13 +158,16 @@ class AdaptiveConfig:
     per step; ``zero_stage``: 0 replicates optimizer state and gradients on every rank, 1
     shards the optimizer state over all ranks, 2 the gradients too
     (:mod:`distseq.train.zero`), 3 the parameters too (FSDP2; idle ranks run a dummy
-    micro-batch so its per-layer collectives stay matched)."""
+    micro-batch so its per-layer collectives stay matched); ``zero_bucket_mb``: stage 2
+    reduce-scatters the gradients during the backward in buckets of about this many MiB of
+    fp32 gradient (a larger parameter is a bucket of its own)."""
 
     profile: str = "auto"
     memory: str | None = None
     gpus_per_node: int | None = None
     time_limit: float = 0.25
     zero_stage: int = 0
+    zero_bucket_mb: float = 25.0
 
 
 @dataclass
@@ -376,6 +379,7 @@ def _check_adaptive(cfg: Config) -> None:
             f"adaptive.zero_stage={opts.zero_stage!r}; use 0 (replicated), 1 (sharded "
             "optimizer state), 2 (and gradients) or 3 (and parameters)"
         )
+    _positive("adaptive.zero_bucket_mb", opts.zero_bucket_mb)
 
 
 def _check_optim(opt: OptimConfig) -> None:

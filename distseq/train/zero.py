@@ -3,15 +3,19 @@
 Each rank runs different sequences in groups of different sizes, or none, in every
 micro-step, so an engine whose collectives live in the forward and backward (DDP hooks, FSDP,
 DeepSpeed) keeps them matched only if idle ranks run a forward and backward too. Stages 1 and 2
-avoid that: the collectives are issued by the trainer's loop, by every rank, at fixed points:
-stage 2 reduce-scatters the gradients after *every* micro-step of the plan
-(a rank idle in it contributes zeros), stage 1 once per step; both all-gather the updated
-weights after the optimizer step.
+avoid that with collectives on the whole world in one fixed order
+(:mod:`distseq.train.zero_buckets`): stage 2 reduce-scatters the gradients of *every*
+micro-step of the plan in buckets (``adaptive.zero_bucket_mb``), posting bucket ``b`` during
+the backward once it and every earlier bucket hold their gradients and the rest at
+:meth:`ShardedEngine.end_micro_step`, which every rank calls after every micro-step (an idle
+rank posts zeros for all of them); stage 1 reduce-scatters the same buckets once per step.
+Both all-gather the updated weights after the optimizer step, bucket by bucket.
 
-Layout: the trainable parameters, weight-decayed ones first, flattened into one fp32 vector of
-``N`` elements padded to ``P·S``; rank ``r`` owns elements ``[r·S, (r+1)·S)``: the Adam moments
-and (stage 2) the accumulated gradient of that range only. AdamW runs on the shard's decayed
-and non-decayed parts as two parameter groups: the same elementwise arithmetic as one process.
+Layout: the trainable parameters in buckets (registration order reversed: the order the
+backward reaches them), each flattened into fp32 and padded to a multiple
+of ``P``; rank ``r`` owns the ``r``-th ``1/P`` of every bucket: the Adam moments and the
+accumulated gradient of those elements only. AdamW runs on the shard's weight-decayed and
+non-decayed elements as two parameter groups: the same elementwise arithmetic as one process.
 
 Stage 3 (:class:`AdaptiveFSDPEngine`) is FSDP2 (``fully_shard`` per block over all ranks),
 whose per-layer all-gathers and reduce-scatters live in the forward and backward: there a rank
@@ -19,10 +23,12 @@ idle in a micro-step runs a dummy micro-batch (a few padding tokens, no token in
 one-rank group), so every rank runs one forward and backward per micro-step and FSDP's
 collectives stay matched; its gradient is exactly zero.
 
-Memory per parameter (fp32): weights 4 B and the micro-step's gradient 4 B whole, Adam's
-moments 8 B / P, and in stage 2 the accumulated gradient shard 4 B / P. Stage 2 saves the
-accumulated whole gradient only between micro-steps; a reduce-scatter in buckets during the
-backward (not done here) would be what removes the whole gradient from the peak.
+Memory per parameter (fp32): weights 4 B whole and Adam's moments 8 B / P. Stage 1 keeps the
+step's whole gradient (4 B) until the step; stage 2 only the gradient shard (4 B / P) plus the
+buckets in flight: each parameter's ``.grad`` lives from its accumulation until its bucket is
+posted, the bucket's flat copy until its reduce-scatter completes (measured in
+``docs/training.md``). Gradients of parameters in a bucket behind one the backward has not
+finished wait with it, so buckets follow the backward's order.
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ from torch import nn
 from distseq.train.config import Config
 from distseq.train.engine import Engine, FSDPEngine
 from distseq.train.mesh import Mesh
+from distseq.train.zero_buckets import Bucket, BucketReducer, flatten, plan_buckets
+
+NORM_CHUNK = 1 << 20  # elements per fp64 piece of the gradient norm
 
 
 class ShardedEngine(Engine):
@@ -52,18 +61,17 @@ class ShardedEngine(Engine):
         with torch.no_grad():
             for tensor in [*model.parameters(), *model.buffers()]:
                 dist.broadcast(tensor, src=0)
-        params = [p for p in model.parameters() if p.requires_grad]
-        self._params = [p for p in params if p.dim() >= 2] + [p for p in params if p.dim() < 2]
-        self._decayed = sum(p.numel() for p in self._params if p.dim() >= 2)
-        total = sum(p.numel() for p in self._params)
-        world, rank = mesh.world_size, dist.get_rank()
-        self.shard = math.ceil(total / world)
-        self.lo = rank * self.shard
-        flat = self._flat([p.detach() for p in self._params])
-        # The shard's decayed and non-decayed parts (either may be empty), as optimizer params.
-        cut = min(max(self._decayed - self.lo, 0), self.shard)
-        mine = flat[self.lo : self.lo + self.shard]
-        self._parts = [nn.Parameter(mine[:cut].clone()), nn.Parameter(mine[cut:].clone())]
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        world = mesh.world_size
+        sizes = [p.numel() for p in self._params]
+        # Stage 1 reduces the same buckets once per step (one bucket's flat copy at a time).
+        self.buckets = plan_buckets(sizes, world, cfg.adaptive.zero_bucket_mb * 2**20 / 4)
+        self.shard = sum(bucket.shard for bucket in self.buckets)
+        # Which shard elements are weight-decayed (2-D and larger parameters; padding is not).
+        self._decay = self._mine(lambda p: torch.full_like(p, p.dim() >= 2, dtype=torch.bool))
+        self._plain = ~self._decay
+        mine = self._mine(lambda p: p.detach().float())
+        self._parts = [nn.Parameter(mine[self._decay]), nn.Parameter(mine[self._plain])]
         opt = cfg.train
         self.optimizer = torch.optim.AdamW(
             [
@@ -74,79 +82,88 @@ class ShardedEngine(Engine):
             betas=(opt.beta1, opt.beta2),
             foreach=False,
         )
-        self._grad = torch.zeros(self.shard, dtype=torch.float32, device=flat.device)
-        self._full_grad = torch.zeros_like(self._grad)  # the last step's, for tests
+        self._grad = torch.zeros(self.shard, dtype=torch.float32, device=mine.device)
+        self._reducer = BucketReducer(self._params, self.buckets, self._grad, world)
+        if stage == 2:
+            self._reducer.watch()
 
-    def _flat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """``tensors`` (one per parameter, ``None`` as zeros) as one padded fp32 vector."""
-        pad = self.shard * self.mesh.world_size - sum(p.numel() for p in self._params)
-        parts = [
-            (t if t is not None else torch.zeros_like(p)).flatten().float()
-            for t, p in zip(tensors, self._params)
-        ]
-        return torch.cat([*parts, parts[0].new_zeros(pad)])
+    def _mine(self, of: Callable[[nn.Parameter], torch.Tensor]) -> torch.Tensor:
+        """This rank's shard vector of ``of(parameter)``: its piece of every bucket."""
+        rank, pieces = dist.get_rank(), []
+        for bucket in self.buckets:
+            tensors = [of(self._params[i]) for i in bucket.params]
+            flat = flatten(bucket, tensors, self.mesh.world_size)
+            pieces.append(flat[rank * bucket.shard : (rank + 1) * bucket.shard])
+        return torch.cat(pieces)
 
     def zero_grad(self) -> None:
         self.model.zero_grad(set_to_none=True)
         self._grad.zero_()
 
-    def _scatter(self) -> None:
-        """Reduce-scatter the local gradients into this rank's shard (a collective every rank
-        joins) and free them."""
-        full = self._flat([p.grad for p in self._params])
-        mine = torch.empty_like(self._grad)
-        dist.reduce_scatter_tensor(mine, full)
-        self._grad += mine
-        for p in self._params:
-            p.grad = None
-
     def end_micro_step(self) -> None:
-        """Called by every rank after every micro-step of the plan, idle or not."""
+        """Called by every rank after every micro-step of the plan, idle or not: stage 2
+        reduce-scatters the buckets its backward did not post (all of them when idle)."""
         if self.stage == 2:
-            self._scatter()
+            self._reducer.flush()
 
     def step(self, lr: float, should_update: Callable[[float], bool]) -> float:
         """Average the gradient shards, clip by the global norm (one all-reduce of the shards'
         squared norms), update the shard and all-gather the weights."""
         if self.stage == 1:
-            self._scatter()
-        grad = self._grad / self.mesh.world_size
-        square = grad.double().square().sum()
+            self._reducer.flush()
+        grad = self._grad.div_(self.mesh.world_size)  # in place: the shard is all this step
+        # fp64 sum of squares, a chunk at a time (no fp64 copy of the whole shard)
+        square = sum(chunk.double().square().sum() for chunk in grad.split(NORM_CHUNK))
+        square = torch.as_tensor(square, dtype=torch.float64, device=grad.device)
         dist.all_reduce(square)
         norm = float(square.sqrt())
         limit = self.cfg.train.grad_clip or math.inf
         if norm > limit:  # as clip_grad_norm_: scale by limit / (norm + 1e-6)
             grad *= limit / (norm + 1e-6)
-        cut = self._parts[0].numel()
-        self._parts[0].grad, self._parts[1].grad = grad[:cut], grad[cut:]
+        self._parts[0].grad, self._parts[1].grad = grad[self._decay], grad[self._plain]
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if should_update(norm):
+        updated = should_update(norm)
+        if updated:
             self.optimizer.step()
+        for part in self._parts:
+            part.grad = None  # before the gather's buffers
+        if updated:
             self._gather()
-        self._full_grad = grad
         return norm
 
     def _gather(self) -> None:
-        mine = torch.cat([part.detach() for part in self._parts])
-        full = mine.new_empty(self.shard * self.mesh.world_size)
-        dist.all_gather_into_tensor(full, mine)
+        mine = torch.empty_like(self._grad)
+        mine[self._decay], mine[self._plain] = self._parts[0].detach(), self._parts[1].detach()
         with torch.no_grad():
-            start = 0
-            for p in self._params:
-                p.copy_(full[start : start + p.numel()].view_as(p))
-                start += p.numel()
+            for bucket, full in self._gathered(mine):
+                for i, value in zip(bucket.params, self._split(bucket, full)):
+                    self._params[i].copy_(value)
+
+    def _gathered(self, mine: torch.Tensor) -> Iterator[tuple[Bucket, torch.Tensor]]:
+        """Collective: every bucket's whole vector from the ranks' shard vectors ``mine``, one
+        bucket at a time (one bucket's buffer in memory)."""
+        world = self.mesh.world_size
+        for bucket in self.buckets:
+            full = mine.new_empty(bucket.shard * world)
+            dist.all_gather_into_tensor(full, mine[bucket.offset : bucket.offset + bucket.shard])
+            yield bucket, full
+
+    def _split(self, bucket: Bucket, full: torch.Tensor) -> list[torch.Tensor]:
+        """A bucket's whole vector as views shaped like its parameters."""
+        params = [self._params[i] for i in bucket.params]
+        chunks = full[: bucket.numel].split([p.numel() for p in params])
+        return [chunk.view_as(p) for chunk, p in zip(chunks, params)]
 
     def gathered_gradients(self) -> dict[str, torch.Tensor]:
         """Collective: the last step's averaged, clipped gradient of every parameter by name
-        (what a replicated engine leaves in ``.grad``), for tests and debugging."""
-        full = self._full_grad.new_empty(self.shard * self.mesh.world_size)
-        dist.all_gather_into_tensor(full, self._full_grad)
-        out, start = {}, 0
+        (what a replicated engine leaves in ``.grad``; until the next step starts), for tests
+        and debugging."""
         names = {id(p): n for n, p in self.model.named_parameters()}
-        for p in self._params:
-            out[names[id(p)]] = full[start : start + p.numel()].view_as(p).clone()
-            start += p.numel()
+        out = {}
+        for bucket, full in self._gathered(self._grad):
+            for i, value in zip(bucket.params, self._split(bucket, full)):
+                out[names[id(self._params[i])]] = value.clone()
         return out
 
     def state_dict(self) -> dict:
@@ -156,6 +173,7 @@ class ShardedEngine(Engine):
             "parts": [part.detach().clone() for part in self._parts],
             "world_size": self.mesh.world_size,
             "stage": self.stage,
+            "buckets": [bucket.numel for bucket in self.buckets],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -163,6 +181,13 @@ class ShardedEngine(Engine):
             raise ValueError(
                 f"the checkpoint's sharded optimizer state is for {state['world_size']} ranks, "
                 f"this run has {self.mesh.world_size}; resume on {state['world_size']} ranks"
+            )
+        buckets = [bucket.numel for bucket in self.buckets]
+        if state.get("buckets") != buckets:
+            raise ValueError(
+                f"the checkpoint's sharded optimizer state has gradient buckets "
+                f"{state.get('buckets')} (elements), this run {buckets}: resume with the saving "
+                "run's adaptive.zero_stage and adaptive.zero_bucket_mb"
             )
         with torch.no_grad():
             for part, saved in zip(self._parts, state["parts"]):
