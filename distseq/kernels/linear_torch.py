@@ -31,7 +31,8 @@ def is_available(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=256)
+# A batch's layers share one entry; few entries, since each holds O(tokens) device memory.
+@functools.lru_cache(maxsize=16)
 def _pack_plan(
     batch: int, length: int, bounds: tuple[int, ...] | None, chunk: int, device: torch.device
 ) -> tuple[int, int, torch.Tensor, torch.Tensor]:
