@@ -53,12 +53,13 @@ class Pieces:
             return x
         return x.reshape(self.batch, -1, *x.shape[2:])
 
-    def kernel_bounds(self) -> list[int] | None:
-        """Host-side boundaries of the local segments in the kernel view (``None``: whole rows)."""
+    def kernel_bounds(self) -> tuple[int, ...] | None:
+        """Host-side boundaries of the local segments in the kernel view (``None``: whole rows),
+        :meth:`kernel_cu_seqlens` without reading the device."""
         if not self.varlen:
             return None
         lengths = [c for c in self.shard.chunk_lengths for _ in range(self.slots)]
-        return list(itertools.accumulate(lengths, initial=0))
+        return tuple(itertools.accumulate(lengths, initial=0))
 
     def kernel_cu_seqlens(self, device: torch.device) -> torch.Tensor | None:
         """:meth:`kernel_bounds` as an int32 tensor on ``device`` (copied once per shard)."""

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
 from distseq.comm import GroupInfo, agree
+from distseq.kernels.common import host_bounds
 from distseq.layout import check_divisible, check_layout
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -58,9 +59,17 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 
 def check_cu_seqlens(
-    cu_seqlens: torch.Tensor | None, batch: int, seq_local: int, world_size: int, layout: str
+    cu_seqlens: torch.Tensor | None,
+    batch: int,
+    seq_local: int,
+    world_size: int,
+    layout: str,
+    bounds: Sequence[int] | None = None,
 ) -> tuple[int, ...]:
-    """Validate the global ``cu_seqlens`` and return the global document lengths."""
+    """Validate the global ``cu_seqlens`` and return the global document lengths.
+
+    ``bounds``: the same boundaries as host ints, checked instead of reading ``cu_seqlens``
+    back (a host sync on a GPU)."""
     check_layout(layout)
     total = seq_local * world_size
     if cu_seqlens is None:
@@ -72,7 +81,7 @@ def check_cu_seqlens(
         raise ValueError(f"cu_seqlens has dtype {cu_seqlens.dtype}; use torch.int32")
     if batch != 1:
         raise ValueError(f"cu_seqlens needs batch size 1 (packed documents), got batch {batch}")
-    bounds = cu_seqlens.tolist()
+    bounds = list(host_bounds(cu_seqlens, bounds))
     if len(bounds) < 2 or bounds[0] != 0 or any(b < a for a, b in zip(bounds, bounds[1:])):
         raise ValueError(
             f"cu_seqlens {bounds} must start at 0 and be non-decreasing, with at least one document"

@@ -47,6 +47,10 @@ def _layer(rank: int, layer: str, strategies: dict, heads: int):
         x, weight = torch.randn(1, n, 6).requires_grad_(), torch.randn(6, 4)
         return lambda: ctx.causal_conv1d(x, weight, activation="silu")
     inputs = [torch.randn(1, n, heads, 8).requires_grad_() for _ in range(3)]
+    if layer == "delta_rule":
+        k = torch.nn.functional.normalize(inputs[1].detach(), dim=-1).requires_grad_()
+        beta, log_decay = torch.rand(1, n, heads), -torch.rand(1, n, heads)
+        return lambda: ctx.delta_rule(inputs[0], k, inputs[2], beta, log_decay=log_decay)
     return lambda: getattr(ctx, layer)(*inputs)
 
 
@@ -82,14 +86,20 @@ def wrong_layer_shape(rank, world) -> str:
     return "ran"
 
 
+# Tensor methods that read a tensor's values on the host: a device-to-host sync on a GPU.
+_HOST_READS = ("tolist", "item", "__int__", "__float__", "__bool__", "__index__")
+
+
 class HostToDevice(torch.overrides.TorchFunctionMode):
     """Records the calls that copy host data to a device on a GPU: ``Tensor.to`` given a
-    device (on CPU a no-op, but the same call) and tensors built from host values. A CPU run
+    device (on CPU a no-op, but the same call) and tensors built from host values; and, in
+    ``reads``, the calls that read a tensor back to the host (a sync on a GPU). A CPU run
     cannot see the copies themselves, only the calls that make them."""
 
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[str] = []
+        self.reads: list[str] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -97,6 +107,8 @@ class HostToDevice(torch.overrides.TorchFunctionMode):
             self.calls.append(f"Tensor.to{tuple(type(a).__name__ for a in args[1:])}")
         elif func in (torch.tensor, torch.as_tensor, torch.Tensor.cuda):
             self.calls.append(func.__name__)
+        elif getattr(func, "__name__", None) in _HOST_READS:
+            self.reads.append(func.__name__)
         return func(*args, **kwargs)
 
 
@@ -107,16 +119,19 @@ def _names_device(args, kwargs) -> bool:
 
 def layer_host_copies(rank, world, layer: str, strategies: dict, heads: int) -> list[list[str]]:
     """Host-to-device copy calls of a layer's forward + backward on an agreed batch: on the
-    first call (cold device caches) and on the next (as a model's second layer)."""
+    first call (cold device caches) and on the next (as a model's second layer); then the
+    host reads of both calls."""
+    from distseq.kernels import linear_torch
     from distseq.layout import shard_tensor
     from distseq.strategies import usp
 
-    shard_tensor.cache_clear()  # the pool's workers may have run this shard before
-    usp._ring_order.cache_clear()
+    # the pool's workers may have run this shard before
+    for cache in (shard_tensor, usp._ring_order, linear_torch._pack_plan):
+        cache.cache_clear()
     run = _layer(rank, layer, strategies, heads)
     calls = []
     for _ in range(2):
         with HostToDevice() as copies:
             run().sum().backward()
-        calls.append(copies.calls)
-    return calls
+        calls.append(copies)
+    return [c.calls for c in calls] + [c.reads for c in calls]

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from distseq.reference import linear_attention_reference
+from test_kernel_bounds import HostReads
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE.type == "cpu":
@@ -125,6 +126,30 @@ def test_varlen_matches_reference(decay):
     # Empty segments (first, middle, last), one chunk-aligned, others crossing chunk borders.
     cu = torch.tensor([0, 0, 5, 5, 21, 40, 40], dtype=torch.int32)
     _check(_inputs(1, 40, 1, 16, 32, decay, 6, True), cu_seqlens=cu)
+
+
+def test_host_bounds_read_nothing_back_and_tables_are_cached():
+    """Given ``cu_seqlens``' bounds on the host, the kernels give the same bits without
+    reading ``cu_seqlens`` back, and build their chunk tables once per shape and device."""
+    torch.manual_seed(2)
+    q, k, v, g, h0 = _inputs(1, 40, 1, 16, 16, "data", 3, True)
+    bounds = (0, 5, 21, 40)
+    cu, do = torch.tensor(bounds, dtype=torch.int32), torch.randn(v.shape)
+
+    def run(**extra):
+        kw = {"scale": None, "initial_state": h0, "cu_seqlens": cu, "chunk_size": 16, **extra}
+        out = linear_triton.forward(q, k, v, g, **kw)
+        return [*out, *linear_triton.backward(do, None, q, k, v, g, **kw)]
+
+    expected = run()
+    linear_triton._chunk_tables.cache_clear()
+    with HostReads() as mode:
+        got = run(bounds=bounds)
+    assert mode.reads == 0
+    assert linear_triton._chunk_tables.cache_info().misses == 1
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
 
 
 def test_several_state_blocks_and_heads(monkeypatch):

@@ -43,6 +43,10 @@ Linear attention backends (``linear_torch``, ``linear_triton``, ``linear_fla``) 
 cu_seqlens=None, chunk_size=64) -> (dq, dk, dv, dlog_decay, dinitial_state)``
     ``dfinal_state`` may be ``None`` (zeros); ``dlog_decay`` is ``None`` iff ``log_decay`` is;
     ``dinitial_state`` ``[N, H, Dk, Dv]`` float32 is always returned.
+
+Both (and every delta-rule function below) also take ``bounds=None``: ``cu_seqlens``' boundaries
+as host ints, when the caller knows them, so that the kernel need not read ``cu_seqlens`` back
+(a host sync on a GPU); given only with ``cu_seqlens``.
 Delta-rule backends (``delta_torch``, ``delta_fla``) expose ``is_available`` and the same
 ``forward``/``backward`` with ``beta`` ``[B, S, H]`` after ``v`` (``backward`` returns
 ``(dq, dk, dv, dbeta, dlog_decay, dinitial_state)``), computing

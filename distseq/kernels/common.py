@@ -7,12 +7,39 @@ errors do not grow with the number of merged blocks or chunks. A row that sees n
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for float32/float16/bfloat16 inputs, float64 for float64 ones."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def host_bounds(
+    cu_seqlens: torch.Tensor | None, bounds: Sequence[int] | None
+) -> tuple[int, ...] | None:
+    """The segment boundaries of ``cu_seqlens`` ``[N + 1]`` on the host, or ``None`` without it.
+
+    ``bounds`` are the same boundaries as host ints when the caller knows them (a strategy
+    does, from its shard layout); only without them is ``cu_seqlens`` read back, a host sync
+    on a GPU.
+    """
+    if cu_seqlens is None:
+        if bounds is not None:
+            raise ValueError(
+                f"bounds {list(bounds)} given without cu_seqlens; pass both (the same boundaries)"
+            )
+        return None
+    if bounds is None:
+        return tuple(cu_seqlens.tolist())
+    if len(bounds) != cu_seqlens.numel():
+        raise ValueError(
+            f"bounds {list(bounds)} do not match cu_seqlens of {cu_seqlens.numel()} entries; "
+            "pass cu_seqlens' boundaries as host ints"
+        )
+    return tuple(bounds)
 
 
 def no_key_result(

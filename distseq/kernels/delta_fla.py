@@ -29,9 +29,11 @@ def is_available(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 def forward(
-    q, k, v, beta, log_decay, *, scale, initial_state=None, cu_seqlens=None, chunk_size=64
+    q, k, v, beta, log_decay, *, scale, initial_state=None, cu_seqlens=None, chunk_size=64,
+    bounds=None,
 ):  # fmt: skip
-    """See :mod:`distseq.kernels` (``chunk_size`` is fla's own, fixed at 64)."""
+    """See :mod:`distseq.kernels` (``chunk_size`` is fla's own, fixed at 64; fla reads the
+    device ``cu_seqlens``, so ``bounds`` is unused)."""
     g = torch.zeros_like(beta, dtype=torch.float32) if log_decay is None else log_decay.float()
     o, final = chunk_gated_delta_rule(
         q, k, v, g=g, beta=beta.to(q.dtype), scale=scale,
@@ -53,18 +55,18 @@ class _Prepared:
         return self._out, self._queries
 
 
-def prepare(q, k, v, beta, log_decay, *, scale, cu_seqlens=None, chunk_size=64):
+def prepare(q, k, v, beta, log_decay, *, scale, cu_seqlens=None, chunk_size=64, bounds=None):
     """See :func:`distseq.kernels.delta_torch.prepare`."""
     out, memory = forward(q, k, v, beta, log_decay, scale=scale, cu_seqlens=cu_seqlens)
     transition, queries = delta_torch.maps(
-        q, k, beta, log_decay, cu_seqlens=cu_seqlens, chunk_size=chunk_size
+        q, k, beta, log_decay, cu_seqlens=cu_seqlens, chunk_size=chunk_size, bounds=bounds
     )
     return _Prepared(out.float(), memory, transition, queries)
 
 
 def backward(
     do, dfinal_state, q, k, v, beta, log_decay, *, scale, initial_state=None, cu_seqlens=None,
-    chunk_size=64,
+    chunk_size=64, bounds=None,
 ):  # fmt: skip
     """See :func:`distseq.kernels.delta_torch.backward`: fla's own autograd function,
     re-run from the inputs."""

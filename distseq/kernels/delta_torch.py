@@ -29,10 +29,12 @@ forward stays differentiable too; the tests compare the two in float64.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from distseq.kernels import linear_torch
-from distseq.kernels.common import accumulator_dtype
+from distseq.kernels.common import accumulator_dtype, host_bounds
 from distseq.kernels.linear_torch import _Packing, chunk_decay_mask
 
 is_available = linear_torch.is_available  # the same chunked form, the same dtypes
@@ -45,10 +47,10 @@ class _Chunks:
     ``[N, H, chunks, Dk, Dv]``; :meth:`query_side` adds what the queries need.
     """
 
-    def __init__(self, k, v, beta, log_decay, cu_seqlens, chunk_size):
+    def __init__(self, k, v, beta, log_decay, bounds, chunk_size):
         batch, length = k.shape[:2]
         self.work = work = accumulator_dtype(k.dtype)
-        self.packing = packing = _Packing(batch, length, cu_seqlens, chunk_size)
+        self.packing = packing = _Packing(batch, length, bounds, chunk_size, k.device)
         kk = packing.pack(k.to(work))
         beta = packing.pack(beta.to(work)).unsqueeze(-1)  # [N, H, chunks, C, 1]
         causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=k.device).tril()
@@ -128,11 +130,12 @@ def forward(
     initial_state: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
+    bounds: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked gated delta rule; see :mod:`distseq.kernels` for the contract (``beta``
     ``[B, S, H]``). Returns ``o`` ``[B, S, H, Dv]`` (``q.dtype``) and the final states
     ``[N, H, Dk, Dv]`` (float32; float64 for float64 inputs). Differentiable."""
-    ch = _Chunks(k, v, beta, log_decay, cu_seqlens, chunk_size)
+    ch = _Chunks(k, v, beta, log_decay, host_bounds(cu_seqlens, bounds), chunk_size)
     state = _zeros_state(k, v, ch.packing.n) if initial_state is None else initial_state
     incoming, final = ch.run(state.to(ch.work))
     queries, local = ch.query_side(q)
@@ -143,9 +146,9 @@ def forward(
 class Prepared:
     """A shard's piece maps, and (on demand) what the queries need: see :func:`prepare`."""
 
-    def __init__(self, q, k, v, beta, log_decay, *, scale, cu_seqlens, chunk_size):
+    def __init__(self, q, k, v, beta, log_decay, *, scale, bounds, chunk_size):
         self._q, self._scale = q, scale
-        self._chunks = ch = _Chunks(k, v, beta, log_decay, cu_seqlens, chunk_size)
+        self._chunks = ch = _Chunks(k, v, beta, log_decay, bounds, chunk_size)
         self._incoming, self.memories = ch.run(_zeros_state(k, v, ch.packing.n))
         self._before, self.transitions = ch.prefixes()
 
@@ -168,6 +171,7 @@ def prepare(
     scale: float,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
+    bounds: Sequence[int] | None = None,
 ) -> Prepared:
     """Every piece's affine map, for sequence parallelism.
 
@@ -178,8 +182,9 @@ def prepare(
     ``o0 + scale · q̃_t S_in`` and the final state is ``A S_in + M``.
     """
     return Prepared(
-        q, k, v, beta, log_decay, scale=scale, cu_seqlens=cu_seqlens, chunk_size=chunk_size
-    )
+        q, k, v, beta, log_decay, scale=scale, bounds=host_bounds(cu_seqlens, bounds),
+        chunk_size=chunk_size,
+    )  # fmt: skip
 
 
 def maps(
@@ -190,10 +195,11 @@ def maps(
     *,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
+    bounds: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``A`` and ``q̃`` of :func:`prepare` alone (no values): for backends whose kernels
     give only outputs and states."""
-    ch = _Chunks(k, None, beta, log_decay, cu_seqlens, chunk_size)
+    ch = _Chunks(k, None, beta, log_decay, host_bounds(cu_seqlens, bounds), chunk_size)
     before, transition = ch.prefixes()
     queries, _ = ch.query_side(q)
     return transition, ch.packing.unpack(queries @ before)
@@ -212,6 +218,7 @@ def backward(
     initial_state: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
+    bounds: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Gradients ``(dq, dk, dv, dbeta, dlog_decay, dinitial_state)`` of :func:`forward`.
 
@@ -224,7 +231,7 @@ def backward(
     ``db`` and ``dlog_decay`` is its reverse cumulative sum within the chunk.
     ``dlog_decay`` is ``None`` iff ``log_decay`` is; ``dinitial_state`` is always returned.
     """
-    ch = _Chunks(k, v, beta, log_decay, cu_seqlens, chunk_size)
+    ch = _Chunks(k, v, beta, log_decay, host_bounds(cu_seqlens, bounds), chunk_size)
     packing = ch.packing
     state = _zeros_state(k, v, packing.n) if initial_state is None else initial_state
     incoming, final = ch.run(state.to(ch.work))

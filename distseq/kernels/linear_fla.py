@@ -25,8 +25,11 @@ def is_available(device: torch.device, dtype: torch.dtype) -> str | None:
     return fla_unavailable(_IMPORT_ERROR, device, dtype)
 
 
-def forward(q, k, v, log_decay, *, scale, initial_state=None, cu_seqlens=None, chunk_size=64):
-    """See :mod:`distseq.kernels` (``chunk_size`` is fla's own, fixed at 64)."""
+def forward(
+    q, k, v, log_decay, *, scale, initial_state=None, cu_seqlens=None, chunk_size=64, bounds=None
+):  # fmt: skip
+    """See :mod:`distseq.kernels` (``chunk_size`` is fla's own, fixed at 64; fla reads the
+    device ``cu_seqlens``, so ``bounds`` is unused)."""
     o, final = chunk_simple_gla(
         q, k, v, g=log_decay, scale=scale,
         initial_state=None if initial_state is None else initial_state.float(),
@@ -37,7 +40,7 @@ def forward(q, k, v, log_decay, *, scale, initial_state=None, cu_seqlens=None, c
 
 def backward(
     do, dfinal_state, q, k, v, log_decay, *, scale, initial_state=None, cu_seqlens=None,
-    chunk_size=64,
+    chunk_size=64, bounds=None,
 ):  # fmt: skip
     """See :mod:`distseq.kernels`."""
     if initial_state is None:

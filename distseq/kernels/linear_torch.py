@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import functools
 import itertools
+from collections.abc import Sequence
 
 import torch
 
-from distseq.kernels.common import accumulator_dtype
+from distseq.kernels.common import accumulator_dtype, host_bounds
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -30,14 +31,17 @@ def is_available(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=64)
+# A batch's layers share one entry; few entries, since each holds O(tokens) device memory.
+@functools.lru_cache(maxsize=16)
 def _pack_plan(
-    batch: int, length: int, bounds: tuple[int, ...] | None, chunk: int
+    batch: int, length: int, bounds: tuple[int, ...] | None, chunk: int, device: torch.device
 ) -> tuple[int, int, torch.Tensor, torch.Tensor]:
-    """Index maps between tokens ``[B*S]`` and padded chunk slots ``[N*chunks*C]``.
+    """Index maps between tokens ``[B*S]`` and padded chunk slots ``[N*chunks*C]`` on ``device``.
 
     Returns ``(N, chunks, gather, scatter)``: ``gather[slot]`` is the token of a slot (``B*S``,
-    a zero row, for padding); ``scatter[token]`` is the slot holding the token.
+    a zero row, for padding); ``scatter[token]`` is the slot holding the token. Built on the
+    host and copied once per shape and device: a copy per call would stall a GPU's stream once
+    per layer. Shared: never modify them in place.
     """
     if bounds is None:
         spans = [(b * length, (b + 1) * length) for b in range(batch)]
@@ -50,22 +54,31 @@ def _pack_plan(
     for n, (start, end) in enumerate(spans):
         gather[n, : end - start] = torch.arange(start, end)
         scatter[start:end] = torch.arange(n * width, n * width + end - start)
-    return len(spans), chunks, gather.flatten(), scatter
+    return len(spans), chunks, gather.flatten().to(device), scatter.to(device)
 
 
 class _Packing:
-    """Moves ``[B, S, H, ...]`` tensors into padded chunks ``[N, H, chunks, C, ...]`` and back."""
+    """Moves ``[B, S, H, ...]`` tensors into padded chunks ``[N, H, chunks, C, ...]`` and back.
 
-    def __init__(self, batch: int, length: int, cu_seqlens: torch.Tensor | None, chunk: int):
+    ``bounds``: the host-side segment boundaries (``cu_seqlens``'s), ``None`` for whole rows.
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        length: int,
+        bounds: tuple[int, ...] | None,
+        chunk: int,
+        device: torch.device,
+    ):
         self.batch, self.length, self.chunk = batch, length, chunk
         # Whole rows that split evenly need no index maps: a view does it.
-        self.plain = cu_seqlens is None and length % chunk == 0 and length > 0
+        self.plain = bounds is None and length % chunk == 0 and length > 0
         if self.plain:
             self.n, self.chunks = batch, length // chunk
         else:
-            bounds = None if cu_seqlens is None else tuple(cu_seqlens.tolist())
             self.n, self.chunks, self.gather, self.scatter = _pack_plan(
-                batch, length, bounds, chunk
+                batch, length, bounds, chunk, device
             )
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,7 +87,7 @@ class _Packing:
             packed = x.reshape(self.n, self.chunks, self.chunk, *tail)
         else:
             flat = torch.cat([x.reshape(-1, *tail), x.new_zeros(1, *tail)])
-            packed = flat.index_select(0, self.gather.to(x.device))
+            packed = flat.index_select(0, self.gather)
             packed = packed.view(self.n, self.chunks, self.chunk, *tail)
         return packed.movedim(3, 1)  # heads first, so that chunk products batch over them
 
@@ -83,7 +96,7 @@ class _Packing:
         tail = x.shape[3:]
         if self.plain:
             return x.reshape(self.batch, self.length, *tail)
-        flat = x.reshape(-1, *tail).index_select(0, self.scatter.to(x.device))
+        flat = x.reshape(-1, *tail).index_select(0, self.scatter)
         return flat.view(self.batch, self.length, *tail)
 
 
@@ -110,10 +123,10 @@ class _Chunks:
     and ``final`` the state after the last one.
     """
 
-    def __init__(self, q, k, v, log_decay, initial_state, cu_seqlens, chunk_size):
+    def __init__(self, q, k, v, log_decay, initial_state, bounds, chunk_size):
         batch, length, heads, _ = q.shape
         self.work = work = accumulator_dtype(q.dtype)
-        self.packing = packing = _Packing(batch, length, cu_seqlens, chunk_size)
+        self.packing = packing = _Packing(batch, length, bounds, chunk_size, q.device)
         self.q, self.k, self.v = (packing.pack(t.to(work)) for t in (q, k, v))
         causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
         if log_decay is None:
@@ -159,6 +172,7 @@ def forward(
     initial_state: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
+    bounds: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked linear attention; see :mod:`distseq.kernels` for the contract.
 
@@ -166,7 +180,7 @@ def forward(
     ``None``, ``initial_state`` ``[N, H, Dk, Dv]``. Returns ``o`` ``[B, S, H, Dv]`` (``q.dtype``)
     and the final states ``[N, H, Dk, Dv]`` (float32; float64 for float64 inputs).
     """
-    ch = _Chunks(q, k, v, log_decay, initial_state, cu_seqlens, chunk_size)
+    ch = _Chunks(q, k, v, log_decay, initial_state, host_bounds(cu_seqlens, bounds), chunk_size)
     out = (ch.masked(ch.q, ch.k) @ ch.v + ch.q_decay @ ch.incoming) * scale  # [N, H, chunks, C, Dv]
     return ch.packing.unpack(out).to(q.dtype), ch.final
 
@@ -183,6 +197,7 @@ def backward(
     initial_state: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
+    bounds: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Gradients ``(dq, dk, dv, dlog_decay, dinitial_state)`` of :func:`forward`.
 
@@ -194,7 +209,7 @@ def backward(
     decay, with ``G`` the cumulative log decay of a segment, ``dL/dG_t = q_t·dq_t - k_t·dk_t``
     (plus ``S_T·dS_T`` at its end) and ``dL/dg_t`` is the reverse cumulative sum of that.
     """
-    ch = _Chunks(q, k, v, log_decay, initial_state, cu_seqlens, chunk_size)
+    ch = _Chunks(q, k, v, log_decay, initial_state, host_bounds(cu_seqlens, bounds), chunk_size)
     packing = ch.packing
     dout = packing.pack(do.to(ch.work)) * scale
     reaching = ch.q_decay.transpose(-1, -2) @ dout  # each chunk's outputs -> its incoming state

@@ -36,6 +36,9 @@ Where the kernels can run (CUDA, or CPU under Triton's interpreter): :mod:`.trit
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -334,7 +337,9 @@ class _Problem:
     chunks start at its first token, so segments need not be chunk-aligned.
     """
 
-    def __init__(self, q, k, v, log_decay, scale, initial_state, cu_seqlens, chunk_size) -> None:
+    def __init__(
+        self, q, k, v, log_decay, scale, initial_state, cu_seqlens, chunk_size, bounds
+    ) -> None:
         _check_tensors(q, k, v, log_decay)
         batch, seqlen, heads, dk = q.shape
         dv = v.shape[3]
@@ -345,8 +350,8 @@ class _Problem:
             )
         self.varlen = cu_seqlens is not None
         if self.varlen:
-            lengths = check_cu_seqlens(cu_seqlens, batch, seqlen, 1, "contiguous")
-            self.cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
+            lengths = check_cu_seqlens(cu_seqlens, batch, seqlen, 1, "contiguous", bounds)
+            self.cu = _int32_on(cu_seqlens, q.device)
         else:
             lengths = (seqlen,) * batch
             self.cu = torch.zeros(1, dtype=torch.int32, device=q.device)
@@ -411,11 +416,21 @@ class _Problem:
         )  # fmt: skip
 
 
+def _int32_on(cu_seqlens: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``cu_seqlens`` as contiguous int32 on ``device``; as given when it already is (a
+    strategy's, cached on the device), so that no call copies it again."""
+    if cu_seqlens.device == device and cu_seqlens.dtype == torch.int32:
+        return cu_seqlens.contiguous()
+    return cu_seqlens.to(device=device, dtype=torch.int32).contiguous()
+
+
+@functools.lru_cache(maxsize=256)
 def _chunk_tables(
     lengths: tuple[int, ...], varlen: bool, chunk: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """int32 ``[rows + 1]`` first global chunk of each row, and per global chunk its row and
-    first token (within its batch row)."""
+    first token (within its batch row). Cached per shape and device (shared: never modify
+    them in place): a copy per call would stall a GPU's stream once per layer."""
     # Built on the host (whatever the default device), then copied once.
     lengths_t = torch.tensor(lengths, dtype=torch.int64, device="cpu")
     per_row = (lengths_t + chunk - 1) // chunk
@@ -463,6 +478,7 @@ def forward(
     initial_state: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
+    bounds: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal linear attention with optional scalar decay.
 
@@ -470,10 +486,11 @@ def forward(
     ``log_decay`` ``[B, S, H]`` (``g_t <= 0``, natural log; ``None`` = no decay),
     ``initial_state`` ``[N, H, Dk, Dv]`` (``None`` = zeros) with ``N = B``, or the number of
     segments of ``cu_seqlens`` (int32 ``[N + 1]`` from 0 to ``S``, ``B == 1``; segments may be
-    empty and need not align with chunks). Returns ``o`` ``[B, S, H, Dv]`` in ``q.dtype`` and
-    the final states ``[N, H, Dk, Dv]`` float32.
+    empty and need not align with chunks; ``bounds``, the same boundaries as host ints, spare
+    reading them back). Returns ``o`` ``[B, S, H, Dv]`` in ``q.dtype`` and the final states
+    ``[N, H, Dk, Dv]`` float32.
     """
-    p = _Problem(q, k, v, log_decay, scale, initial_state, cu_seqlens, chunk_size)
+    p = _Problem(q, k, v, log_decay, scale, initial_state, cu_seqlens, chunk_size, bounds)
     entering, final = p.states()
     out = torch.empty_like(p.v)
     launch(
@@ -497,6 +514,7 @@ def backward(
     initial_state: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
+    bounds: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Gradients of :func:`forward` given ``do`` ``[B, S, H, Dv]`` and ``dfinal_state``.
 
@@ -506,7 +524,7 @@ def backward(
     dtype (``None`` iff ``log_decay`` is ``None``) and ``dinitial_state`` ``[N, H, Dk, Dv]``
     float32.
     """
-    p = _Problem(q, k, v, log_decay, scale, initial_state, cu_seqlens, chunk_size)
+    p = _Problem(q, k, v, log_decay, scale, initial_state, cu_seqlens, chunk_size, bounds)
     if do.shape != v.shape:
         raise ValueError(f"do {tuple(do.shape)} must have v's shape {tuple(v.shape)}")
     if dfinal_state is not None and tuple(dfinal_state.shape) != p.state_shape:

@@ -46,8 +46,8 @@ class SequenceParallelDeltaRule(torch.autograd.Function):
     @staticmethod
     def forward(fctx, q, k, v, beta, log_decay, initial_state, strategy: LinearStrategy, ctx):
         inputs = _kernel_inputs(ctx, q, k, v, beta, log_decay)
-        cu = ctx.kernel_cu_seqlens(q.device)
-        prepared = ctx.kernel.prepare(*inputs, scale=ctx.scale, cu_seqlens=cu)
+        cu, bounds = ctx.kernel_cu_seqlens(q.device), ctx.kernel_bounds()
+        prepared = ctx.kernel.prepare(*inputs, scale=ctx.scale, cu_seqlens=cu, bounds=bounds)
         memories, transitions = prepared.memories, prepared.transitions
         start = None if initial_state is None else initial_state.to(memories.dtype)
         pending = strategy.scan(
@@ -55,7 +55,7 @@ class SequenceParallelDeltaRule(torch.autograd.Function):
         )
         out, queries = prepared.outputs()  # the query-side matmuls overlap the exchange
         incoming, final = pending.wait()
-        segments = linear_local.Segments(cu)
+        segments = linear_local.Segments(bounds)
         out = out + linear_local.apply_incoming(queries, incoming, None, segments, ctx.scale)
         fctx.save_for_backward(q, k, v, beta, log_decay, incoming, transitions, queries)
         fctx.strategy, fctx.ctx = strategy, ctx
@@ -69,19 +69,20 @@ class SequenceParallelDeltaRule(torch.autograd.Function):
         strategy, ctx = fctx.strategy, fctx.ctx
         inputs = _kernel_inputs(ctx, q, k, v, beta, log_decay)
         do_k = ctx.to_kernel(dout.contiguous())
-        cu = ctx.kernel_cu_seqlens(q.device)
+        cu, bounds = ctx.kernel_cu_seqlens(q.device), ctx.kernel_bounds()
         # Every rank returned the final state, so its gradient is the sum over ranks.
         end_grad = all_reduce_sum(dfinal.float(), ctx.info) if ctx.output_final_state else None
         reaching = linear_local.incoming_gradient(
-            queries, do_k, None, linear_local.Segments(cu), ctx.scale
+            queries, do_k, None, linear_local.Segments(bounds), ctx.scale
         )
         pending = strategy.scan(
             reaching, transitions.mT.contiguous(), end_grad, ctx, reverse=True, need_end=False
         )
         outgoing, _ = pending.wait()
         dq, dk, dv, dbeta, dg, dincoming = ctx.kernel.backward(
-            do_k, outgoing, *inputs, scale=ctx.scale, initial_state=incoming, cu_seqlens=cu
-        )
+            do_k, outgoing, *inputs, scale=ctx.scale, initial_state=incoming, cu_seqlens=cu,
+            bounds=bounds,
+        )  # fmt: skip
         dinit = None
         if fctx.initial_dtype is not None:
             first = dincoming.view(ctx.docs, ctx.slots, *dincoming.shape[1:])[:, 0]

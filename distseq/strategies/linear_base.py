@@ -109,15 +109,15 @@ class SequenceParallelLinearAttention(torch.autograd.Function):
     def forward(fctx, q, k, v, log_decay, initial_state, strategy: LinearStrategy, ctx):
         qk, kk, vk = (ctx.to_kernel(t) for t in (q, k, v))
         gk = ctx.to_kernel(None if log_decay is None else log_decay.float())
-        cu = ctx.kernel_cu_seqlens(q.device)
-        segments = linear_local.Segments(ctx.kernel_bounds())
+        cu, bounds = ctx.kernel_cu_seqlens(q.device), ctx.kernel_bounds()
+        segments = linear_local.Segments(bounds)
         memories, log_decays = linear_local.memories(kk, vk, gk, segments)
         start = None if initial_state is None else initial_state.to(memories.dtype)
         factors = log_decays.exp()[..., None, None]
         pending = strategy.scan(
             memories, factors, start, ctx, reverse=False, need_end=ctx.output_final_state
         )
-        out, _ = ctx.kernel.forward(qk, kk, vk, gk, scale=ctx.scale, cu_seqlens=cu)
+        out, _ = ctx.kernel.forward(qk, kk, vk, gk, scale=ctx.scale, cu_seqlens=cu, bounds=bounds)
         incoming, final = pending.wait()
         out = out + linear_local.apply_incoming(qk, incoming, gk, segments, ctx.scale)
         fctx.save_for_backward(q, k, v, log_decay, incoming, factors)
@@ -132,14 +132,16 @@ class SequenceParallelLinearAttention(torch.autograd.Function):
         strategy, ctx = fctx.strategy, fctx.ctx
         qk, kk, vk, do_k = (ctx.to_kernel(t) for t in (q, k, v, dout.contiguous()))
         gk = ctx.to_kernel(None if log_decay is None else log_decay.float())
-        cu = ctx.kernel_cu_seqlens(q.device)
-        segments = linear_local.Segments(ctx.kernel_bounds())
+        cu, bounds = ctx.kernel_cu_seqlens(q.device), ctx.kernel_bounds()
+        segments = linear_local.Segments(bounds)
         # Every rank returned the final state, so its gradient is the sum over ranks.
         end_grad = all_reduce_sum(dfinal.float(), ctx.info) if ctx.output_final_state else None
         reaching = linear_local.incoming_gradient(qk, do_k, gk, segments, ctx.scale)
         pending = strategy.scan(reaching, factors, end_grad, ctx, reverse=True, need_end=False)
         # The zero-state, zero-final-gradient backward needs nothing from other ranks.
-        grads = ctx.kernel.backward(do_k, None, qk, kk, vk, gk, scale=ctx.scale, cu_seqlens=cu)
+        grads = ctx.kernel.backward(
+            do_k, None, qk, kk, vk, gk, scale=ctx.scale, cu_seqlens=cu, bounds=bounds
+        )
         outgoing, _ = pending.wait()
         extra = linear_local.state_gradients(
             qk, kk, vk, gk, do_k, incoming, outgoing, segments, ctx.scale

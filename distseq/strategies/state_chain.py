@@ -29,6 +29,8 @@ the rank holding the last piece.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.distributed as dist
 
@@ -68,8 +70,10 @@ class ChainScan:
         self.states = states.view(ctx.docs, ctx.slots, *states.shape[1:])
         self.transitions = transitions.view(ctx.docs, ctx.slots, *transitions.shape[1:])
         dv = states.shape[3]
-        splits = torch.arange(dv).tensor_split(blocks)  # fewer than `blocks` columns: some empty
-        self.blocks = [(int(b[0]), int(b[-1]) + 1) for b in splits if len(b)]
+        # torch.tensor_split's column slices, on the host; fewer columns than blocks: some empty
+        sizes = [dv // blocks + (i < dv % blocks) for i in range(blocks)]
+        edges = list(itertools.accumulate(sizes, initial=0))
+        self.blocks = [(a, b) for a, b in itertools.pairwise(edges) if b > a]
         me = ctx.info.rank
         self.mine = [i for i, (rank, _) in enumerate(self.order) if rank == me]
         self.received: dict[tuple[int, int], tuple[torch.Tensor, list]] = {}
