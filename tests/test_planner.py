@@ -149,8 +149,20 @@ TOY_PROFILE = Profile(
 )
 
 
+def _fastest_of_all_combos(cost: CostModel, degree: int, lengths: np.ndarray) -> float:
+    """Fastest memory-feasible time over every feasible combo, dominated kinds included (the
+    planner drops those, so the brute force checks that dropping them loses nothing)."""
+    tokens, squares = sums(lengths, degree)
+    times = [
+        float(kind.time(tokens, squares))
+        for kind in (cost.group_cost(degree, c) for c in cost.combos(degree))
+        if kind.memory(tokens) <= cost.cluster.memory_bytes
+    ]
+    return min(times, default=math.inf)
+
+
 def _brute_force(lengths: np.ndarray, cost: CostModel) -> float:
-    """Optimal makespan by DP over subsets, for every split of the ranks."""
+    """Optimal makespan by DP over subsets, for every split of the ranks (every combo)."""
     n = len(lengths)
     full = (1 << n) - 1
     best_time = {}
@@ -159,7 +171,7 @@ def _brute_force(lengths: np.ndarray, cost: CostModel) -> float:
         t[0] = 0.0
         for mask in range(1, 1 << n):
             members = [i for i in range(n) if mask >> i & 1]
-            t[mask] = cost.best(d, lengths[members])[1]
+            t[mask] = _fastest_of_all_combos(cost, d, lengths[members])
         best_time[d] = t
     best = math.inf
     for split in all_splits(cost.cluster.world_size, cost.cluster.degrees(), limit=10**6):

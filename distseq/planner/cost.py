@@ -52,6 +52,7 @@ import numpy as np
 
 from distseq.layout import check_layout, chunks_per_rank
 from distseq.memory.config import PLAIN, MemoryConfig
+from distseq.planner.dominance import undominated
 from distseq.planner.profile import Link, Profile
 from distseq.planner.spec import Cluster, ModelSpec
 from distseq.strategies import REGISTRY_BY_MIXER
@@ -295,7 +296,12 @@ class CostModel:
         return self._cache[key]
 
     def kinds(self, degree: int) -> list[GroupCost]:
-        return [self.group_cost(degree, c) for c in self.combos(degree)]
+        """The kinds worth planning for a ``degree`` group: every feasible combo's, less those
+        another kind provably dominates (:mod:`distseq.planner.dominance`)."""
+        key = ("kinds", degree)
+        if key not in self.memo:
+            self.memo[key] = undominated([self.group_cost(degree, c) for c in self.combos(degree)])
+        return list(self.memo[key])
 
     # ----------------------------------------------------------------- time
     def _link(self, degree: int):
