@@ -7,7 +7,7 @@ errors do not grow with the number of merged blocks or chunks. A row that sees n
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -81,3 +81,21 @@ def fla_unavailable(
     if dtype not in FLA_DTYPES:
         return f"unsupported dtype {dtype}"
     return None
+
+
+def chunk_scan(
+    state: torch.Tensor,
+    step: Callable[[torch.Tensor, int], torch.Tensor],
+    chunks: int,
+    *,
+    reverse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunked kernels' recurrence over chunks: ``state = step(state, c)`` for
+    ``c = 0 .. chunks-1`` (or backwards with ``reverse``). Returns the state *entering* each
+    chunk stacked along dim 2 (``[N, H, chunks, ...]`` for ``state`` ``[N, H, ...]``) and the
+    state after the last chunk."""
+    entering: list[torch.Tensor | None] = [None] * chunks
+    for c in reversed(range(chunks)) if reverse else range(chunks):
+        entering[c] = state
+        state = step(state, c)
+    return torch.stack(entering, dim=2), state

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import torch
 
 from distseq.kernels import linear_torch
-from distseq.kernels.common import accumulator_dtype, host_bounds
+from distseq.kernels.common import accumulator_dtype, chunk_scan, host_bounds
 from distseq.kernels.linear_torch import _Packing, chunk_decay_mask
 
 is_available = linear_torch.is_available  # the same chunked form, the same dtypes
@@ -96,22 +96,18 @@ class _Chunks:
 
     def run(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """States entering every chunk ``[N, H, chunks, Dk, Dv]`` from ``state``, and the last."""
-        incoming = []
-        for c in range(self.packing.chunks):
-            incoming.append(state)
-            state = self.transitions[:, :, c] @ state + self.memories[:, :, c]
-        return torch.stack(incoming, dim=2), state
+        return chunk_scan(
+            state,
+            lambda s, c: self.transitions[:, :, c] @ s + self.memories[:, :, c],
+            self.packing.chunks,
+        )
 
     def prefixes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Products ``P_{c-1}`` of the transitions before each chunk, and the whole piece's."""
         n, heads, _, dk, _ = self.transitions.shape
         product = torch.eye(dk, dtype=self.work, device=self.transitions.device)
         product = product.expand(n, heads, dk, dk)
-        before = []
-        for c in range(self.packing.chunks):
-            before.append(product)
-            product = self.transitions[:, :, c] @ product
-        return torch.stack(before, dim=2), product
+        return chunk_scan(product, lambda p, c: self.transitions[:, :, c] @ p, self.packing.chunks)
 
 
 def _zeros_state(k: torch.Tensor, v: torch.Tensor, n: int) -> torch.Tensor:
@@ -243,11 +239,12 @@ def backward(
     dout = packing.pack(do.to(ch.work)) * scale
     reaching = queries.transpose(-1, -2) @ dout
     grad = torch.zeros_like(final) if dfinal_state is None else dfinal_state.to(ch.work)
-    outgoing = [None] * packing.chunks
-    for c in reversed(range(packing.chunks)):
-        outgoing[c] = grad
-        grad = ch.transitions[:, :, c].transpose(-1, -2) @ grad + reaching[:, :, c]
-    d_out_state = torch.stack(outgoing, dim=2)  # dS' of every chunk
+    d_out_state, grad = chunk_scan(  # dS' of every chunk; grad: the initial state's
+        grad,
+        lambda g, c: ch.transitions[:, :, c].transpose(-1, -2) @ g + reaching[:, :, c],
+        packing.chunks,
+        reverse=True,
+    )
     values = ch.w_v - ch.w_k @ incoming  # U
     k_end = eps * kk
     d_values = scores.transpose(-1, -2) @ dout + k_end @ d_out_state

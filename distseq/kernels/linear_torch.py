@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from distseq.kernels.common import accumulator_dtype, host_bounds
+from distseq.kernels.common import accumulator_dtype, chunk_scan, host_bounds
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -146,11 +146,9 @@ class _Chunks:
             if initial_state is None
             else initial_state.to(work)
         )
-        incoming = []
-        for c in range(packing.chunks):
-            incoming.append(state)
-            state = self._decay(state, c) + memories[:, :, c]
-        self.incoming, self.final = torch.stack(incoming, dim=2), state
+        self.incoming, self.final = chunk_scan(
+            state, lambda s, c: self._decay(s, c) + memories[:, :, c], packing.chunks
+        )
 
     def masked(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``(a bᵀ) ⊙ mask`` ``[N, H, chunks, C, C]`` for chunked ``a``, ``b`` of one head dim."""
@@ -214,12 +212,10 @@ def backward(
     dout = packing.pack(do.to(ch.work)) * scale
     reaching = ch.q_decay.transpose(-1, -2) @ dout  # each chunk's outputs -> its incoming state
     dfinal = torch.zeros_like(ch.final) if dfinal_state is None else dfinal_state.to(ch.work)
-    grad = dfinal
-    outgoing = [None] * packing.chunks
-    for c in reversed(range(packing.chunks)):
-        outgoing[c] = grad
-        grad = ch._decay(grad, c) + reaching[:, :, c]
-    outgoing = torch.stack(outgoing, dim=2)  # gradient of the state leaving each chunk
+    # the gradient of the state leaving each chunk
+    outgoing, grad = chunk_scan(
+        dfinal, lambda g, c: ch._decay(g, c) + reaching[:, :, c], packing.chunks, reverse=True
+    )
     dscores = ch.masked(dout, ch.v)
     scores = ch.masked(ch.q, ch.k)
     dq = dscores @ ch.k + (dout @ ch.incoming.transpose(-1, -2)) * _exp_or_one(ch.b)
